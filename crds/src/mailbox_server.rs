@@ -1,0 +1,219 @@
+//! `MailboxServer`: one mailbox backend the proxy fleet routes to.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A mailbox server (Zimbra mailbox, Dovecot, or any IMAP/POP3/HTTP backend) that proxies route
+/// to. Its name is the identity the route table and `mailproxy lookupd`'s directory refer to.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailproxy.io",
+    version = "v1alpha1",
+    kind = "MailboxServer",
+    namespaced,
+    shortname = "mbs",
+    category = "mailproxy",
+    status = "MailboxServerStatus",
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
+    printcolumn = r#"{"name":"Lookup","type":"boolean","jsonPath":".spec.lookupTarget"}"#,
+    printcolumn = r#"{"name":"Drain","type":"boolean","jsonPath":".spec.drain"}"#,
+    printcolumn = r#"{"name":"Pools","type":"string","jsonPath":".status.pools"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("has(self.host) != has(self.service)").message("set exactly one of spec.host (a DNS name or IP outside the cluster) or spec.service (a Service in this namespace)"),
+    validation = Rule::new("(has(self.host) ? self.host : '') == (has(oldSelf.host) ? oldSelf.host : '') && (has(self.service) ? self.service : '') == (has(oldSelf.service) ? oldSelf.service : '')").message("spec.host and spec.service are immutable: delete and re-create the MailboxServer so that routes cached for the old address are purged"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxServerSpec {
+    /// DNS name or IP address of a mailbox server outside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 253 && !self.contains(' ') && !self.contains('/')").message("spec.host must be a DNS name or IP address (1 to 253 characters, no spaces or slashes)"))]
+    #[schemars(length(max = 253))]
+    pub host: Option<String>,
+
+    /// Name of a Service in this namespace that fronts the mailbox server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && self.size() <= 63").message("spec.service must be a Service name (a DNS-1035 label)"))]
+    #[schemars(length(max = 63))]
+    pub service: Option<String>,
+
+    /// Backend ports; the defaults are Zimbra's mailbox ports.
+    #[serde(default)]
+    pub ports: MailboxPorts,
+
+    /// Whether proxies ask this server's Route Lookup Handler where accounts live (zmprov garpu).
+    #[serde(default = "default_true")]
+    pub lookup_target: bool,
+
+    /// Scheme of the Route Lookup Handler: modern Zimbra servers serve it over https.
+    #[serde(default)]
+    pub lookup_scheme: LookupScheme,
+
+    /// Whether the MTA authenticates SMTP users against this server (zmprov gamau).
+    #[serde(default)]
+    pub mta_auth_target: bool,
+
+    /// Whether the web proxy load-balances unauthenticated HTTP requests to it (zmprov garpb).
+    #[serde(default = "default_true")]
+    pub web_backend: bool,
+
+    /// Accounts pinned to this server: routed without a lookup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(a, a.contains('@') && !a.contains(' '))").message("spec.accounts entries must be qualified account names (user@domain) without spaces"))]
+    #[schemars(length(max = 10000), inner(length(min = 3, max = 320)))]
+    pub accounts: Vec<String>,
+
+    /// Domains whose accounts route here when neither the table, the cache nor a lookup knows
+    /// better.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(d, !d.contains('@') && !d.contains(' ') && d.contains('.'))").message("spec.domains entries must be domain names such as example.com"))]
+    #[schemars(length(max = 1000), inner(length(min = 3, max = 253)))]
+    pub domains: Vec<String>,
+
+    /// Maintenance switch: a draining server gets no new routes (no pinned accounts or domains,
+    /// no lookups, no web traffic); sessions already open stay until they end.
+    #[serde(default)]
+    pub drain: bool,
+
+    /// How proxies log in to this server's IMAP and POP3 services.
+    #[serde(default)]
+    pub mail_upstream: MailUpstream,
+}
+
+/// Backend ports (Zimbra defaults).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("[self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https, self.lookup, self.mtaAuth].all(p, p >= 1 && p <= 65535)").message("every port must be between 1 and 65535"))]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxPorts {
+    #[serde(default = "ports::imap")]
+    pub imap: i32,
+    #[serde(default = "ports::imaps")]
+    pub imaps: i32,
+    #[serde(default = "ports::pop3")]
+    pub pop3: i32,
+    #[serde(default = "ports::pop3s")]
+    pub pop3s: i32,
+    #[serde(default = "ports::http")]
+    pub http: i32,
+    #[serde(default = "ports::https")]
+    pub https: i32,
+    /// Route Lookup Handler port (Zimbra's nginx-lookup extension).
+    #[serde(default = "ports::lookup")]
+    pub lookup: i32,
+    /// Port of the SOAP admin service that MTA authentication uses.
+    #[serde(default = "ports::mta_auth")]
+    pub mta_auth: i32,
+}
+
+impl Default for MailboxPorts {
+    fn default() -> Self {
+        Self {
+            imap: ports::imap(),
+            imaps: ports::imaps(),
+            pop3: ports::pop3(),
+            pop3s: ports::pop3s(),
+            http: ports::http(),
+            https: ports::https(),
+            lookup: ports::lookup(),
+            mta_auth: ports::mta_auth(),
+        }
+    }
+}
+
+/// Zimbra's mailbox-side port defaults (the seed guide's "Zimbra Mailbox Ports").
+pub mod ports {
+    pub fn imap() -> i32 {
+        7143
+    }
+    pub fn imaps() -> i32 {
+        7993
+    }
+    pub fn pop3() -> i32 {
+        7110
+    }
+    pub fn pop3s() -> i32 {
+        7995
+    }
+    pub fn http() -> i32 {
+        8080
+    }
+    pub fn https() -> i32 {
+        8443
+    }
+    pub fn lookup() -> i32 {
+        7072
+    }
+    pub fn mta_auth() -> i32 {
+        7073
+    }
+}
+
+/// Scheme of a Route Lookup Handler.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LookupScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl LookupScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupScheme::Http => "http",
+            LookupScheme::Https => "https",
+        }
+    }
+}
+
+/// How a proxy logs in to a mailbox server's mail services.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MailUpstream {
+    /// Connect to the backend's IMAPS and POP3S ports with TLS instead of plain IMAP and POP3.
+    #[serde(default)]
+    pub tls: bool,
+    /// How the backend learns the client's real address.
+    #[serde(default)]
+    pub origin: OriginForwarding,
+    /// Pass the backend's error text to the client on a failed login instead of a generic
+    /// "LOGIN failed".
+    #[serde(default)]
+    pub pass_errors: bool,
+}
+
+/// How the client's address reaches the mailbox server.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OriginForwarding {
+    /// IMAP `ID ("X-ORIGINATING-IP" ...)` and POP3 `XOIP` before the login (Zimbra, Dovecot).
+    #[default]
+    Id,
+    /// A PROXY protocol v2 header at the start of the connection.
+    ProxyProtocol,
+    /// Nothing: the backend sees the proxy's address.
+    None,
+}
+
+/// Observed state of a MailboxServer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxServerStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready (valid and routed to by at least one pool), Draining.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// ProxyPools whose selector matches this server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}

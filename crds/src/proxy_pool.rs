@@ -1,0 +1,441 @@
+//! `ProxyPool`: a fleet of mailproxy pods with their shared memcached, fronting a set of
+//! MailboxServers.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{LoginLimits, StartTlsMode, Timeouts};
+
+/// A pool of identical proxies with one route table and one memcached route cache.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailproxy.io",
+    version = "v1alpha1",
+    kind = "ProxyPool",
+    namespaced,
+    shortname = "pp",
+    category = "mailproxy",
+    status = "ProxyPoolStatus",
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Servers","type":"integer","jsonPath":".status.mailboxServers"}"#,
+    printcolumn = r#"{"name":"Routes","type":"string","jsonPath":".status.routeTableVersion"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.starttls != 'only' || has(self.tls)").message("spec.starttls: only needs spec.tls.secretName (a TLS Secret for STARTTLS)"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyPoolSpec {
+    /// Number of proxy pods.
+    #[serde(default = "defaults::replicas")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("spec.replicas must be between 0 and 1000"))]
+    pub replicas: i32,
+
+    /// Container image of the mailproxy data plane.
+    #[serde(default = "defaults::image")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.image must not be empty"))]
+    #[schemars(length(max = 512))]
+    pub image: String,
+
+    /// Image pull policy (Always, IfNotPresent, Never); the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+
+    /// Which MailboxServers (in this namespace) this pool routes to.
+    #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("spec.mailboxSelector must not be empty: give matchLabels or matchExpressions that select the pool's MailboxServers"))]
+    pub mailbox_selector: LabelSelector,
+
+    /// Client-facing listeners. TLS listeners (imaps, pop3s, https) are served only when
+    /// `tls` is set.
+    #[serde(default)]
+    pub listeners: Listeners,
+
+    /// Certificate for IMAPS, POP3S, HTTPS and STARTTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// STARTTLS on the plain IMAP and POP3 listeners: off, on (offered), only (required before
+    /// login; Zimbra's default).
+    #[serde(default)]
+    pub starttls: StartTlsMode,
+
+    /// The pool's memcached route cache.
+    #[serde(default)]
+    pub memcached: MemcachedSpec,
+
+    /// Route cache settings.
+    #[serde(default)]
+    pub route_cache: RouteCacheSpec,
+
+    /// Route Lookup Handler client settings.
+    #[serde(default)]
+    pub lookup: LookupSpec,
+
+    /// Login throttling (all off by default, as in Zimbra).
+    #[serde(default)]
+    pub login_limits: LoginLimits,
+
+    /// Session timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+
+    /// The Service in front of the proxies.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Pod scheduling and resource overrides.
+    #[serde(default)]
+    pub pod: PodOverrides,
+
+    /// PodDisruptionBudget for the proxy pods.
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
+}
+
+/// Client-facing listeners (Zimbra proxy defaults).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("[self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled).map(l, l.port).all(p, [self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled && l.port == p).size() == 1)").message("spec.listeners: two enabled listeners use the same port"))]
+#[serde(rename_all = "camelCase")]
+pub struct Listeners {
+    #[serde(default = "listener::imap")]
+    pub imap: Listener,
+    #[serde(default = "listener::imaps")]
+    pub imaps: Listener,
+    #[serde(default = "listener::pop3")]
+    pub pop3: Listener,
+    #[serde(default = "listener::pop3s")]
+    pub pop3s: Listener,
+    #[serde(default = "listener::http")]
+    pub http: Listener,
+    #[serde(default = "listener::https")]
+    pub https: Listener,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            imap: listener::imap(),
+            imaps: listener::imaps(),
+            pop3: listener::pop3(),
+            pop3s: listener::pop3s(),
+            http: listener::http(),
+            https: listener::https(),
+        }
+    }
+}
+
+/// One client-facing listener.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("listener port must be between 1 and 65535"))]
+    pub port: i32,
+}
+
+mod listener {
+    use super::Listener;
+
+    fn on(port: i32) -> Listener {
+        Listener {
+            enabled: true,
+            port,
+        }
+    }
+    pub fn imap() -> Listener {
+        on(143)
+    }
+    pub fn imaps() -> Listener {
+        on(993)
+    }
+    pub fn pop3() -> Listener {
+        on(110)
+    }
+    pub fn pop3s() -> Listener {
+        on(995)
+    }
+    pub fn http() -> Listener {
+        on(80)
+    }
+    pub fn https() -> Listener {
+        on(443)
+    }
+}
+
+/// A TLS Secret (type kubernetes.io/tls) in the pool's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 253").message("spec.tls.secretName must name a Secret"))]
+    pub secret_name: String,
+}
+
+/// Image pull policy of the pool's containers.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// The memcached StatefulSet that holds the pool's shared route cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemcachedSpec {
+    /// memcached pods; 0 makes each proxy use its embedded in-process cache instead.
+    #[serde(default = "defaults::memcached_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("spec.memcached.replicas must be between 0 and 64"))]
+    pub replicas: i32,
+    /// Cache memory per memcached pod, in MiB (memcached -m).
+    #[serde(default = "defaults::memcached_memory_mib")]
+    #[x_kube(validation = Rule::new("self >= 16 && self <= 65536").message("spec.memcached.memoryMiB must be between 16 and 65536"))]
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: i32,
+    #[serde(default = "defaults::memcached_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+}
+
+impl Default for MemcachedSpec {
+    fn default() -> Self {
+        Self {
+            replicas: defaults::memcached_replicas(),
+            memory_mib: defaults::memcached_memory_mib(),
+            image: defaults::memcached_image(),
+        }
+    }
+}
+
+/// Route cache settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteCacheSpec {
+    /// How long a learned route stays cached (zimbraReverseProxyCacheEntryTTL).
+    #[serde(default = "defaults::cache_ttl_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("spec.routeCache.ttlSeconds must be between 1 second and 7 days"))]
+    pub ttl_seconds: i64,
+}
+
+impl Default for RouteCacheSpec {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: defaults::cache_ttl_seconds(),
+        }
+    }
+}
+
+/// Route Lookup Handler client settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupSpec {
+    /// Per-handler request timeout before failing over to the next handler.
+    #[serde(default = "defaults::lookup_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("spec.lookup.timeoutSeconds must be between 1 and 300"))]
+    pub timeout_seconds: i64,
+    /// How long a failed handler is skipped.
+    #[serde(default = "defaults::handler_down_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("spec.lookup.handlerDownSeconds must be between 0 and 3600"))]
+    pub handler_down_seconds: i64,
+    /// Shared secret sent to lookup handlers in `X-Mailproxy-Lookup-Secret`, from a Secret key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+impl Default for LookupSpec {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: defaults::lookup_timeout_seconds(),
+            handler_down_seconds: defaults::handler_down_seconds(),
+            secret_ref: None,
+        }
+    }
+}
+
+/// A key of a Secret in the pool's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// The client-facing Service.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations for the Service (cloud load-balancer settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Preserve client source addresses (externalTrafficPolicy: Local) for NodePort and
+    /// LoadBalancer Services; the proxy logs and forwards the real client IP.
+    #[serde(default)]
+    pub preserve_client_ip: bool,
+}
+
+/// Kubernetes Service type.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Pod-level overrides for the proxy pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// How long a terminating pod lets live sessions finish before closing them.
+    #[serde(default = "defaults::termination_grace_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("spec.pod.terminationGracePeriodSeconds must be between 0 and 86400"))]
+    pub termination_grace_period_seconds: i64,
+}
+
+impl Default for PodOverrides {
+    fn default() -> Self {
+        Self {
+            resources: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+            topology_spread_constraints: Vec::new(),
+            priority_class_name: None,
+            annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            termination_grace_period_seconds: defaults::termination_grace_seconds(),
+        }
+    }
+}
+
+/// PodDisruptionBudget for the proxy pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+    #[serde(default = "defaults::max_unavailable")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.disruptionBudget.maxUnavailable must be at least 1"))]
+    pub max_unavailable: i32,
+}
+
+impl Default for DisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: defaults::max_unavailable(),
+        }
+    }
+}
+
+/// Observed state of a ProxyPool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyPoolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the proxy pods, for the scale subresource (HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Content version of the route table the proxies are serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_table_version: Option<String>,
+    /// MailboxServers the selector matches.
+    #[serde(default)]
+    pub mailbox_servers: i32,
+}
+
+/// Spec defaults, shared with the operator and documentation.
+pub mod defaults {
+    pub const IMAGE: &str = "mailproxy/mailproxy:0.1.0";
+    pub const MEMCACHED_IMAGE: &str = "memcached:1.6-alpine";
+
+    pub fn replicas() -> i32 {
+        2
+    }
+    pub fn image() -> String {
+        IMAGE.to_string()
+    }
+    pub fn enabled() -> bool {
+        true
+    }
+    pub fn memcached_replicas() -> i32 {
+        1
+    }
+    pub fn memcached_memory_mib() -> i32 {
+        64
+    }
+    pub fn memcached_image() -> String {
+        MEMCACHED_IMAGE.to_string()
+    }
+    pub fn cache_ttl_seconds() -> i64 {
+        3600
+    }
+    pub fn lookup_timeout_seconds() -> i64 {
+        15
+    }
+    pub fn handler_down_seconds() -> i64 {
+        60
+    }
+    pub fn max_unavailable() -> i32 {
+        1
+    }
+    pub fn termination_grace_seconds() -> i64 {
+        300
+    }
+}

@@ -1,0 +1,380 @@
+//! The route table: the static part of routing that the operator compiles from MailboxServers
+//! and every proxy of a pool reads (from a ConfigMap, or from a file when standalone).
+//!
+//! It holds what Zimbra keeps in LDAP and publishes with zmprov: pinned accounts and domains,
+//! the Route Lookup Handler URLs (garpu), web backends (garpb), MTA auth URLs (gamau) and
+//! memcached servers (gamcs), plus the pool's protocol and timeout settings.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::mailbox_server::{MailUpstream, MailboxPorts, MailboxServerSpec};
+use crate::settings::{LoginLimits, StartTlsMode, Timeouts};
+
+/// Key of the route table in its ConfigMap.
+pub const CONFIGMAP_KEY: &str = "routes.json";
+
+/// Path of Zimbra's Route Lookup Handler on a mailbox server.
+pub const LOOKUP_PATH: &str = "/service/extension/nginx-lookup";
+
+/// Name of a pool's route-table ConfigMap.
+pub fn configmap_name(pool: &str) -> String {
+    format!("{pool}-routes")
+}
+
+/// Why a route table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteTableError {
+    #[error("route table is not valid JSON for the route-table model: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("route table maps {kind} {key:?} to server {server:?}, which is not in its servers list")]
+    UnknownServer {
+        kind: &'static str,
+        key: String,
+        server: String,
+    },
+}
+
+/// The static routing state of one ProxyPool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTable {
+    /// Mailbox servers by MailboxServer name.
+    #[serde(default)]
+    pub servers: BTreeMap<String, RouteServer>,
+    /// Pinned accounts (lower-case) to server name.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, String>,
+    /// Domains (lower-case) to server name: the fallback when no lookup knows an account.
+    #[serde(default)]
+    pub domains: BTreeMap<String, String>,
+    /// Route Lookup Handler URLs, used round-robin (zmprov garpu).
+    #[serde(default)]
+    pub lookup_handlers: Vec<String>,
+    /// `host:port` of the web backends, balanced for unauthenticated requests (zmprov garpb).
+    #[serde(default)]
+    pub web_backends: Vec<String>,
+    /// MTA auth URLs (zmprov gamau).
+    #[serde(default)]
+    pub mta_auth_urls: Vec<String>,
+    /// `host:port` of the pool's memcached servers (zmprov gamcs); empty: embedded cache.
+    #[serde(default)]
+    pub memcached_servers: Vec<String>,
+    #[serde(default)]
+    pub settings: RouteSettings,
+}
+
+/// One mailbox server as the proxies see it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteServer {
+    /// DNS name or IP address the proxies connect to.
+    pub host: String,
+    #[serde(default)]
+    pub ports: MailboxPorts,
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub mail_upstream: MailUpstream,
+}
+
+/// Pool-wide proxy settings carried with the route table, so that they change without a restart.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSettings {
+    #[serde(default = "defaults::cache_ttl_seconds")]
+    pub cache_ttl_seconds: u64,
+    #[serde(default = "defaults::lookup_timeout_seconds")]
+    pub lookup_timeout_seconds: u64,
+    #[serde(default = "defaults::handler_down_seconds")]
+    pub handler_down_seconds: u64,
+    #[serde(default)]
+    pub starttls: StartTlsMode,
+    #[serde(default)]
+    pub login_limits: LoginLimits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        Self {
+            cache_ttl_seconds: defaults::cache_ttl_seconds(),
+            lookup_timeout_seconds: defaults::lookup_timeout_seconds(),
+            handler_down_seconds: defaults::handler_down_seconds(),
+            starttls: StartTlsMode::default(),
+            login_limits: LoginLimits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+mod defaults {
+    pub fn cache_ttl_seconds() -> u64 {
+        3600
+    }
+    pub fn lookup_timeout_seconds() -> u64 {
+        15
+    }
+    pub fn handler_down_seconds() -> u64 {
+        60
+    }
+}
+
+/// A MailboxServer with the address the operator resolved for it (its host, or its Service's
+/// cluster DNS name).
+#[derive(Clone, Debug)]
+pub struct ServerSource<'a> {
+    pub name: &'a str,
+    pub host: String,
+    pub spec: &'a MailboxServerSpec,
+}
+
+impl RouteTable {
+    /// Compiles the table from the MailboxServers a pool selects. Draining servers stay in
+    /// `servers` (sessions may still be relayed to them) but get no pinned accounts or domains, no
+    /// lookups and no web traffic. When two servers claim the same account or domain, the first
+    /// by name wins, so the result does not depend on list order.
+    pub fn compile(
+        servers: &[ServerSource<'_>],
+        settings: RouteSettings,
+        memcached_servers: Vec<String>,
+    ) -> Self {
+        let mut ordered: Vec<&ServerSource<'_>> = servers.iter().collect();
+        ordered.sort_by(|a, b| a.name.cmp(b.name));
+        let mut table = RouteTable {
+            settings,
+            memcached_servers,
+            ..RouteTable::default()
+        };
+        for source in ordered {
+            let spec = source.spec;
+            table.servers.insert(
+                source.name.to_string(),
+                RouteServer {
+                    host: source.host.clone(),
+                    ports: spec.ports.clone(),
+                    draining: spec.drain,
+                    mail_upstream: spec.mail_upstream.clone(),
+                },
+            );
+            if spec.drain {
+                continue;
+            }
+            for account in &spec.accounts {
+                table
+                    .accounts
+                    .entry(account.to_ascii_lowercase())
+                    .or_insert_with(|| source.name.to_string());
+            }
+            for domain in &spec.domains {
+                table
+                    .domains
+                    .entry(domain.to_ascii_lowercase())
+                    .or_insert_with(|| source.name.to_string());
+            }
+            let host = bracket_ipv6(&source.host);
+            if spec.lookup_target {
+                table.lookup_handlers.push(format!(
+                    "{}://{host}:{}{LOOKUP_PATH}",
+                    spec.lookup_scheme.as_str(),
+                    spec.ports.lookup
+                ));
+            }
+            if spec.web_backend {
+                table
+                    .web_backends
+                    .push(format!("{host}:{}", spec.ports.http));
+            }
+            if spec.mta_auth_target {
+                table.mta_auth_urls.push(format!(
+                    "https://{host}:{}/service/admin/soap/",
+                    spec.ports.mta_auth
+                ));
+            }
+        }
+        table
+    }
+
+    /// Parses a table and checks that every pinned entry names a known server.
+    pub fn from_json(text: &str) -> Result<Self, RouteTableError> {
+        let table: RouteTable = serde_json::from_str(text)?;
+        for (kind, map) in [("account", &table.accounts), ("domain", &table.domains)] {
+            for (key, server) in map {
+                if !table.servers.contains_key(server) {
+                    return Err(RouteTableError::UnknownServer {
+                        kind,
+                        key: key.clone(),
+                        server: server.clone(),
+                    });
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// The canonical serialized form (what the operator writes to the ConfigMap).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("route table serializes")
+    }
+
+    /// A short content hash: equal tables have equal versions, so the operator writes the
+    /// ConfigMap only when the content changes and the status shows which table is live.
+    pub fn version(&self) -> String {
+        let digest = Sha256::digest(self.to_json().as_bytes());
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The server an account is pinned to (names compare case-insensitively).
+    pub fn pinned_account(&self, account: &str) -> Option<(&str, &RouteServer)> {
+        self.serving(self.accounts.get(&account.to_ascii_lowercase())?)
+    }
+
+    /// The server a domain falls back to.
+    pub fn pinned_domain(&self, domain: &str) -> Option<(&str, &RouteServer)> {
+        self.serving(self.domains.get(&domain.to_ascii_lowercase())?)
+    }
+
+    fn serving(&self, name: &str) -> Option<(&str, &RouteServer)> {
+        let (name, server) = self.servers.get_key_value(name)?;
+        (!server.draining).then_some((name.as_str(), server))
+    }
+
+    /// zmprov garpu: the lookup handler URLs on one line.
+    pub fn garpu(&self) -> String {
+        self.lookup_handlers.join(" ")
+    }
+
+    /// zmprov garpb: an nginx `server` line per web backend.
+    pub fn garpb(&self) -> String {
+        if self.web_backends.is_empty() {
+            return "    server localhost:8080;\n".to_string();
+        }
+        self.web_backends
+            .iter()
+            .map(|backend| format!("    server {backend};\n"))
+            .collect()
+    }
+
+    /// zmprov gamau: the MTA auth URLs on one line.
+    pub fn gamau(&self) -> String {
+        self.mta_auth_urls.join(" ")
+    }
+
+    /// zmprov gamcs: the memcached servers on one line.
+    pub fn gamcs(&self) -> String {
+        self.memcached_servers.join(" ")
+    }
+}
+
+/// IPv6 literals need brackets in `host:port` and URLs.
+fn bracket_ipv6(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox_server::LookupScheme;
+
+    fn spec(accounts: &[&str], domains: &[&str]) -> MailboxServerSpec {
+        serde_json::from_value(serde_json::json!({
+            "host": "unused",
+            "accounts": accounts,
+            "domains": domains,
+        }))
+        .unwrap()
+    }
+
+    fn source<'a>(name: &'a str, host: &str, spec: &'a MailboxServerSpec) -> ServerSource<'a> {
+        ServerSource {
+            name,
+            host: host.to_string(),
+            spec,
+        }
+    }
+
+    #[test]
+    fn compile_pins_accounts_and_domains_and_lists_zmprov_urls() {
+        let a = spec(&["Alice@Example.com"], &["example.com"]);
+        let mut b = spec(&["bob@example.org"], &["example.org"]);
+        b.lookup_scheme = LookupScheme::Https;
+        b.mta_auth_target = true;
+        let table = RouteTable::compile(
+            &[source("mbs-b", "10.0.0.2", &b), source("mbs-a", "mbs-a.mail.svc", &a)],
+            RouteSettings::default(),
+            vec!["pool-memcached-0.pool-memcached:11211".into()],
+        );
+        assert_eq!(table.pinned_account("alice@example.COM").unwrap().0, "mbs-a");
+        assert_eq!(table.pinned_domain("example.org").unwrap().0, "mbs-b");
+        assert_eq!(
+            table.garpu(),
+            "http://mbs-a.mail.svc:7072/service/extension/nginx-lookup https://10.0.0.2:7072/service/extension/nginx-lookup"
+        );
+        assert_eq!(
+            table.garpb(),
+            "    server mbs-a.mail.svc:8080;\n    server 10.0.0.2:8080;\n"
+        );
+        assert_eq!(table.gamau(), "https://10.0.0.2:7073/service/admin/soap/");
+        assert_eq!(table.gamcs(), "pool-memcached-0.pool-memcached:11211");
+    }
+
+    #[test]
+    fn draining_server_gets_no_new_routes() {
+        let mut a = spec(&["alice@example.com"], &["example.com"]);
+        a.drain = true;
+        let table = RouteTable::compile(&[source("a", "h", &a)], RouteSettings::default(), vec![]);
+        assert!(table.pinned_account("alice@example.com").is_none());
+        assert!(table.pinned_domain("example.com").is_none());
+        assert!(table.lookup_handlers.is_empty());
+        assert_eq!(table.garpb(), "    server localhost:8080;\n");
+        assert!(table.servers["a"].draining);
+    }
+
+    #[test]
+    fn first_server_by_name_wins_a_contested_account() {
+        let a = spec(&["x@example.com"], &[]);
+        let b = spec(&["x@example.com"], &[]);
+        let one = RouteTable::compile(
+            &[source("b", "hb", &b), source("a", "ha", &a)],
+            RouteSettings::default(),
+            vec![],
+        );
+        let two = RouteTable::compile(
+            &[source("a", "ha", &a), source("b", "hb", &b)],
+            RouteSettings::default(),
+            vec![],
+        );
+        assert_eq!(one.pinned_account("x@example.com").unwrap().0, "a");
+        assert_eq!(one, two);
+        assert_eq!(one.version(), two.version());
+    }
+
+    #[test]
+    fn json_round_trip_and_version_tracks_content() {
+        let a = spec(&["alice@example.com"], &[]);
+        let table = RouteTable::compile(&[source("a", "::1", &a)], RouteSettings::default(), vec![]);
+        assert_eq!(table.web_backends, vec!["[::1]:8080".to_string()]);
+        let parsed = RouteTable::from_json(&table.to_json()).unwrap();
+        assert_eq!(parsed, table);
+        let mut changed = table.clone();
+        changed.settings.cache_ttl_seconds = 60;
+        assert_ne!(changed.version(), table.version());
+        assert_eq!(table.version().len(), 12);
+    }
+
+    #[test]
+    fn from_json_rejects_dangling_entries_and_garbage() {
+        let err = RouteTable::from_json(r#"{"accounts": {"a@b.c": "nowhere"}}"#).unwrap_err();
+        assert!(err.to_string().contains("\"nowhere\""), "{err}");
+        assert!(RouteTable::from_json("{not json").is_err());
+        let empty = RouteTable::from_json("{}").unwrap();
+        assert_eq!(empty.settings.cache_ttl_seconds, 3600);
+    }
+}
