@@ -1,0 +1,16 @@
+//! Real servers for mailproxy's tests: memcached, Dovecot (IMAP and POP3) and nginx with its mail
+//! module, each started on free loopback ports in a temporary directory and stopped when dropped.
+//!
+//! Every start waits for the server to answer on its ports (a readiness check, not a sleep), and
+//! every error says which binary or Debian package is missing.
+
+mod dovecot;
+mod memcached;
+mod nginx;
+mod process;
+pub mod wire;
+
+pub use dovecot::{Dovecot, DovecotOptions};
+pub use memcached::Memcached;
+pub use nginx::Nginx;
+pub use process::{free_port, wait_for_port};
