@@ -29,6 +29,8 @@ pub fn configmap_name(pool: &str) -> String {
 pub enum RouteTableError {
     #[error("route table is not valid JSON for the route-table model: {0}")]
     Parse(#[from] serde_json::Error),
+    #[error("route table must be a JSON object, not {0}")]
+    NotAnObject(&'static str),
     #[error("route table maps {kind} {key:?} to server {server:?}, which is not in its servers list")]
     UnknownServer {
         kind: &'static str,
@@ -200,7 +202,19 @@ impl RouteTable {
 
     /// Parses a table and checks that every pinned entry names a known server.
     pub fn from_json(text: &str) -> Result<Self, RouteTableError> {
-        let table: RouteTable = serde_json::from_str(text)?;
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let kind = match &value {
+            serde_json::Value::Object(_) => None,
+            serde_json::Value::Array(_) => Some("an array"),
+            serde_json::Value::String(_) => Some("a string"),
+            serde_json::Value::Number(_) => Some("a number"),
+            serde_json::Value::Bool(_) => Some("a boolean"),
+            serde_json::Value::Null => Some("null"),
+        };
+        if let Some(kind) = kind {
+            return Err(RouteTableError::NotAnObject(kind));
+        }
+        let table: RouteTable = serde_json::from_value(value)?;
         for (kind, map) in [("account", &table.accounts), ("domain", &table.domains)] {
             for (key, server) in map {
                 if !table.servers.contains_key(server) {
@@ -374,6 +388,8 @@ mod tests {
         let err = RouteTable::from_json(r#"{"accounts": {"a@b.c": "nowhere"}}"#).unwrap_err();
         assert!(err.to_string().contains("\"nowhere\""), "{err}");
         assert!(RouteTable::from_json("{not json").is_err());
+        let array = RouteTable::from_json("[]").unwrap_err();
+        assert!(array.to_string().contains("not an array"), "{array}");
         let empty = RouteTable::from_json("{}").unwrap();
         assert_eq!(empty.settings.cache_ttl_seconds, 3600);
     }

@@ -4,12 +4,14 @@
 //! Every start waits for the server to answer on its ports (a readiness check, not a sleep), and
 //! every error says which binary or Debian package is missing.
 
+mod control_plane;
 mod dovecot;
 mod memcached;
 mod nginx;
 mod process;
 pub mod wire;
 
+pub use control_plane::{ControlPlane, ControlPlaneOptions, KUBERNETES_VERSION};
 pub use dovecot::{Dovecot, DovecotOptions};
 pub use memcached::Memcached;
 pub use nginx::Nginx;

@@ -1,0 +1,141 @@
+//! Deleting a MailboxServer's cached routes from memcached.
+//!
+//! The client is hand-written: the operator needs one command of the memcached text protocol
+//! (`delete <key>\r\n`, answered `DELETED` or `NOT_FOUND`), pipelined, under a hard deadline,
+//! against servers that may be gone. A client crate would bring connection pools, retries and
+//! codecs for the rest of the protocol, none of which helps here.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Protocols whose routes the proxies cache (Zimbra's key names).
+pub const PROTOCOLS: [&str; 6] = ["imap", "imapssl", "pop3", "pop3ssl", "http", "httpssl"];
+
+/// memcached refuses longer keys.
+const MAX_KEY_LEN: usize = 250;
+
+/// `route:proto=<protocol>;user=<account>` for every protocol and account (as written and in
+/// lower case, the two forms a proxy may have cached).
+pub fn route_keys(accounts: &[String]) -> Vec<String> {
+    let mut keys = Vec::new();
+    for account in accounts {
+        let lower = account.to_ascii_lowercase();
+        let forms: &[&str] = if lower == *account {
+            &[account.as_str()]
+        } else {
+            &[account.as_str(), lower.as_str()]
+        };
+        for form in forms {
+            for protocol in PROTOCOLS {
+                let key = format!("route:proto={protocol};user={form}");
+                if key.len() <= MAX_KEY_LEN && !key.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// What one memcached server answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub deleted: usize,
+    pub not_found: usize,
+}
+
+/// Why a server could not be purged.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("memcached {addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("memcached {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("memcached {addr} answered {line:?} to a delete")]
+    Protocol { addr: String, line: String },
+}
+
+/// Deletes `keys` on the memcached at `addr` (`host:port`), all within `timeout`.
+pub async fn purge(addr: &str, keys: &[String], timeout: Duration) -> Result<Purged, PurgeError> {
+    match tokio::time::timeout(timeout, purge_unbounded(addr, keys)).await {
+        Ok(result) => result,
+        Err(_) => Err(PurgeError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        }),
+    }
+}
+
+async fn purge_unbounded(addr: &str, keys: &[String]) -> Result<Purged, PurgeError> {
+    let io = |source| PurgeError::Io {
+        addr: addr.to_string(),
+        source,
+    };
+    let stream = TcpStream::connect(addr).await.map_err(io)?;
+    let (read, mut write) = stream.into_split();
+    let commands: String = keys.iter().map(|key| format!("delete {key}\r\n")).collect();
+    let send = async move {
+        write.write_all(commands.as_bytes()).await?;
+        write.flush().await
+    };
+    let receive = async {
+        let mut reader = BufReader::new(read);
+        let mut purged = Purged::default();
+        let mut line = String::new();
+        for _ in keys {
+            line.clear();
+            if reader.read_line(&mut line).await.map_err(io)? == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            match line.trim_end() {
+                "DELETED" => purged.deleted += 1,
+                "NOT_FOUND" => purged.not_found += 1,
+                other => {
+                    return Err(PurgeError::Protocol {
+                        addr: addr.to_string(),
+                        line: other.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(purged)
+    };
+    let (sent, received) = tokio::join!(send, receive);
+    sent.map_err(io)?;
+    received
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cover_every_protocol_and_both_cases() {
+        let keys = route_keys(&["Alice@Example.com".into(), "bob@example.com".into()]);
+        assert_eq!(keys.len(), 18);
+        assert!(keys.contains(&"route:proto=imap;user=Alice@Example.com".to_string()));
+        assert!(keys.contains(&"route:proto=httpssl;user=alice@example.com".to_string()));
+        assert!(keys.contains(&"route:proto=pop3ssl;user=bob@example.com".to_string()));
+        let long = format!("{}@example.com", "x".repeat(300));
+        assert!(route_keys(&[long]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_within_the_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let started = std::time::Instant::now();
+        let error = purge(&addr, &["k".into()], Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(error.to_string().contains(&addr), "{error}");
+    }
+}

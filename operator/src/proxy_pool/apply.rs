@@ -1,0 +1,198 @@
+//! Stage 4: server-side apply every desired child in a fixed order (field manager
+//! `mailproxy-operator`, forced: the operator owns these fields), then delete the labelled
+//! children this pass did not produce. Together: drift correction and orphan clean-up.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::build::{Desired, route_table};
+use super::dereference::{Children, Dereferenced};
+use crate::FIELD_MANAGER;
+use crate::error::{Result, kube_error};
+
+/// What applying changed.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// `Kind/name` of children that did not exist before.
+    pub created: Vec<String>,
+    /// `Kind/name` of children deleted because this pass did not produce them.
+    pub deleted: Vec<String>,
+    /// Whether the route-table ConfigMap was written (its content changed).
+    pub route_table_written: bool,
+    /// The Deployment as the API server returned it.
+    pub deployment: Deployment,
+}
+
+/// Kind to names of every desired child.
+pub fn desired_names(desired: &Desired) -> Children {
+    let mut names = Children::new();
+    let mut add = |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        names
+            .entry(kind)
+            .or_default()
+            .insert(meta.name.clone().unwrap_or_default());
+    };
+    add("ServiceAccount", &desired.service_account.metadata);
+    add("Role", &desired.role.metadata);
+    add("RoleBinding", &desired.role_binding.metadata);
+    add("ConfigMap", &desired.routes.metadata);
+    add("ConfigMap", &desired.config.metadata);
+    if let Some((service, stateful_set)) = &desired.memcached {
+        add("Service", &service.metadata);
+        add("StatefulSet", &stateful_set.metadata);
+    }
+    add("Service", &desired.service.metadata);
+    add("Deployment", &desired.deployment.metadata);
+    if let Some(pdb) = &desired.pdb {
+        add("PodDisruptionBudget", &pdb.metadata);
+    }
+    names
+}
+
+/// `Kind/name` of what is in `a` and not in `b`.
+pub fn difference(a: &Children, b: &Children) -> Vec<(&'static str, String)> {
+    let empty = BTreeSet::new();
+    a.iter()
+        .flat_map(|(kind, names)| {
+            let other = b.get(kind).unwrap_or(&empty);
+            names
+                .iter()
+                .filter(|name| !other.contains(*name))
+                .map(|name| (*kind, name.clone()))
+        })
+        .collect()
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(kube_error::<K>("apply", namespace, &name))
+}
+
+async fn delete<K>(client: &Client, namespace: &str, name: &str) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    match Api::<K>::namespaced(client.clone(), namespace)
+        .delete(name, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(kube_error::<K>("delete", namespace, name)(error)),
+    }
+}
+
+/// Applies `desired` and prunes what is left over.
+pub async fn apply_all(
+    client: &Client,
+    namespace: &str,
+    deref: &Dereferenced,
+    desired: &Desired,
+) -> Result<Applied> {
+    apply(client, namespace, &desired.service_account).await?;
+    apply(client, namespace, &desired.role).await?;
+    apply(client, namespace, &desired.role_binding).await?;
+    let route_table_written = !route_table::up_to_date(deref.routes.as_ref(), &desired.routes);
+    if route_table_written {
+        apply(client, namespace, &desired.routes).await?;
+    }
+    apply(client, namespace, &desired.config).await?;
+    if let Some((service, stateful_set)) = &desired.memcached {
+        apply(client, namespace, service).await?;
+        apply(client, namespace, stateful_set).await?;
+    }
+    apply(client, namespace, &desired.service).await?;
+    let deployment = apply(client, namespace, &desired.deployment).await?;
+    if let Some(pdb) = &desired.pdb {
+        apply(client, namespace, pdb).await?;
+    }
+
+    let wanted = desired_names(desired);
+    let leftovers = difference(&deref.children, &wanted);
+    for (kind, name) in &leftovers {
+        match *kind {
+            "ServiceAccount" => delete::<ServiceAccount>(client, namespace, name).await?,
+            "Role" => delete::<Role>(client, namespace, name).await?,
+            "RoleBinding" => delete::<RoleBinding>(client, namespace, name).await?,
+            "ConfigMap" => delete::<ConfigMap>(client, namespace, name).await?,
+            "Service" => delete::<Service>(client, namespace, name).await?,
+            "StatefulSet" => delete::<StatefulSet>(client, namespace, name).await?,
+            "Deployment" => delete::<Deployment>(client, namespace, name).await?,
+            "PodDisruptionBudget" => {
+                delete::<PodDisruptionBudget>(client, namespace, name).await?
+            }
+            other => tracing::warn!(kind = other, name, "no delete for this kind"),
+        }
+    }
+    let label = |(kind, name): &(&'static str, String)| format!("{kind}/{name}");
+    Ok(Applied {
+        created: difference(&wanted, &deref.children).iter().map(label).collect(),
+        deleted: leftovers.iter().map(label).collect(),
+        route_table_written,
+        deployment,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::build::{desired, fixtures};
+    use super::*;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn leftovers_are_what_exists_and_is_no_longer_desired() {
+        let with_all = fixtures::spec(json!({}));
+        let pool = fixtures::pool(&with_all);
+        let before = desired_names(&desired(&pool, &[]));
+        let without = fixtures::spec(json!({"memcached": {"replicas": 0},
+                                             "disruptionBudget": {"enabled": false}}));
+        let pool = fixtures::pool(&without);
+        let after = desired_names(&desired(&pool, &[]));
+        let mut gone: Vec<String> = difference(&before, &after)
+            .into_iter()
+            .map(|(k, n)| format!("{k}/{n}"))
+            .collect();
+        gone.sort();
+        assert_eq!(
+            gone,
+            [
+                "PodDisruptionBudget/main",
+                "Service/main-memcached",
+                "StatefulSet/main-memcached"
+            ]
+        );
+        assert!(difference(&after, &before).is_empty());
+        let kinds: BTreeMap<_, _> = before.iter().map(|(k, v)| (*k, v.len())).collect();
+        assert_eq!(kinds.len(), 8);
+        assert_eq!(kinds["ConfigMap"], 2);
+        assert_eq!(kinds["Service"], 2);
+    }
+}

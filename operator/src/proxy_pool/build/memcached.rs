@@ -1,0 +1,184 @@
+//! The pool's memcached: a StatefulSet behind a headless Service, so that each proxy reaches
+//! every memcached pod by a stable name. No replicas: no StatefulSet and an empty server list
+//! (the proxies use their embedded cache).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Service, ServicePort, ServiceSpec, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::Pool;
+use super::deployment::container_security_context;
+use crate::labels::{self, Component, names};
+
+pub const MEMCACHED_PORT: i32 = 11211;
+/// The `memcache` user of the official memcached image.
+pub const MEMCACHED_UID: i64 = 11211;
+
+/// `<pool>-memcached-<i>.<pool>-memcached.<ns>.svc:11211` for every replica (zmprov gamcs).
+pub fn memcached_servers(pool: &Pool<'_>) -> Vec<String> {
+    let name = names::memcached(pool.name);
+    (0..pool.spec.memcached.replicas.max(0))
+        .map(|i| format!("{name}-{i}.{name}.{}.svc:{MEMCACHED_PORT}", pool.namespace))
+        .collect()
+}
+
+/// The headless Service and the StatefulSet, or nothing with 0 replicas.
+pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
+    let spec = &pool.spec.memcached;
+    if spec.replicas <= 0 {
+        return None;
+    }
+    let name = names::memcached(pool.name);
+    let selector = labels::selector(pool.name, Component::Memcached);
+    let service = Service {
+        metadata: pool.child_meta(name.clone(), Component::Memcached),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Stable per-pod DNS names from the start, ready or not.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector.clone()),
+            ports: Some(vec![ServicePort {
+                name: Some("memcached".into()),
+                port: MEMCACHED_PORT,
+                target_port: Some(IntOrString::String("memcached".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    // Cache memory plus memcached's own overhead (connections, hash table).
+    let memory = Quantity(format!("{}Mi", spec.memory_mib + 32));
+    let container = Container {
+        name: "memcached".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: pool.spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        args: Some(vec![
+            "-m".into(),
+            spec.memory_mib.to_string(),
+            "-p".into(),
+            MEMCACHED_PORT.to_string(),
+            "-U".into(),
+            "0".into(),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("memcached".into()),
+            container_port: MEMCACHED_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String("memcached".into()),
+                host: None,
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("50m".into())),
+                ("memory".to_string(), memory.clone()),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(container_security_context(MEMCACHED_UID)),
+        ..Container::default()
+    };
+    let stateful_set = StatefulSet {
+        metadata: pool.child_meta(name.clone(), Component::Memcached),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(name),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(selector),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(MEMCACHED_UID),
+                        run_as_group: Some(MEMCACHED_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    };
+    Some((service, stateful_set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{pool, spec};
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn each_replica_is_listed_by_its_stable_name() {
+        let spec = spec(json!({"memcached": {"replicas": 2}}));
+        assert_eq!(
+            memcached_servers(&pool(&spec)),
+            [
+                "main-memcached-0.main-memcached.mail.svc:11211",
+                "main-memcached-1.main-memcached.mail.svc:11211"
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_replicas_means_no_statefulset_and_no_servers() {
+        let spec = spec(json!({"memcached": {"replicas": 0}}));
+        assert!(memcached(&pool(&spec)).is_none());
+        assert!(memcached_servers(&pool(&spec)).is_empty());
+    }
+
+    #[test]
+    fn statefulset_is_headless_sized_and_unprivileged() {
+        let spec = spec(json!({"memcached": {"replicas": 3, "memoryMiB": 256, "image": "mc:1"}}));
+        let (svc, sts) = memcached(&pool(&spec)).unwrap();
+        let svc_spec = svc.spec.unwrap();
+        assert_eq!(svc_spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(svc.metadata.name.as_deref(), Some("main-memcached"));
+        let sts_spec = sts.spec.unwrap();
+        assert_eq!(sts_spec.replicas, Some(3));
+        assert_eq!(sts_spec.service_name.as_deref(), Some("main-memcached"));
+        let pod = sts_spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("mc:1"));
+        assert_eq!(c.args.as_ref().unwrap()[..2], ["-m".to_string(), "256".to_string()]);
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"],
+            Quantity("288Mi".into())
+        );
+    }
+}

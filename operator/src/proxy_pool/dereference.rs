@@ -1,0 +1,133 @@
+//! Stage 1: read what a ProxyPool points at and what it already has: the MailboxServers its
+//! selector matches, its TLS Secret, its current route table and Deployment, and the children
+//! it owns (for drift correction).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, ListParams};
+use kube::core::Selector;
+use kube::{Client, Resource, ResourceExt};
+use mailproxy_crds::{MailboxServer, ProxyPool};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result, kube_error, static_kind};
+use crate::labels::{children_selector, names};
+
+/// Existing children owned by the pool: kind to names.
+pub type Children = BTreeMap<&'static str, BTreeSet<String>>;
+
+/// What the pool's dependencies look like right now.
+#[derive(Clone, Debug)]
+pub struct Dereferenced {
+    /// The parsed `spec.mailboxSelector`, or why it does not parse.
+    pub selector: Result<Selector, String>,
+    /// The selected MailboxServers that are not being deleted, by name.
+    pub servers: Vec<MailboxServer>,
+    /// Whether `spec.tls.secretName` exists (`None` without TLS).
+    pub tls_secret_found: Option<bool>,
+    pub routes: Option<ConfigMap>,
+    pub deployment: Option<Deployment>,
+    pub children: Children,
+}
+
+pub async fn dereference(client: &Client, pool: &ProxyPool, namespace: &str) -> Result<Dereferenced> {
+    let name = pool.name_any();
+    let selector = Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string());
+    let servers = match &selector {
+        Ok(selector) => {
+            let api: Api<MailboxServer> = Api::namespaced(client.clone(), namespace);
+            let mut servers: Vec<MailboxServer> = api
+                .list(&ListParams::default().labels_from(selector))
+                .await
+                .map_err(|source| Error::List {
+                    kind: "MailboxServer",
+                    namespace: namespace.to_string(),
+                    source,
+                })?
+                .items
+                .into_iter()
+                .filter(|server| server.metadata.deletion_timestamp.is_none())
+                .collect();
+            servers.sort_by_key(|server| server.name_any());
+            servers
+        }
+        Err(_) => Vec::new(),
+    };
+    let tls_secret_found = match &pool.spec.tls {
+        Some(tls) => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            Some(
+                secrets
+                    .get_metadata_opt(&tls.secret_name)
+                    .await
+                    .map_err(kube_error::<Secret>("get", namespace, &tls.secret_name))?
+                    .is_some(),
+            )
+        }
+        None => None,
+    };
+    let routes_name = names::routes(&name);
+    let routes = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(&routes_name)
+        .await
+        .map_err(kube_error::<ConfigMap>("get", namespace, &routes_name))?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get_opt(&names::proxy(&name))
+        .await
+        .map_err(kube_error::<Deployment>("get", namespace, &name))?;
+    let uid = pool.uid().unwrap_or_default();
+    let labels = children_selector(&name);
+    let (sa, role, binding, cm, svc, sts, deploy, pdb) = futures::try_join!(
+        owned::<ServiceAccount>(client, namespace, &labels, &uid),
+        owned::<Role>(client, namespace, &labels, &uid),
+        owned::<RoleBinding>(client, namespace, &labels, &uid),
+        owned::<ConfigMap>(client, namespace, &labels, &uid),
+        owned::<Service>(client, namespace, &labels, &uid),
+        owned::<StatefulSet>(client, namespace, &labels, &uid),
+        owned::<Deployment>(client, namespace, &labels, &uid),
+        owned::<PodDisruptionBudget>(client, namespace, &labels, &uid),
+    )?;
+    let children = Children::from([sa, role, binding, cm, svc, sts, deploy, pdb]);
+    Ok(Dereferenced {
+        selector,
+        servers,
+        tls_secret_found,
+        routes,
+        deployment,
+        children,
+    })
+}
+
+/// Names of the objects of kind `K` labelled as the pool's children and owned by its uid.
+async fn owned<K>(
+    client: &Client,
+    namespace: &str,
+    labels: &str,
+    owner_uid: &str,
+) -> Result<(&'static str, BTreeSet<String>)>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let kind = static_kind::<K>();
+    let list = Api::<K>::namespaced(client.clone(), namespace)
+        .list_metadata(&ListParams::default().labels(labels))
+        .await
+        .map_err(|source| Error::List {
+            kind,
+            namespace: namespace.to_string(),
+            source,
+        })?;
+    let names = list
+        .items
+        .into_iter()
+        .filter(|item| item.owner_references().iter().any(|o| o.uid == owner_uid))
+        .filter_map(|item| item.metadata.name)
+        .collect();
+    Ok((kind, names))
+}

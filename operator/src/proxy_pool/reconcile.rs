@@ -1,0 +1,160 @@
+//! One ProxyPool reconcile: dereference, validate, build, apply, status. An invalid spec waits
+//! for a change; a missing dependency is checked again later; API errors back off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use mailproxy_crds::ProxyPool;
+
+use super::build::{self, deployment::RESTART_HASH_ANNOTATION};
+use super::status::{self, Outcome};
+use super::validate::{Problem, validate};
+use super::{CONTROLLER, apply, dereference};
+use crate::error::{Error, Result};
+use crate::Context;
+
+/// How soon a pool blocked on a missing Secret is checked again (Secrets are not watched).
+const MISSING_RETRY: Duration = Duration::from_secs(10);
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    if pool.metadata.deletion_timestamp.is_some() {
+        // The garbage collector deletes the children through their owner references.
+        return Ok(Action::await_change());
+    }
+    let namespace = pool
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(format!("ProxyPool {}", pool.name_any())))?;
+    let key = format!("{namespace}/{}", pool.name_any());
+    let reference = pool.object_ref(&());
+    let client = &ctx.client;
+
+    let deref = dereference::dereference(client, &pool, &namespace).await?;
+    let valid = match validate(&pool, &deref) {
+        Ok(valid) => valid,
+        Err(problem) => {
+            let (reason, message, action) = match &problem {
+                Problem::Invalid(message) => ("InvalidSpec", message.as_str(), Action::await_change()),
+                Problem::Missing { reason, message } => {
+                    (*reason, message.as_str(), Action::requeue(MISSING_RETRY))
+                }
+            };
+            tracing::warn!(pool = %key, reason, message, "ProxyPool not built");
+            let status = status::status(
+                &pool,
+                Outcome::Blocked { reason, message },
+                deref.deployment.as_ref(),
+                &now(),
+            );
+            if status::write(client, &pool, status).await? {
+                ctx.event(&reference, EventType::Warning, reason, "Validate", message.to_string())
+                    .await;
+            }
+            ctx.succeeded(&key);
+            return Ok(action);
+        }
+    };
+
+    let desired = build::desired(&valid, &deref.servers);
+    let applied = match apply::apply_all(client, &namespace, &deref, &desired).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            let message = error.to_string();
+            let status = status::status(
+                &pool,
+                Outcome::Failed { message: &message },
+                deref.deployment.as_ref(),
+                &now(),
+            );
+            if let Err(status_error) = status::write(client, &pool, status).await {
+                tracing::debug!(error = %status_error, "cannot record the failure in the status");
+            }
+            ctx.event(&reference, EventType::Warning, "ApplyFailed", "Apply", message)
+                .await;
+            return Err(error);
+        }
+    };
+
+    for created in &applied.created {
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            "Created",
+            "Apply",
+            format!("created {created}"),
+        )
+        .await;
+    }
+    for deleted in &applied.deleted {
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            "Deleted",
+            "Prune",
+            format!("deleted {deleted}: this pool's spec no longer produces it"),
+        )
+        .await;
+    }
+    if applied.route_table_written {
+        ctx.metrics.route_table_written();
+        tracing::info!(
+            pool = %key,
+            version = %desired.route_table.version(),
+            servers = desired.route_table.servers.len(),
+            "route table written"
+        );
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            "RouteTableUpdated",
+            "Apply",
+            format!(
+                "route table {} with {} MailboxServers",
+                desired.route_table.version(),
+                desired.route_table.servers.len()
+            ),
+        )
+        .await;
+    }
+    let restart_hash = |d: &k8s_openapi::api::apps::v1::Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(RESTART_HASH_ANNOTATION).cloned())
+    };
+    if let Some(before) = deref.deployment.as_ref().and_then(restart_hash)
+        && Some(&before) != restart_hash(&desired.deployment).as_ref()
+    {
+        ctx.event(
+            &reference,
+            EventType::Normal,
+            "RollingRestart",
+            "Apply",
+            "the image, listeners or TLS Secret changed: the proxies restart one by one".into(),
+        )
+        .await;
+    }
+
+    let status = status::status(
+        &pool,
+        Outcome::Reconciled {
+            route_table: &desired.route_table,
+            servers: deref.servers.len(),
+        },
+        Some(&applied.deployment),
+        &now(),
+    );
+    status::write(client, &pool, status).await?;
+    ctx.succeeded(&key);
+    Ok(Action::requeue(ctx.settings.resync))
+}

@@ -1,0 +1,161 @@
+//! Stage 2: decide whether a pool can be built. A spec the API server accepted can still be
+//! unusable (a selector operator it does not check, a name too long for the derived names); a
+//! missing dependency (the TLS Secret) may appear later.
+
+use mailproxy_crds::ProxyPool;
+use mailproxy_crds::proxy_pool::ServiceType;
+use kube::{Resource, ResourceExt};
+
+use super::build::{Pool, config::listeners};
+use super::dereference::Dereferenced;
+use crate::labels::MAX_POOL_NAME;
+
+/// Why a pool is not built this time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// The spec must change: wait for the user.
+    Invalid(String),
+    /// Something the pool refers to is missing: check again later.
+    Missing { reason: &'static str, message: String },
+}
+
+pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
+    let spec = &pool.spec;
+    let name = pool.metadata.name.as_deref().unwrap_or_default();
+    let mut invalid = Vec::new();
+    if name.len() > MAX_POOL_NAME {
+        invalid.push(format!(
+            "metadata.name {name:?} is {} characters; ProxyPool names may have at most \
+             {MAX_POOL_NAME} so that the names derived from it (such as {name}-memcached) are \
+             valid: re-create the pool with a shorter name",
+            name.len()
+        ));
+    }
+    if let Err(error) = &deref.selector {
+        invalid.push(format!(
+            "spec.mailboxSelector is not a valid label selector ({error}): use matchLabels, or \
+             matchExpressions with the operators In, NotIn (with values), Exists or DoesNotExist"
+        ));
+    }
+    if listeners(spec).is_empty() {
+        invalid.push(
+            "no listener is enabled (TLS listeners need spec.tls): enable at least one of \
+             spec.listeners"
+                .to_string(),
+        );
+    }
+    if spec.service.preserve_client_ip && spec.service.type_ == ServiceType::ClusterIP {
+        invalid.push(
+            "spec.service.preserveClientIp needs spec.service.type NodePort or LoadBalancer \
+             (a ClusterIP Service has no external traffic policy)"
+                .to_string(),
+        );
+    }
+    let owner = pool.controller_owner_ref(&());
+    let namespace = pool.metadata.namespace.as_deref();
+    let (Some(owner), Some(namespace)) = (owner, namespace) else {
+        invalid.push("the ProxyPool has no uid or namespace: it was not read from the API".into());
+        return Err(Problem::Invalid(invalid.join("; ")));
+    };
+    if !invalid.is_empty() {
+        return Err(Problem::Invalid(invalid.join("; ")));
+    }
+    if deref.tls_secret_found == Some(false) {
+        let secret = spec.tls.as_ref().map(|t| t.secret_name.as_str()).unwrap_or_default();
+        return Err(Problem::Missing {
+            reason: "TlsSecretNotFound",
+            message: format!(
+                "Secret {secret:?} (spec.tls.secretName) does not exist in namespace {}: create a \
+                 kubernetes.io/tls Secret with tls.crt and tls.key, or fix spec.tls.secretName",
+                pool.namespace().unwrap_or_default()
+            ),
+        });
+    }
+    Ok(Pool {
+        name,
+        namespace,
+        spec,
+        owner,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_pool::build::fixtures::spec;
+    use kube::core::Selector;
+    use serde_json::json;
+
+    fn pool(name: &str, spec_json: serde_json::Value) -> ProxyPool {
+        let mut pool = ProxyPool::new(name, spec(spec_json));
+        pool.metadata.namespace = Some("mail".into());
+        pool.metadata.uid = Some("uid-1".into());
+        pool
+    }
+
+    fn deref(pool: &ProxyPool, tls_secret_found: Option<bool>) -> Dereferenced {
+        Dereferenced {
+            selector: Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string()),
+            servers: Vec::new(),
+            tls_secret_found,
+            routes: None,
+            deployment: None,
+            children: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_plain_pool_is_valid() {
+        let pool = pool("main", json!({}));
+        let valid = validate(&pool, &deref(&pool, None)).unwrap();
+        assert_eq!(valid.name, "main");
+        assert_eq!(valid.namespace, "mail");
+        assert_eq!(valid.owner.uid, "uid-1");
+    }
+
+    #[test]
+    fn unusable_specs_are_invalid_with_instructions() {
+        let bad_operator = pool("main", json!({"mailboxSelector": {"matchExpressions": [
+            {"key": "pool", "operator": "Near", "values": ["a"]}]}}));
+        let Err(Problem::Invalid(message)) = validate(&bad_operator, &deref(&bad_operator, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("spec.mailboxSelector"), "{message}");
+
+        let long = pool(&"p".repeat(43), json!({}));
+        let Err(Problem::Invalid(message)) = validate(&long, &deref(&long, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("at most 42"), "{message}");
+
+        let silent = pool("main", json!({"listeners": {
+            "imap": {"enabled": false, "port": 143}, "pop3": {"enabled": false, "port": 110},
+            "http": {"enabled": false, "port": 80}}}));
+        let Err(Problem::Invalid(message)) = validate(&silent, &deref(&silent, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("no listener"), "{message}");
+
+        let cluster_ip = pool("main", json!({"service": {"preserveClientIp": true}}));
+        let Err(Problem::Invalid(message)) = validate(&cluster_ip, &deref(&cluster_ip, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("NodePort or LoadBalancer"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_tls_secret_is_a_missing_dependency() {
+        let pool = pool("main", json!({"tls": {"secretName": "cert"}}));
+        assert_eq!(
+            validate(&pool, &deref(&pool, Some(false))).unwrap_err(),
+            Problem::Missing {
+                reason: "TlsSecretNotFound",
+                message: "Secret \"cert\" (spec.tls.secretName) does not exist in namespace mail: \
+                          create a kubernetes.io/tls Secret with tls.crt and tls.key, or fix \
+                          spec.tls.secretName"
+                    .into()
+            }
+        );
+        assert!(validate(&pool, &deref(&pool, Some(true))).is_ok());
+    }
+}

@@ -1,0 +1,663 @@
+//! The reference Route Lookup Handler (`mailproxy lookupd`).
+//!
+//! Mailbox backends that are not Zimbra (Dovecot, Cyrus, ...) have no `nginx-lookup` servlet;
+//! lookupd answers the same protocol from two files: the route table (the operator's
+//! `routes.json`, for server addresses, ports, draining, pinned accounts and domains) and a
+//! [`directory`] (account and alias to MailboxServer name, default domain).
+//!
+//! It also serves stock nginx as its `auth_http` server: it accepts `Auth-Method: plain` and
+//! `login` besides Zimbra's `username`, ignores the real password nginx sends in `Auth-Pass`
+//! (never read, never logged), and answers `Auth-Server` with an IP address (nginx accepts
+//! nothing else), resolving the route table's host names the way Zimbra's servlet does: the
+//! first IPv4 address, else the first IPv6 one.
+//!
+//! Both files are polled for changes (their size, mtime and inode, every
+//! [`LookupdConfig::reload_interval`]) rather than watched with inotify: Kubernetes updates a
+//! mounted ConfigMap by swapping a symlink in the parent directory, which a watch on the file
+//! misses, and two `stat` calls a second cost nothing. A file that fails to parse is logged
+//! and the previous content keeps serving.
+
+pub mod directory;
+mod route;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use mailproxy_crds::route_table::RouteTable;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+use self::directory::{Directory, DirectoryError};
+use self::route::{Decision, decide};
+use crate::route::Protocol;
+use crate::route::lookup::{SECRET_HEADER, escape_auth_user, unescape_auth_user};
+
+/// Zimbra's `zimbraReverseProxyAuthWaitInterval` default.
+pub const DEFAULT_REFUSAL_WAIT: Duration = Duration::from_secs(10);
+
+/// Zimbra's generic refusal: clients learn nothing about which accounts exist.
+const REFUSAL: &str = "login failed";
+
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// A request head must arrive within this (slow-client protection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// hyper's minimum; lookup requests are a few hundred bytes.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// How to run lookupd (clap-free: the CLI fills it in).
+#[derive(Clone, Debug)]
+pub struct LookupdConfig {
+    /// The route table JSON file (required: it holds the servers' addresses).
+    pub route_table: PathBuf,
+    /// The directory file, see [`directory`]; without it only the table's pins answer.
+    pub directory: Option<PathBuf>,
+    /// When set, requests without this `X-Mailproxy-Lookup-Secret` get 403.
+    pub secret: Option<String>,
+    /// `Auth-Wait` of a refusal (whole seconds).
+    pub refusal_wait: Duration,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+    /// Serve https instead of http.
+    pub tls: Option<LookupdTls>,
+}
+
+impl LookupdConfig {
+    pub fn new(route_table: impl Into<PathBuf>) -> Self {
+        Self {
+            route_table: route_table.into(),
+            directory: None,
+            secret: None,
+            refusal_wait: DEFAULT_REFUSAL_WAIT,
+            reload_interval: RELOAD_INTERVAL,
+            tls: None,
+        }
+    }
+}
+
+/// PEM files of the https certificate chain and its private key (read once, at start).
+#[derive(Clone, Debug)]
+pub struct LookupdTls {
+    pub certificate_chain: PathBuf,
+    pub private_key: PathBuf,
+}
+
+/// Why lookupd cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupdError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("route table {path}: {source}")]
+    RouteTable {
+        path: PathBuf,
+        source: mailproxy_crds::route_table::RouteTableError,
+    },
+    #[error("directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: DirectoryError,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("the secret cannot be an HTTP header value")]
+    BadSecret,
+}
+
+/// How a request was answered, the label of `mailproxy_lookupd_requests_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RequestOutcome {
+    /// `Auth-Status: OK`.
+    Found,
+    /// `Auth-Status: login failed` (unknown account, unsupported method, draining server).
+    Refused,
+    /// 400 or 405: a required header missing or unusable.
+    BadRequest,
+    /// 403: the shared secret was missing or wrong.
+    Forbidden,
+    /// 503: the server's host name did not resolve.
+    Unavailable,
+}
+
+impl RequestOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Found => "found",
+            RequestOutcome::Refused => "refused",
+            RequestOutcome::BadRequest => "bad_request",
+            RequestOutcome::Forbidden => "forbidden",
+            RequestOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    file: &'static str,
+    result: &'static str,
+}
+
+/// The identity of a file's content as `stat` sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: metadata.modified().ok(),
+        len: metadata.len(),
+        inode: metadata.ino(),
+    })
+}
+
+struct Shared {
+    config: LookupdConfig,
+    /// The stamps of the files as `Lookupd::new` loaded them: the reload loop compares against
+    /// these, so a change between loading and serving is not mistaken for the baseline.
+    loaded_stamps: (Option<Stamp>, Option<Stamp>),
+    table: ArcSwap<RouteTable>,
+    directory: ArcSwap<Directory>,
+    tls: Option<TlsAcceptor>,
+    requests: Family<OutcomeLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+/// A loaded lookupd; clones share state. Start it with [`Lookupd::serve`].
+#[derive(Clone)]
+pub struct Lookupd {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Lookupd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lookupd")
+            .field("route_table", &self.shared.config.route_table)
+            .field("directory", &self.shared.config.directory)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lookupd {
+    /// Loads both files and the TLS identity; any error here is fatal (there is no previous
+    /// content to fall back on).
+    pub fn new(config: LookupdConfig) -> Result<Self, LookupdError> {
+        if let Some(secret) = &config.secret
+            && HeaderValue::from_str(secret).is_err()
+        {
+            return Err(LookupdError::BadSecret);
+        }
+        let loaded_stamps = (
+            stamp(&config.route_table),
+            config.directory.as_deref().and_then(stamp),
+        );
+        let table = load_table(&config.route_table)?;
+        let directory = match &config.directory {
+            Some(path) => load_directory(path)?,
+            None => Directory::default(),
+        };
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                table: ArcSwap::from_pointee(table),
+                directory: ArcSwap::from_pointee(directory),
+                tls,
+                requests: Family::default(),
+                reloads: Family::default(),
+                loaded_stamps,
+                config,
+            }),
+        })
+    }
+
+    /// Registers `mailproxy_lookupd_requests_total{outcome}` and
+    /// `mailproxy_lookupd_reloads_total{file,result}`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailproxy_lookupd_requests",
+            "Lookup requests answered, by outcome",
+            self.shared.requests.clone(),
+        );
+        registry.register(
+            "mailproxy_lookupd_reloads",
+            "Reloads of the route table and directory files, by result",
+            self.shared.reloads.clone(),
+        );
+    }
+
+    /// Requests answered so far with `outcome`.
+    pub fn requests(&self, outcome: RequestOutcome) -> u64 {
+        self.shared
+            .requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .get()
+    }
+
+    /// Serves HTTP/1.1 (https with [`LookupdConfig::tls`]) on `listener` and reloads changed
+    /// files until `shutdown` completes; then stops accepting and gives requests in flight a
+    /// few seconds. Accept errors are logged, not returned: the only error is a listener
+    /// without a local address.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let address = listener.local_addr()?;
+        info!(%address, tls = self.shared.tls.is_some(), "lookupd listening");
+        let _reloader = AbortOnDrop(tokio::spawn(reload_loop(self.shared.clone())));
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        // Answers are one small write; Nagle would only delay them. Failing to
+                        // set it costs latency, nothing else.
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(accept_connection(
+                            self.shared.clone(),
+                            stream,
+                            peer,
+                            graceful.watcher(),
+                        ));
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        warn!(%error, "lookupd cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("lookupd stopped with requests still in flight");
+        }
+        info!(%address, "lookupd stopped");
+        Ok(())
+    }
+}
+
+/// Stops the reload loop when `serve` ends, however it ends (shutdown, or its future dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn accept_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+) {
+    let Some(acceptor) = shared.tls.clone() else {
+        return serve_connection(shared, stream, peer, watcher).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(shared, stream, peer, watcher).await,
+        Ok(Err(error)) => debug!(%peer, %error, "lookupd TLS handshake failed"),
+        Err(_) => debug!(%peer, "lookupd TLS handshake timed out"),
+    }
+}
+
+async fn serve_connection<I>(shared: Arc<Shared>, io: I, peer: SocketAddr, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(shared.handle(&request, peer).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection).await {
+        debug!(%peer, %error, "lookupd connection ended with an error");
+    }
+}
+
+/// A parsed lookup request.
+struct Ask {
+    user: String,
+    protocol: Protocol,
+    method: String,
+}
+
+impl Shared {
+    async fn handle(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let (outcome, response) = self.answer(request, peer).await;
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        response
+    }
+
+    async fn answer(
+        &self,
+        request: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (RequestOutcome, Response<Full<Bytes>>) {
+        let headers = request.headers();
+        if !self.secret_matches(headers) {
+            warn!(%peer, "lookup request without the right shared secret");
+            return (
+                RequestOutcome::Forbidden,
+                plain(StatusCode::FORBIDDEN, "wrong or missing lookup secret"),
+            );
+        }
+        if request.method() != Method::GET {
+            return (
+                RequestOutcome::BadRequest,
+                plain(StatusCode::METHOD_NOT_ALLOWED, "lookups are GET requests"),
+            );
+        }
+        let ask = match parse_ask(headers) {
+            Ok(ask) => ask,
+            Err(problem) => {
+                info!(%peer, problem, "bad lookup request");
+                return (
+                    RequestOutcome::BadRequest,
+                    plain(StatusCode::BAD_REQUEST, problem),
+                );
+            }
+        };
+        let client = headers
+            .get("client-ip")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("-");
+        if !matches!(
+            ask.method.to_ascii_lowercase().as_str(),
+            "plain" | "login" | "username"
+        ) {
+            info!(%peer, client, user = %ask.user, method = %ask.method, "lookup refused: unsupported Auth-Method");
+            return (RequestOutcome::Refused, self.refusal());
+        }
+        let table = self.table.load();
+        let directory = self.directory.load();
+        let routed = match decide(&table, &directory, &ask.user, ask.protocol) {
+            Decision::Route(routed) => routed,
+            Decision::Refuse(reason) => {
+                info!(%peer, client, user = %ask.user, protocol = %ask.protocol, reason, "lookup refused");
+                return (RequestOutcome::Refused, self.refusal());
+            }
+        };
+        let ip = match resolve(routed.host, routed.port).await {
+            Ok(ip) => ip,
+            Err(error) => {
+                warn!(host = routed.host, server = routed.server, %error, "cannot resolve a mailbox server");
+                return (
+                    RequestOutcome::Unavailable,
+                    plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the mailbox server's host name does not resolve",
+                    ),
+                );
+            }
+        };
+        debug!(%peer, client, user = %ask.user, protocol = %ask.protocol, server = routed.server, %ip, port = routed.port, "lookup routed");
+        let mut answer = vec![
+            ("auth-status", "OK".to_string()),
+            ("auth-server", ip.to_string()),
+            ("auth-port", routed.port.to_string()),
+            (
+                "auth-cache-alias",
+                if routed.cache_alias { "TRUE" } else { "FALSE" }.to_string(),
+            ),
+        ];
+        if routed.account != ask.user {
+            answer.push(("auth-user", escape_auth_user(&routed.account).into_owned()));
+        }
+        (RequestOutcome::Found, auth_response(&answer))
+    }
+
+    fn secret_matches(&self, headers: &HeaderMap) -> bool {
+        let Some(secret) = &self.config.secret else {
+            return true;
+        };
+        let given = headers
+            .get(SECRET_HEADER)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        given.ct_eq(secret.as_bytes()).into()
+    }
+
+    fn refusal(&self) -> Response<Full<Bytes>> {
+        auth_response(&[
+            ("auth-status", REFUSAL.to_string()),
+            ("auth-wait", self.config.refusal_wait.as_secs().to_string()),
+        ])
+    }
+}
+
+fn parse_ask(headers: &HeaderMap) -> Result<Ask, &'static str> {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let method = text("auth-method").ok_or("no readable Auth-Method header")?;
+    let user = headers
+        .get("auth-user")
+        .and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
+        .ok_or("no UTF-8 Auth-User header")?;
+    let user = unescape_auth_user(user)
+        .filter(|user| !user.is_empty())
+        .ok_or("Auth-User is empty or its escapes are not UTF-8")?;
+    let protocol = text("auth-protocol")
+        .ok_or("no readable Auth-Protocol header")?
+        .parse()
+        .map_err(|_| "Auth-Protocol is not imap, imapssl, pop3, pop3ssl, http or httpssl")?;
+    Ok(Ask {
+        user,
+        protocol,
+        method: method.to_string(),
+    })
+}
+
+/// A lookup-protocol answer: status 200, the given headers, no body.
+fn auth_response(headers: &[(&'static str, String)]) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    for (name, value) in headers {
+        match HeaderValue::from_str(value) {
+            Ok(value) => {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static(name), value);
+            }
+            Err(_) => {
+                error!(header = name, "lookupd built an unsendable header value");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "unsendable answer");
+            }
+        }
+    }
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+/// The address nginx needs: an IP literal as is, else the host's first IPv4 address, else its
+/// first IPv6 one (Zimbra's choice in dual-stack mode).
+async fn resolve(host: &str, port: u16) -> std::io::Result<IpAddr> {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or_else(|| addresses.first())
+        .map(SocketAddr::ip)
+        .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))
+}
+
+fn read(path: &Path) -> Result<String, LookupdError> {
+    std::fs::read_to_string(path).map_err(|source| LookupdError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn load_table(path: &Path) -> Result<RouteTable, LookupdError> {
+    RouteTable::from_json(&read(path)?).map_err(|source| LookupdError::RouteTable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn load_directory(path: &Path) -> Result<Directory, LookupdError> {
+    Directory::parse(&read(path)?).map_err(|source| LookupdError::Directory {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Polls both files; a changed one is parsed in a blocking thread and swapped in if good.
+async fn reload_loop(shared: Arc<Shared>) {
+    let table_path = shared.config.route_table.clone();
+    let directory_path = shared.config.directory.clone();
+    let (mut table_stamp, mut directory_stamp) = shared.loaded_stamps;
+    let mut ticks = tokio::time::interval(shared.config.reload_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let shared = shared.clone();
+        let (table_path, directory_path) = (table_path.clone(), directory_path.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let table = reload_if_changed(
+                &shared,
+                "route_table",
+                &table_path,
+                table_stamp,
+                |path| {
+                    let table = load_table(path)?;
+                    info!(path = %path.display(), servers = table.servers.len(), version = table.version(), "route table reloaded");
+                    shared.table.store(Arc::new(table));
+                    Ok(())
+                },
+            );
+            let directory = directory_path.as_deref().map(|path| {
+                reload_if_changed(&shared, "directory", path, directory_stamp, |path| {
+                    let directory = load_directory(path)?;
+                    let (accounts, aliases) = directory.counts();
+                    info!(path = %path.display(), accounts, aliases, "directory reloaded");
+                    shared.directory.store(Arc::new(directory));
+                    Ok(())
+                })
+            });
+            (table, directory.flatten())
+        });
+        match checked.await {
+            Ok((table, directory)) => {
+                table_stamp = table;
+                directory_stamp = directory;
+            }
+            Err(error) => error!(%error, "lookupd reload check failed"),
+        }
+    }
+}
+
+/// Reloads `path` when its stamp differs from `seen`; returns the stamp now seen. A failed
+/// load is remembered too, so a broken file is logged once, not at every poll.
+fn reload_if_changed(
+    shared: &Shared,
+    file: &'static str,
+    path: &Path,
+    seen: Option<Stamp>,
+    load: impl FnOnce(&Path) -> Result<(), LookupdError>,
+) -> Option<Stamp> {
+    let Some(now) = stamp(path) else {
+        // Gone for a moment (an editor's rename, a ConfigMap's symlink swap) or for good:
+        // either way the last content keeps serving.
+        debug!(path = %path.display(), "cannot stat the {file}");
+        return seen;
+    };
+    if Some(now) == seen {
+        return seen;
+    }
+    let result = match load(path) {
+        Ok(()) => "ok",
+        Err(error) => {
+            error!(%error, "cannot reload the {file}; serving its last content");
+            "error"
+        }
+    };
+    shared
+        .reloads
+        .get_or_create(&ReloadLabels { file, result })
+        .inc();
+    Some(now)
+}
+
+fn tls_acceptor(tls: &LookupdTls) -> Result<TlsAcceptor, LookupdError> {
+    let certificates = CertificateDer::pem_file_iter(&tls.certificate_chain)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| {
+            LookupdError::Tls(format!("{}: {error}", tls.certificate_chain.display()))
+        })?;
+    let key = PrivateKeyDer::from_pem_file(&tls.private_key)
+        .map_err(|error| LookupdError::Tls(format!("{}: {error}", tls.private_key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| LookupdError::Tls(error.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)
+        .map_err(|error| LookupdError::Tls(error.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,369 @@
+//! The proxy's own side of the upstream IMAP session: the commands it sends before handing the
+//! connection over, and reading the server's answers. Pure functions; the driver does the IO.
+//!
+//! Zimbra's order is: read the greeting (learn the capabilities), send
+//! [`id_command`] so the mailbox logs the real client, then log in with [`login_command`] or
+//! [`authenticate_plain_command`] and relay the tagged result to the client.
+
+use std::net::IpAddr;
+
+use super::{ClientId, ImapStatus};
+use crate::mail::{Password, UpstreamCommand, sasl};
+
+/// An IMAP quoted string. CR, LF and NUL cannot be represented in one, so they are dropped:
+/// the values quoted here are informational and dropping beats failing the login.
+pub fn quote(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            '\r' | '\n' | '\0' => {}
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// `<tag> ID ("X-ORIGINATING-IP" "<ip>" "name" "<ua>" "version" "<ver>" "X-VIA" "<via>")`,
+/// which a mailbox that trusts the proxy uses as the client's address in its logs and
+/// throttling. `name` and `version` are left out when the client did not send them.
+pub fn id_command(tag: &str, client_ip: IpAddr, client: &ClientId, via: &str) -> Vec<u8> {
+    let mut fields = vec![quote("X-ORIGINATING-IP"), quote(&client_ip.to_string())];
+    if let Some(name) = &client.name {
+        fields.push(quote("name"));
+        fields.push(quote(name));
+    }
+    if let Some(version) = &client.version {
+        fields.push(quote("version"));
+        fields.push(quote(version));
+    }
+    fields.push(quote("X-VIA"));
+    fields.push(quote(via));
+    format!("{tag} ID ({})\r\n", fields.join(" ")).into_bytes()
+}
+
+/// `LOGIN` with both arguments as literals, so that any byte but NUL (spaces, quotes, 8-bit
+/// passwords) reaches the server unchanged. With `literal_plus` (the server advertised
+/// LITERAL+) it is one piece; otherwise three, each literal waiting for the server's `+`.
+/// `None` when the login or password holds NUL, which no IMAP literal can carry.
+pub fn login_command(
+    tag: &str,
+    login: &str,
+    password: &Password,
+    literal_plus: bool,
+) -> Option<UpstreamCommand> {
+    let password = password.expose();
+    if login.as_bytes().contains(&0) || password.contains(&0) {
+        return None;
+    }
+    let plus = if literal_plus { "+" } else { "" };
+    let mut pieces = vec![
+        format!("{tag} LOGIN {{{}{plus}}}\r\n", login.len()).into_bytes(),
+        format!("{login} {{{}{plus}}}\r\n", password.len()).into_bytes(),
+        [password, b"\r\n"].concat(),
+    ];
+    if literal_plus {
+        pieces = vec![pieces.concat()];
+    }
+    Some(UpstreamCommand::new(pieces))
+}
+
+/// `AUTHENTICATE PLAIN`, the only upstream login that carries an authzid. With `sasl_ir` (the
+/// server advertised SASL-IR) the credentials ride on the command line; otherwise they follow
+/// the server's `+`.
+pub fn authenticate_plain_command(
+    tag: &str,
+    authzid: Option<&str>,
+    login: &str,
+    password: &Password,
+    sasl_ir: bool,
+) -> UpstreamCommand {
+    let encoded = sasl::encode_plain(authzid, login, password.expose());
+    let pieces = if sasl_ir {
+        vec![format!("{tag} AUTHENTICATE PLAIN {encoded}\r\n").into_bytes()]
+    } else {
+        vec![
+            format!("{tag} AUTHENTICATE PLAIN\r\n").into_bytes(),
+            format!("{encoded}\r\n").into_bytes(),
+        ]
+    };
+    UpstreamCommand::new(pieces)
+}
+
+/// One line from the upstream server, classified against the tag of the proxy's command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImapResponse<'a> {
+    /// `+ text`: send the next piece.
+    Continuation(&'a [u8]),
+    /// `* text`: informational; the command is still running.
+    Untagged(&'a [u8]),
+    /// The result of the proxy's command.
+    Tagged { status: ImapStatus, text: &'a [u8] },
+    /// Anything else, e.g. another tag: a protocol error from the server.
+    Other,
+}
+
+/// Classifies a line (without CRLF) read from the upstream server.
+pub fn parse_response<'a>(line: &'a [u8], tag: &str) -> ImapResponse<'a> {
+    if let Some(rest) = line.strip_prefix(b"+") {
+        return ImapResponse::Continuation(rest.strip_prefix(b" ").unwrap_or(rest));
+    }
+    if line == b"*" {
+        return ImapResponse::Untagged(b"");
+    }
+    if let Some(rest) = line.strip_prefix(b"* ") {
+        return ImapResponse::Untagged(rest);
+    }
+    let Some(rest) = line
+        .strip_prefix(tag.as_bytes())
+        .and_then(|rest| rest.strip_prefix(b" "))
+    else {
+        return ImapResponse::Other;
+    };
+    let word_len = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+    let (word, text) = rest.split_at(word_len);
+    let status = if word.eq_ignore_ascii_case(b"OK") {
+        ImapStatus::Ok
+    } else if word.eq_ignore_ascii_case(b"NO") {
+        ImapStatus::No
+    } else if word.eq_ignore_ascii_case(b"BAD") {
+        ImapStatus::Bad
+    } else {
+        return ImapResponse::Other;
+    };
+    ImapResponse::Tagged {
+        status,
+        text: text.strip_prefix(b" ").unwrap_or(text),
+    }
+}
+
+/// What the upstream server supports, as far as the proxy's login cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerCapabilities {
+    pub literal_plus: bool,
+    pub sasl_ir: bool,
+    pub auth_plain: bool,
+    pub id: bool,
+    /// LOGIN is refused (cleartext upstream link to a server requiring TLS): use
+    /// AUTHENTICATE, or fail.
+    pub login_disabled: bool,
+}
+
+impl ServerCapabilities {
+    /// Reads the capabilities from a greeting or OK carrying `[CAPABILITY ...]`, or from an
+    /// untagged `* CAPABILITY ...` line. `None` when the line has no capability list (Zimbra's
+    /// own greeting), in which case the driver asks with `CAPABILITY`.
+    pub fn from_line(line: &[u8]) -> Option<ServerCapabilities> {
+        let list = if let Some(rest) = strip_prefix_ignore_case(line, b"* CAPABILITY ") {
+            rest
+        } else {
+            const CODE: &[u8] = b"[CAPABILITY ";
+            let start = line
+                .windows(CODE.len())
+                .position(|window| window.eq_ignore_ascii_case(CODE))?;
+            let rest = &line[start + CODE.len()..];
+            &rest[..rest.iter().position(|&b| b == b']')?]
+        };
+        let mut caps = ServerCapabilities::default();
+        for word in list.split(|&b| b == b' ') {
+            let flag = match word.to_ascii_uppercase().as_slice() {
+                b"LITERAL+" => &mut caps.literal_plus,
+                b"SASL-IR" => &mut caps.sasl_ir,
+                b"AUTH=PLAIN" => &mut caps.auth_plain,
+                b"ID" => &mut caps.id,
+                b"LOGINDISABLED" => &mut caps.login_disabled,
+                _ => continue,
+            };
+            *flag = true;
+        }
+        Some(caps)
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let head = line.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &line[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(command: &UpstreamCommand) -> Vec<String> {
+        command
+            .pieces()
+            .iter()
+            .map(|piece| String::from_utf8_lossy(piece).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn quote_escapes_and_drops_line_breaks() {
+        assert_eq!(quote("plain"), "\"plain\"");
+        assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(quote("a\r\nb\0c"), "\"abc\"");
+        assert_eq!(quote(""), "\"\"");
+    }
+
+    #[test]
+    fn id_command_matches_zimbra() {
+        let client = ClientId {
+            name: Some("Thunder \"bird\"".into()),
+            version: Some("115.0".into()),
+        };
+        assert_eq!(
+            String::from_utf8(id_command(
+                "P1",
+                "203.0.113.7".parse().unwrap(),
+                &client,
+                "proxy-1"
+            ))
+            .unwrap(),
+            "P1 ID (\"X-ORIGINATING-IP\" \"203.0.113.7\" \"name\" \"Thunder \\\"bird\\\"\" \"version\" \"115.0\" \"X-VIA\" \"proxy-1\")\r\n"
+        );
+    }
+
+    #[test]
+    fn id_command_leaves_out_unknown_fields_and_handles_ipv6() {
+        assert_eq!(
+            String::from_utf8(id_command(
+                "P1",
+                "2001:db8::1".parse().unwrap(),
+                &ClientId::default(),
+                "px"
+            ))
+            .unwrap(),
+            "P1 ID (\"X-ORIGINATING-IP\" \"2001:db8::1\" \"X-VIA\" \"px\")\r\n"
+        );
+    }
+
+    #[test]
+    fn login_with_synchronising_literals_is_three_pieces() {
+        let password = Password::new(b"p w\xe4".to_vec());
+        let command = login_command("P2", "bob@example.com", &password, false).unwrap();
+        assert_eq!(
+            command.pieces(),
+            [
+                b"P2 LOGIN {15}\r\n".to_vec(),
+                b"bob@example.com {4}\r\n".to_vec(),
+                b"p w\xe4\r\n".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn login_with_literal_plus_is_one_piece() {
+        let password = Password::new(b"pw".to_vec());
+        let command = login_command("P2", "bob", &password, true).unwrap();
+        assert_eq!(pieces(&command), ["P2 LOGIN {3+}\r\nbob {2+}\r\npw\r\n"]);
+    }
+
+    #[test]
+    fn login_refuses_nul() {
+        assert!(login_command("P", "bob", &Password::new(b"p\0w".to_vec()), true).is_none());
+        assert!(login_command("P", "b\0b", &Password::new(b"pw".to_vec()), true).is_none());
+    }
+
+    #[test]
+    fn login_literals_carry_any_other_byte() {
+        let password = Password::new(b"\"\r\n{3}".to_vec());
+        let command = login_command("P", "bob", &password, true).unwrap();
+        assert_eq!(
+            command.pieces()[0],
+            b"P LOGIN {3+}\r\nbob {6+}\r\n\"\r\n{3}\r\n"
+        );
+    }
+
+    #[test]
+    fn authenticate_plain_with_and_without_sasl_ir() {
+        let password = Password::new(b"pw".to_vec());
+        let command = authenticate_plain_command("P3", None, "bob", &password, true);
+        assert_eq!(pieces(&command), ["P3 AUTHENTICATE PLAIN AGJvYgBwdw==\r\n"]);
+        let command = authenticate_plain_command("P3", Some("admin"), "bob", &password, false);
+        assert_eq!(
+            pieces(&command),
+            ["P3 AUTHENTICATE PLAIN\r\n", "YWRtaW4AYm9iAHB3\r\n"]
+        );
+    }
+
+    #[test]
+    fn responses_are_classified() {
+        assert_eq!(
+            parse_response(b"+ OK", "P1"),
+            ImapResponse::Continuation(b"OK")
+        );
+        assert_eq!(parse_response(b"+", "P1"), ImapResponse::Continuation(b""));
+        assert_eq!(
+            parse_response(b"* OK ready", "P1"),
+            ImapResponse::Untagged(b"OK ready")
+        );
+        assert_eq!(
+            parse_response(b"P1 OK [CAPABILITY IMAP4rev1] Logged in", "P1"),
+            ImapResponse::Tagged {
+                status: ImapStatus::Ok,
+                text: b"[CAPABILITY IMAP4rev1] Logged in"
+            }
+        );
+        assert_eq!(
+            parse_response(b"P1 no [AUTHENTICATIONFAILED] Authentication failed.", "P1"),
+            ImapResponse::Tagged {
+                status: ImapStatus::No,
+                text: b"[AUTHENTICATIONFAILED] Authentication failed."
+            }
+        );
+        assert_eq!(
+            parse_response(b"P1 BAD", "P1"),
+            ImapResponse::Tagged {
+                status: ImapStatus::Bad,
+                text: b""
+            }
+        );
+        assert_eq!(parse_response(b"P10 OK done", "P1"), ImapResponse::Other);
+        assert_eq!(parse_response(b"P1 MAYBE", "P1"), ImapResponse::Other);
+        assert_eq!(parse_response(b"", "P1"), ImapResponse::Other);
+    }
+
+    #[test]
+    fn capabilities_from_a_dovecot_greeting() {
+        let caps = ServerCapabilities::from_line(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot (Debian) ready.",
+        )
+        .unwrap();
+        assert_eq!(
+            caps,
+            ServerCapabilities {
+                literal_plus: true,
+                sasl_ir: true,
+                auth_plain: true,
+                id: true,
+                login_disabled: false
+            }
+        );
+    }
+
+    #[test]
+    fn capabilities_from_a_capability_response() {
+        let caps = ServerCapabilities::from_line(b"* CAPABILITY IMAP4rev1 literal+ LOGINDISABLED")
+            .unwrap();
+        assert!(caps.literal_plus && caps.login_disabled);
+        assert!(!caps.sasl_ir && !caps.auth_plain && !caps.id);
+    }
+
+    #[test]
+    fn greeting_without_capabilities() {
+        assert_eq!(
+            ServerCapabilities::from_line(b"* OK mail.example.com Zimbra IMAP4rev1 server ready"),
+            None
+        );
+        assert_eq!(
+            ServerCapabilities::from_line(b"* OK [CAPABILITY IMAP4rev1"),
+            None
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! The resolution order, with concurrent lookups for one account coalesced.
+//!
+//! For a login: the route table's pinned account, then the route cache, then a live lookup
+//! (whose answer is cached for the fleet), then the route table's domain entry. The domain entry
+//! is the fallback both when no handler can answer and when the handler does not know the
+//! account: a pool may front backends that the handlers only partly cover.
+//!
+//! A login storm after a restart must not become a handler storm: concurrent cache misses for
+//! the same login share one lookup. The lookup runs in its own task, so a client that hangs up
+//! mid-login cancels nothing the others wait for.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use mailproxy_crds::route_table::{RouteServer, RouteTable};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::cache::{AliasScope, RouteCache};
+use super::lookup::{AuthMethod, LookupClient, LookupOutcome};
+use super::table::TableHandle;
+use super::{LoginContext, Protocol, Route, Upstream};
+
+/// Where a route came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteSource {
+    TableAccount,
+    Cache,
+    Lookup,
+    TableDomain,
+}
+
+impl RouteSource {
+    fn label(self) -> &'static str {
+        match self {
+            RouteSource::TableAccount => "table_account",
+            RouteSource::Cache => "cache",
+            RouteSource::Lookup => "lookup",
+            RouteSource::TableDomain => "table_domain",
+        }
+    }
+}
+
+/// A resolved login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub route: Route,
+    pub source: RouteSource,
+    /// The MailboxServer the route points at, when the route table knows it (pinned and domain
+    /// routes, and learned routes whose address matches a server of the table).
+    pub server: Option<String>,
+}
+
+/// Why a login has no route. Every variant tells the session what to answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The handler does not know the account and the table has no domain entry: answer the
+    /// client's login with a failure after `wait` (Auth-Wait).
+    #[error("the route lookup refused the login: {message}")]
+    Refused { message: String, wait: Duration },
+    /// No handler answered and the table has no domain entry: a temporary failure.
+    #[error("no route: {reason}")]
+    Unavailable { reason: String },
+}
+
+type FlightResult = Result<Resolved, ResolveError>;
+type Flight = Shared<BoxFuture<'static, FlightResult>>;
+
+/// Concurrent misses share a lookup when they would send the same request: same protocol, same
+/// login (compared case-insensitively, as account names are), and for unqualified logins the
+/// same client address (the key Zimbra caches them under).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FlightKey {
+    protocol: Protocol,
+    user: String,
+    client_ip: Option<IpAddr>,
+}
+
+impl FlightKey {
+    fn of(login: &LoginContext) -> Self {
+        let qualified = login.user.contains('@');
+        Self {
+            protocol: login.protocol,
+            user: login.user.to_lowercase(),
+            client_ip: (!qualified).then_some(login.client_ip),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResolveLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: &'static str,
+}
+
+#[derive(Default)]
+struct Metrics {
+    resolved: Family<ResolveLabels, Counter>,
+    failed: Family<FailureLabels, Counter>,
+    coalesced: Counter,
+}
+
+/// Resolves logins to routes; cheap to clone, shared by every session.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    table: TableHandle,
+    cache: RouteCache,
+    lookup: Arc<LookupClient>,
+    flights: Mutex<HashMap<FlightKey, Flight>>,
+    metrics: Metrics,
+}
+
+impl Resolver {
+    /// A resolver over a live route table. The cache's memcached servers and the client's
+    /// handlers follow the table: see [`Resolver::follow_table`].
+    pub fn new(table: TableHandle, cache: RouteCache, lookup: Arc<LookupClient>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                table,
+                cache,
+                lookup,
+                flights: Mutex::new(HashMap::new()),
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &RouteCache {
+        &self.inner.cache
+    }
+
+    pub fn table(&self) -> &TableHandle {
+        &self.inner.table
+    }
+
+    /// Applies the current table's handlers, timeouts and memcached servers now, and every
+    /// later table as it arrives (until the table source stops).
+    pub fn follow_table(&self) -> tokio::task::JoinHandle<()> {
+        let resolver = self.clone();
+        let mut table = self.inner.table.clone();
+        resolver.apply(&table.current());
+        tokio::spawn(async move {
+            while let Some(current) = table.changed().await {
+                resolver.apply(&current);
+            }
+        })
+    }
+
+    fn apply(&self, table: &RouteTable) {
+        if let Err(error) = self.inner.lookup.apply_route_table(table) {
+            tracing::error!(%error, "route table has an invalid lookup handler URL; keeping the previous handlers");
+        }
+        if let Err(error) = self.inner.cache.set_servers(&table.memcached_servers) {
+            tracing::error!(%error, "route table has an invalid memcached server; keeping the previous servers");
+        }
+    }
+
+    /// Finds the route of a login.
+    pub async fn resolve(&self, login: &LoginContext) -> Result<Resolved, ResolveError> {
+        let table = self.inner.table.current();
+        if let Some((name, server)) = table.pinned_account(&login.user) {
+            return Ok(self.count(pinned(
+                name,
+                server,
+                login.protocol,
+                RouteSource::TableAccount,
+            )));
+        }
+        if let Some(route) = self.cached(login).await {
+            let server = server_at(&table, &route.upstream);
+            return Ok(self.count(Resolved {
+                route,
+                source: RouteSource::Cache,
+                server,
+            }));
+        }
+        let result = self.flight(login).await;
+        match &result {
+            Ok(resolved) => {
+                self.count(resolved.clone());
+            }
+            Err(error) => {
+                let reason = match error {
+                    ResolveError::Refused { .. } => "refused",
+                    ResolveError::Unavailable { .. } => "unavailable",
+                };
+                self.inner
+                    .metrics
+                    .failed
+                    .get_or_create(&FailureLabels { reason })
+                    .inc();
+            }
+        }
+        result
+    }
+
+    /// Forgets what the cache knows of a login after the mailbox server refused it (the account
+    /// may have moved): its route, the route of the account it was rewritten to, and its alias.
+    pub async fn forget(&self, login: &LoginContext, route: &Route) {
+        if let Err(error) = self
+            .inner
+            .cache
+            .forget_login(login, route.account.as_deref())
+            .await
+        {
+            tracing::warn!(%error, "could not delete the cached route of a failed login");
+        }
+    }
+
+    /// `mailproxy_route_resolutions_total{source}`, `mailproxy_route_failures_total{reason}` and
+    /// `mailproxy_route_coalesced_lookups_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        let metrics = &self.inner.metrics;
+        registry.register(
+            "mailproxy_route_resolutions",
+            "Logins resolved, by where the route came from",
+            metrics.resolved.clone(),
+        );
+        registry.register(
+            "mailproxy_route_failures",
+            "Logins without a route, by reason",
+            metrics.failed.clone(),
+        );
+        registry.register(
+            "mailproxy_route_coalesced_lookups",
+            "Lookups answered by another login's lookup in flight",
+            metrics.coalesced.clone(),
+        );
+    }
+
+    fn count(&self, resolved: Resolved) -> Resolved {
+        let source = resolved.source.label();
+        self.inner
+            .metrics
+            .resolved
+            .get_or_create(&ResolveLabels { source })
+            .inc();
+        resolved
+    }
+
+    /// The cached route: the login's own key, else through the alias the handler allowed us to
+    /// cache. A cache error is a miss.
+    async fn cached(&self, login: &LoginContext) -> Option<Route> {
+        let cache = &self.inner.cache;
+        match cache
+            .get_route(login.protocol, &login.user, login.client_ip)
+            .await
+        {
+            Ok(Some(upstream)) => {
+                return Some(Route {
+                    upstream,
+                    account: None,
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "route cache read failed; treating it as a miss");
+                return None;
+            }
+        }
+        let scope = alias_scope(login)?;
+        let account = cache.get_alias(&login.user, scope).await.ok()??;
+        let upstream = cache
+            .get_route(login.protocol, &account, login.client_ip)
+            .await
+            .ok()??;
+        Some(Route {
+            upstream,
+            account: Some(account),
+        })
+    }
+
+    async fn flight(&self, login: &LoginContext) -> FlightResult {
+        let key = FlightKey::of(login);
+        let flight = {
+            let mut flights = self.inner.flights.lock().expect("flight map lock");
+            if let Some(flight) = flights.get(&key) {
+                self.inner.metrics.coalesced.inc();
+                flight.clone()
+            } else {
+                let resolver = self.clone();
+                let login = login.clone();
+                let task_key = key.clone();
+                let task = tokio::spawn(async move {
+                    let result = resolver.lookup_and_cache(&login).await;
+                    resolver
+                        .inner
+                        .flights
+                        .lock()
+                        .expect("flight map lock")
+                        .remove(&task_key);
+                    result
+                });
+                let flight = async move {
+                    task.await.unwrap_or_else(|error| {
+                        Err(ResolveError::Unavailable {
+                            reason: format!("the lookup task failed: {error}"),
+                        })
+                    })
+                }
+                .boxed()
+                .shared();
+                flights.insert(key, flight.clone());
+                flight
+            }
+        };
+        flight.await
+    }
+
+    async fn lookup_and_cache(&self, login: &LoginContext) -> FlightResult {
+        let table = self.inner.table.current();
+        // A flight that just ended has cached its route before leaving the flight map; a login
+        // that missed the cache before that write and arrives after it finds the route here
+        // instead of sending a second lookup.
+        if let Some(route) = self.cached(login).await {
+            let server = server_at(&table, &route.upstream);
+            return Ok(Resolved {
+                route,
+                source: RouteSource::Cache,
+                server,
+            });
+        }
+        let outcome = self.inner.lookup.lookup(login, AuthMethod::Username).await;
+        let refusal = match outcome {
+            Ok(LookupOutcome::Found { route, cache_alias }) => {
+                self.remember(login, &route, cache_alias, &table).await;
+                let server = server_at(&table, &route.upstream);
+                return Ok(Resolved {
+                    route,
+                    source: RouteSource::Lookup,
+                    server,
+                });
+            }
+            Ok(LookupOutcome::Refused { message, wait }) => ResolveError::Refused { message, wait },
+            Err(error) => ResolveError::Unavailable {
+                reason: error.to_string(),
+            },
+        };
+        let domain = login.user.rsplit_once('@').map(|(_, domain)| domain);
+        match domain.and_then(|domain| table.pinned_domain(domain)) {
+            Some((name, server)) => Ok(pinned(
+                name,
+                server,
+                login.protocol,
+                RouteSource::TableDomain,
+            )),
+            None => Err(refusal),
+        }
+    }
+
+    /// Caches a learned route for the fleet. A rewritten login (`Auth-User`) is cached as the
+    /// account's route plus, when the handler allows it, the login's alias, so that the next
+    /// login under the same name finds both the server and the name to log in with.
+    async fn remember(
+        &self,
+        login: &LoginContext,
+        route: &Route,
+        cache_alias: bool,
+        table: &RouteTable,
+    ) {
+        let cache = &self.inner.cache;
+        let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
+        let rewritten = route
+            .account
+            .as_deref()
+            .filter(|account| *account != login.user);
+        let written = match rewritten {
+            None => cache
+                .put_route(
+                    login.protocol,
+                    &login.user,
+                    login.client_ip,
+                    &route.upstream,
+                    ttl,
+                )
+                .await
+                .map(drop),
+            Some(account) => {
+                let scope = alias_scope(login).filter(|_| cache_alias);
+                match scope {
+                    Some(scope) => {
+                        let alias = cache.put_alias(&login.user, scope, account, ttl).await;
+                        let route = cache
+                            .put_route(
+                                login.protocol,
+                                account,
+                                login.client_ip,
+                                &route.upstream,
+                                ttl,
+                            )
+                            .await;
+                        alias.and(route).map(drop)
+                    }
+                    None => Ok(()),
+                }
+            }
+        };
+        if let Err(error) = written {
+            tracing::debug!(%error, "could not cache a learned route");
+        }
+    }
+}
+
+/// Aliases are scoped by the virtual host for web logins and by the proxy address for mail.
+fn alias_scope(login: &LoginContext) -> Option<AliasScope<'_>> {
+    match (&login.virtual_host, login.proxy_ip) {
+        (Some(host), _) => Some(AliasScope::VirtualHost(host)),
+        (None, Some(ip)) => Some(AliasScope::ProxyIp(ip)),
+        (None, None) => None,
+    }
+}
+
+fn pinned(name: &str, server: &RouteServer, protocol: Protocol, source: RouteSource) -> Resolved {
+    let port = u16::try_from(protocol.port_of(&server.ports)).unwrap_or(0);
+    Resolved {
+        route: Route {
+            upstream: Upstream::new(server.host.clone(), port),
+            account: None,
+        },
+        source,
+        server: Some(name.to_string()),
+    }
+}
+
+/// The table's server at an address, if one matches by host and any of its ports.
+fn server_at(table: &RouteTable, upstream: &Upstream) -> Option<String> {
+    table
+        .servers
+        .iter()
+        .find(|(_, server)| {
+            server.host.eq_ignore_ascii_case(&upstream.host)
+                && Protocol::ALL
+                    .iter()
+                    .any(|p| p.port_of(&server.ports) == i32::from(upstream.port))
+        })
+        .map(|(name, _)| name.clone())
+}

@@ -1,0 +1,671 @@
+//! The lookup client against real servers: `mailproxy lookupd` instances, a port with nothing
+//! listening, a server that accepts but never answers, and raw TCP servers that answer whatever
+//! bytes a test gives them.
+
+mod lookup_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
+use mailproxy::lookupd::RequestOutcome;
+use mailproxy::route::lookup::{
+    AuthMethod, HandlerFailure, HandlerUrl, LookupClient, LookupClientConfig, LookupError,
+    LookupOutcome, MAX_WAIT, ResponseError,
+};
+use mailproxy::route::{Protocol, Route, Upstream};
+use mailproxy_crds::route_table::RouteTable;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+fn client(urls: &[String], timeout: Duration, down_period: Duration) -> LookupClient {
+    LookupClient::new(LookupClientConfig {
+        handlers: urls.iter().map(|url| url.parse().unwrap()).collect(),
+        timeout,
+        down_period,
+        system_roots: false,
+        ..LookupClientConfig::default()
+    })
+    .unwrap()
+}
+
+fn alice_on_mbs1() -> LookupOutcome {
+    LookupOutcome::Found {
+        route: Route {
+            upstream: Upstream::new("127.0.0.1", 1143),
+            account: Some("alice@example.com".to_string()),
+        },
+        cache_alias: true,
+    }
+}
+
+/// A URL on a loopback port where nothing listens (bound, then closed).
+async fn refusing_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/service/extension/nginx-lookup")
+}
+
+/// Accepts connections and holds them open without a byte of answer.
+struct Silent {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Silent {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/service/extension/nginx-lookup",
+            listener.local_addr().unwrap()
+        );
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        Self {
+            url,
+            connections,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers every request head it reads with `answer`; closes after each answer unless
+/// `keep_alive`. Records the request heads.
+struct Scripted {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn start(answer: Vec<u8>, keep_alive: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/service/extension/nginx-lookup",
+            listener.local_addr().unwrap()
+        );
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (counter, log) = (connections.clone(), requests.clone());
+        let answer = Arc::new(answer);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (log, answer) = (log.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buffer.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head: Vec<u8> = buffer.drain(..end + 4).collect();
+                        log.lock()
+                            .await
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        if stream.write_all(&answer).await.is_err() || !keep_alive {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            connections,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the client makes of one raw answer from a single handler.
+async fn outcome_of(answer: &[u8]) -> Result<LookupOutcome, HandlerFailure> {
+    let server = Scripted::start(answer.to_vec(), false).await;
+    let client = client(
+        std::slice::from_ref(&server.url),
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    match client
+        .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
+        .await
+    {
+        Ok(outcome) => Ok(outcome),
+        Err(LookupError::AllHandlersFailed { mut attempts }) => {
+            assert_eq!(attempts.len(), 1);
+            Err(attempts.remove(0).failure)
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+fn head(lines: &[&str]) -> Vec<u8> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(line);
+        text.push_str("\r\n");
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
+/// Reads one sample from the text exposition, e.g. `mailproxy_lookups_total{outcome="found"}`.
+fn sample(registry: &Registry, series: &str) -> Option<f64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn round_robin_across_two_healthy_handlers() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let one = RunningLookupd::start(files.config()).await;
+    let two = RunningLookupd::start(files.config()).await;
+    let client = client(
+        &[one.url(), two.url()],
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    for _ in 0..10 {
+        let outcome = client
+            .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
+            .await
+            .unwrap();
+        assert_eq!(outcome, alice_on_mbs1());
+    }
+    assert_eq!(one.lookupd.requests(RequestOutcome::Found), 5);
+    assert_eq!(two.lookupd.requests(RequestOutcome::Found), 5);
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn failover_skips_dead_handlers_while_down_and_retries_them_after() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let healthy = RunningLookupd::start(files.config()).await;
+    let silent = Silent::start().await;
+    let refusing = refusing_url().await;
+    let timeout = Duration::from_millis(300);
+    let client = client(
+        &[refusing.clone(), silent.url.clone(), healthy.url()],
+        timeout,
+        Duration::from_secs(1),
+    );
+    let mut registry = Registry::default();
+    client.register(&mut registry);
+    let alice = login("alice", Protocol::Imap);
+
+    // The first lookup starts at the refusing handler, waits out the silent one, and is
+    // answered by the healthy one.
+    let started = Instant::now();
+    let outcome = client.lookup(&alice, AuthMethod::Username).await.unwrap();
+    assert_eq!(outcome, alice_on_mbs1());
+    assert!(
+        started.elapsed() >= timeout,
+        "the silent handler was waited for"
+    );
+    assert_eq!(silent.connections(), 1);
+    let down: Vec<bool> = client
+        .handlers()
+        .iter()
+        .map(|handler| handler.down_for.is_some())
+        .collect();
+    assert_eq!(down, [true, true, false]);
+    let connect_failures = format!(
+        "mailproxy_lookup_handler_failures_total{{handler=\"{refusing}\",reason=\"connect\"}}"
+    );
+    let timeouts = format!(
+        "mailproxy_lookup_handler_failures_total{{handler=\"{}\",reason=\"timeout\"}}",
+        silent.url
+    );
+    assert_eq!(sample(&registry, &connect_failures), Some(1.0));
+    assert_eq!(sample(&registry, &timeouts), Some(1.0));
+    assert_eq!(
+        sample(
+            &registry,
+            &format!("mailproxy_lookup_handler_up{{handler=\"{}\"}}", silent.url)
+        ),
+        Some(0.0)
+    );
+
+    // While they are down, lookups go straight to the healthy handler.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let outcome = client.lookup(&alice, AuthMethod::Username).await.unwrap();
+        assert_eq!(outcome, alice_on_mbs1());
+        assert!(
+            started.elapsed() < timeout,
+            "no wait on a handler marked down"
+        );
+    }
+    assert_eq!(silent.connections(), 1);
+    assert_eq!(sample(&registry, &connect_failures), Some(1.0));
+    assert_eq!(healthy.lookupd.requests(RequestOutcome::Found), 6);
+
+    // After the down period both are back in rotation and get tried (and fail) again.
+    eventually(
+        "handlers back in rotation",
+        Duration::from_secs(5),
+        async || {
+            client
+                .handlers()
+                .iter()
+                .all(|handler| handler.down_for.is_none())
+                .then_some(())
+        },
+    )
+    .await;
+    for _ in 0..6 {
+        let outcome = client.lookup(&alice, AuthMethod::Username).await.unwrap();
+        assert_eq!(outcome, alice_on_mbs1());
+        if silent.connections() == 2 && sample(&registry, &connect_failures) == Some(2.0) {
+            break;
+        }
+    }
+    assert_eq!(silent.connections(), 2, "the silent handler was retried");
+    assert_eq!(
+        sample(&registry, &connect_failures),
+        Some(2.0),
+        "the refusing handler was retried"
+    );
+    assert_eq!(
+        sample(&registry, "mailproxy_lookups_total{outcome=\"found\"}"),
+        Some(healthy.lookupd.requests(RequestOutcome::Found) as f64)
+    );
+}
+
+#[tokio::test]
+async fn all_handlers_failing_is_a_clear_error_within_bounded_time() {
+    let silent_one = Silent::start().await;
+    let silent_two = Silent::start().await;
+    let refusing = refusing_url().await;
+    let timeout = Duration::from_millis(300);
+    let client = client(
+        &[
+            refusing.clone(),
+            silent_one.url.clone(),
+            silent_two.url.clone(),
+        ],
+        timeout,
+        Duration::from_secs(60),
+    );
+    let alice = login("alice", Protocol::Pop3);
+    for round in 1..=2 {
+        // Round 2: every handler is marked down, and all are tried anyway.
+        let started = Instant::now();
+        let error = client
+            .lookup(&alice, AuthMethod::Username)
+            .await
+            .unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(elapsed >= timeout * 2, "round {round}: {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "round {round}: {elapsed:?}"
+        );
+        let LookupError::AllHandlersFailed { attempts } = &error else {
+            panic!("round {round}: {error}");
+        };
+        let tried: Vec<&str> = attempts.iter().map(|a| a.handler.as_str()).collect();
+        assert_eq!(tried.len(), 3, "round {round}: {error}");
+        for attempt in attempts {
+            if attempt.handler.as_str() == refusing {
+                assert!(
+                    matches!(attempt.failure, HandlerFailure::Connect(_)),
+                    "{error}"
+                );
+            } else {
+                assert_eq!(attempt.failure, HandlerFailure::Timeout(timeout));
+            }
+        }
+        let message = error.to_string();
+        assert!(
+            message.starts_with("every Route Lookup Handler failed: "),
+            "{message}"
+        );
+        assert!(
+            message.contains(&refusing) && message.contains("cannot connect"),
+            "{message}"
+        );
+        assert!(message.contains("no answer within 300ms"), "{message}");
+        assert_eq!(silent_one.connections(), round);
+        assert_eq!(silent_two.connections(), round);
+    }
+
+    let empty = client_without_handlers();
+    assert_eq!(
+        empty.lookup(&alice, AuthMethod::Username).await,
+        Err(LookupError::NoHandlers)
+    );
+}
+
+fn client_without_handlers() -> LookupClient {
+    client(&[], Duration::from_secs(1), Duration::from_secs(1))
+}
+
+#[tokio::test]
+async fn refusal_is_an_answer_and_does_not_mark_the_handler_down() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let lookupd = RunningLookupd::start(files.config()).await;
+    let client = client(
+        &[lookupd.url()],
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let outcome = client
+        .lookup(&login("nobody", Protocol::Imap), AuthMethod::Username)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        LookupOutcome::Refused {
+            message: "login failed".to_string(),
+            wait: Duration::from_secs(10),
+        }
+    );
+    assert!(client.handlers()[0].down_for.is_none());
+}
+
+#[tokio::test]
+async fn handler_list_is_replaceable_at_runtime() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let one = RunningLookupd::start(files.config()).await;
+    let two = RunningLookupd::start(files.config()).await;
+    let client = client(
+        &[one.url()],
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let alice = login("alice", Protocol::Imap);
+    client.lookup(&alice, AuthMethod::Username).await.unwrap();
+    client.set_handlers(vec![two.url().parse::<HandlerUrl>().unwrap()]);
+    for _ in 0..3 {
+        client.lookup(&alice, AuthMethod::Username).await.unwrap();
+    }
+    assert_eq!(one.lookupd.requests(RequestOutcome::Found), 1);
+    assert_eq!(two.lookupd.requests(RequestOutcome::Found), 3);
+
+    let mut table = RouteTable::from_json(TABLE).unwrap();
+    table.lookup_handlers = vec![one.url(), two.url()];
+    table.settings.lookup_timeout_seconds = 2;
+    client.apply_route_table(&table).unwrap();
+    for _ in 0..4 {
+        client.lookup(&alice, AuthMethod::Username).await.unwrap();
+    }
+    assert_eq!(one.lookupd.requests(RequestOutcome::Found), 3);
+    assert_eq!(two.lookupd.requests(RequestOutcome::Found), 5);
+
+    table.lookup_handlers.push("ftp://nope/".to_string());
+    assert!(client.apply_route_table(&table).is_err());
+    assert_eq!(client.handlers().len(), 2, "a bad table changes nothing");
+}
+
+#[tokio::test]
+async fn pooled_connection_and_request_headers_on_the_wire() {
+    let answer = head(&[
+        "HTTP/1.1 200 OK",
+        "Content-Length: 0",
+        "Auth-Status: OK",
+        "Auth-Server: 10.0.0.5",
+        "Auth-Port: 7143",
+        "Auth-User: first%20last@example.com",
+        "Auth-Cache-Alias: FALSE",
+    ]);
+    let server = Scripted::start(answer, true).await;
+    let client = LookupClient::new(LookupClientConfig {
+        handlers: vec![server.url.parse().unwrap()],
+        secret: Some("s3cret".to_string()),
+        system_roots: false,
+        ..LookupClientConfig::default()
+    })
+    .unwrap();
+    for _ in 0..5 {
+        let outcome = client
+            .lookup(&login("First Last", Protocol::Imap), AuthMethod::Username)
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            LookupOutcome::Found {
+                route: Route {
+                    upstream: Upstream::new("10.0.0.5", 7143),
+                    account: Some("first last@example.com".to_string()),
+                },
+                cache_alias: false,
+            }
+        );
+    }
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
+    let requests = server.requests.lock().await;
+    assert_eq!(requests.len(), 5);
+    let request = requests[0].to_ascii_lowercase();
+    let port = server
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    for expected in [
+        "get /service/extension/nginx-lookup http/1.1\r\n".to_string(),
+        format!("host: 127.0.0.1:{port}\r\n"),
+        "auth-method: username\r\n".to_string(),
+        "auth-user: first%20last\r\n".to_string(),
+        "auth-pass: _password_\r\n".to_string(),
+        "auth-protocol: imap\r\n".to_string(),
+        "auth-login-attempt: 1\r\n".to_string(),
+        "client-ip: 203.0.113.7\r\n".to_string(),
+        "x-proxy-ip: 10.1.2.3\r\n".to_string(),
+        "x-mailproxy-lookup-secret: s3cret\r\n".to_string(),
+    ] {
+        assert!(
+            request.contains(&expected),
+            "{expected:?} missing from {request}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_answers_are_specific_errors() {
+    let cases: Vec<(Vec<u8>, HandlerFailure)> = vec![
+        (
+            head(&["HTTP/1.1 200 OK", "Content-Length: 0"]),
+            ResponseError::MissingStatus.into(),
+        ),
+        (
+            head(&["HTTP/1.1 200 OK", "Auth-Status: OK", "Auth-Server: 10.0.0.1"]),
+            ResponseError::Missing {
+                header: "Auth-Port",
+            }
+            .into(),
+        ),
+        (
+            head(&["HTTP/1.1 200 OK", "Auth-Status: OK", "Auth-Port: 143"]),
+            ResponseError::Missing {
+                header: "Auth-Server",
+            }
+            .into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                "Auth-Server: 10.0.0.1",
+                "Auth-Port: 0",
+            ]),
+            ResponseError::BadPort("0".to_string()).into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                "Auth-Server: 10.0.0.1",
+                "Auth-Port: 70000",
+            ]),
+            ResponseError::BadPort("70000".to_string()).into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                "Auth-Server: mail/host",
+                "Auth-Port: 143",
+            ]),
+            ResponseError::BadServer("mail/host".to_string()).into(),
+        ),
+        (
+            head(&["HTTP/1.1 500 Internal Server Error", "Content-Length: 0"]),
+            ResponseError::Status { status: 500 }.into(),
+        ),
+        (
+            head(&["HTTP/1.0 404 Not Found"]),
+            ResponseError::Status { status: 404 }.into(),
+        ),
+        (
+            head(&["HTTP/1.1 200 OK", "Auth-Status: locked", "Auth-Wait: soon"]),
+            ResponseError::BadWait("soon".to_string()).into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                "Auth-Server: 10.0.0.1",
+                "Auth-Port: 143",
+                "Auth-Cache-Alias: maybe",
+            ]),
+            ResponseError::BadCacheAlias("maybe".to_string()).into(),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.1\r\nAuth-Port: 143\r\nAuth-User: \xff\xfe\r\n\r\n".to_vec(),
+            ResponseError::NotUtf8 {
+                header: "Auth-User",
+            }
+            .into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                &format!("X-Padding: {}", "p".repeat(3000)),
+                &format!("X-Padding: {}", "p".repeat(3000)),
+                &format!("X-Padding: {}", "p".repeat(3000)),
+                &format!("X-Padding: {}", "p".repeat(3000)),
+                &format!("X-Padding: {}", "p".repeat(3000)),
+                &format!("X-Padding: {}", "p".repeat(3000)),
+            ]),
+            ResponseError::HeadersTooLarge.into(),
+        ),
+        (
+            head(&[
+                "HTTP/1.1 200 OK",
+                "Auth-Status: OK",
+                &format!("Auth-User: {}", "u".repeat(5000)),
+            ]),
+            ResponseError::HeaderValueTooLarge {
+                header: "auth-user".to_string(),
+                len: 5000,
+            }
+            .into(),
+        ),
+    ];
+    for (answer, expected) in cases {
+        let shown = String::from_utf8_lossy(&answer[..answer.len().min(120)]).into_owned();
+        assert_eq!(outcome_of(&answer).await, Err(expected), "answer {shown:?}");
+    }
+
+    // What hyper itself refuses to parse fails as an exchange error, never a panic.
+    let huge = head(&[
+        "HTTP/1.1 200 OK",
+        &format!("X-Huge: {}", "h".repeat(200_000)),
+    ]);
+    let many: Vec<String> = (0..150).map(|i| format!("X-{i}: v")).collect();
+    let mut many_lines = vec!["HTTP/1.1 200 OK"];
+    many_lines.extend(many.iter().map(String::as_str));
+    for answer in [
+        b"\x00\x01\x02 garbage \xff\r\n\r\n".to_vec(),
+        b"SMTP/1.0 200 OK\r\n\r\n".to_vec(),
+        huge,
+        head(&many_lines),
+        Vec::new(),
+    ] {
+        let shown = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+        match outcome_of(&answer).await {
+            Err(HandlerFailure::Exchange(_)) => {}
+            other => panic!("answer {shown:?}: expected an exchange error, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn auth_wait_is_honoured_and_capped() {
+    let refusal = |wait: &str| {
+        head(&[
+            "HTTP/1.1 200 OK",
+            "Auth-Status: Temporarily locked",
+            &format!("Auth-Wait: {wait}"),
+        ])
+    };
+    assert_eq!(
+        outcome_of(&refusal("5")).await,
+        Ok(LookupOutcome::Refused {
+            message: "Temporarily locked".to_string(),
+            wait: Duration::from_secs(5),
+        })
+    );
+    assert_eq!(
+        outcome_of(&refusal("86400")).await,
+        Ok(LookupOutcome::Refused {
+            message: "Temporarily locked".to_string(),
+            wait: MAX_WAIT,
+        })
+    );
+    assert_eq!(
+        outcome_of(&head(&["HTTP/1.1 200 OK", "Auth-Status: Login failed"])).await,
+        Ok(LookupOutcome::Refused {
+            message: "Login failed".to_string(),
+            wait: Duration::ZERO,
+        })
+    );
+}

@@ -1,0 +1,297 @@
+//! Route resolution end to end, against a real memcached and real `mailproxy lookupd` handlers:
+//! the resolution order, the fleet-wide cache, TTL, purge, memcached failure and coalescing.
+
+mod lookup_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
+use mailproxy::lookupd::RequestOutcome;
+use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
+use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
+use mailproxy::route::resolver::{ResolveError, Resolver, RouteSource};
+use mailproxy::route::table::TableHandle;
+use mailproxy::route::{Protocol, Upstream};
+use mailproxy_crds::route_table::RouteTable;
+use mailproxy_testkit::Memcached;
+
+/// The proxy's own route table: lookup handlers, memcached servers, a pinned account and a
+/// domain fallback.
+fn proxy_table(handlers: &[String], memcached: &[String], ttl_seconds: u64) -> RouteTable {
+    let mut table = RouteTable::from_json(
+        r#"{
+            "servers": {
+                "pinned-server": {"host": "10.9.9.9", "ports": {"imap": 9143, "pop3": 9110}},
+                "domain-server": {"host": "10.8.8.8", "ports": {"imap": 8143}}
+            },
+            "accounts": {"vip@example.com": "pinned-server"},
+            "domains": {"fallback.example": "domain-server"}
+        }"#,
+    )
+    .unwrap();
+    table.lookup_handlers = handlers.to_vec();
+    table.memcached_servers = memcached.to_vec();
+    table.settings.cache_ttl_seconds = ttl_seconds;
+    table.settings.lookup_timeout_seconds = 2;
+    table
+}
+
+/// One proxy instance: its own cache client, lookup client and resolver.
+fn proxy(table: RouteTable) -> Resolver {
+    let lookup = LookupClient::new(LookupClientConfig::default()).unwrap();
+    let resolver = Resolver::new(
+        TableHandle::fixed(table),
+        RouteCache::new(RouteCacheConfig::default()),
+        Arc::new(lookup),
+    );
+    resolver.follow_table();
+    resolver
+}
+
+fn found(handler: &RunningLookupd) -> u64 {
+    handler.lookupd.requests(RequestOutcome::Found)
+}
+
+#[tokio::test]
+async fn a_route_learned_by_one_proxy_is_served_to_another_from_memcached() {
+    let memcached = Memcached::start().unwrap();
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    let table = proxy_table(&[handler.url()], &[memcached.addr()], 3600);
+
+    let first = proxy(table.clone());
+    let resolved = first
+        .resolve(&login("alice@example.com", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(resolved.source, RouteSource::Lookup);
+    assert_eq!(resolved.route.upstream, Upstream::new("127.0.0.1", 1143));
+    assert_eq!(found(&handler), 1);
+
+    let second = proxy(table);
+    let resolved = second
+        .resolve(&login("alice@example.com", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(resolved.source, RouteSource::Cache);
+    assert_eq!(resolved.route.upstream, Upstream::new("127.0.0.1", 1143));
+    assert_eq!(found(&handler), 1, "the second proxy asked no handler");
+
+    let pop3 = second
+        .resolve(&login("alice@example.com", Protocol::Pop3))
+        .await
+        .unwrap();
+    assert_eq!(
+        pop3.source,
+        RouteSource::Lookup,
+        "routes are cached per protocol"
+    );
+    assert_eq!(pop3.route.upstream.port, 1110);
+}
+
+#[tokio::test]
+async fn cached_routes_expire_with_the_table_ttl_and_a_purge_removes_them() {
+    let memcached = Memcached::start().unwrap();
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    let resolver = proxy(proxy_table(&[handler.url()], &[memcached.addr()], 1));
+    let alice = login("alice@example.com", Protocol::Imap);
+
+    assert_eq!(
+        resolver.resolve(&alice).await.unwrap().source,
+        RouteSource::Lookup
+    );
+    assert_eq!(
+        resolver.resolve(&alice).await.unwrap().source,
+        RouteSource::Cache
+    );
+    let cache = resolver.cache().clone();
+    eventually(
+        "the 1 s TTL to expire the route",
+        Duration::from_secs(5),
+        async || {
+            let cached = cache
+                .get_route(Protocol::Imap, "alice@example.com", alice.client_ip)
+                .await
+                .unwrap();
+            cached.is_none().then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        resolver.resolve(&alice).await.unwrap().source,
+        RouteSource::Lookup
+    );
+    assert_eq!(found(&handler), 2);
+
+    let long_lived = proxy(proxy_table(&[handler.url()], &[memcached.addr()], 3600));
+    let bob = login("bob@example.com", Protocol::Imap);
+    long_lived.resolve(&bob).await.unwrap();
+    long_lived
+        .resolve(&login("bob@example.com", Protocol::Pop3))
+        .await
+        .unwrap();
+    assert_eq!(
+        long_lived.resolve(&bob).await.unwrap().source,
+        RouteSource::Cache
+    );
+    let report = long_lived
+        .cache()
+        .purge_account("bob@example.com")
+        .await
+        .unwrap();
+    assert!(report.complete(), "{report:?}");
+    assert!(
+        report.deleted() >= 2,
+        "both protocols' routes deleted: {report:?}"
+    );
+    assert_eq!(
+        long_lived.resolve(&bob).await.unwrap().source,
+        RouteSource::Lookup
+    );
+}
+
+#[tokio::test]
+async fn logins_still_resolve_when_memcached_dies() {
+    let mut memcached = Memcached::start().unwrap();
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    let resolver = proxy(proxy_table(&[handler.url()], &[memcached.addr()], 3600));
+    let alice = login("alice@example.com", Protocol::Imap);
+    assert_eq!(
+        resolver.resolve(&alice).await.unwrap().source,
+        RouteSource::Lookup
+    );
+    assert_eq!(
+        resolver.resolve(&alice).await.unwrap().source,
+        RouteSource::Cache
+    );
+
+    memcached.kill();
+    for _ in 0..3 {
+        let resolved = tokio::time::timeout(Duration::from_secs(10), resolver.resolve(&alice))
+            .await
+            .expect("a dead memcached never hangs a login")
+            .expect("a dead memcached never fails a login");
+        assert_eq!(resolved.source, RouteSource::Lookup);
+        assert_eq!(resolved.route.upstream, Upstream::new("127.0.0.1", 1143));
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_logins_of_a_cold_account_send_one_lookup() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    for memcached in [None, Some(Memcached::start().unwrap())] {
+        let servers: Vec<String> = memcached.iter().map(Memcached::addr).collect();
+        let resolver = proxy(proxy_table(&[handler.url()], &servers, 3600));
+        let user = format!(
+            "storm-{}@example.com",
+            if memcached.is_some() {
+                "memcached"
+            } else {
+                "embedded"
+            }
+        );
+        files.write_directory(&format!("{DIRECTORY}account {user} mbs-2\n"));
+        let probe = login(&user, Protocol::Imap);
+        // A probe outside the resolver, so that the account stays cold in the proxy's cache.
+        let client = LookupClient::new(LookupClientConfig {
+            handlers: vec![handler.url().parse().unwrap()],
+            ..LookupClientConfig::default()
+        })
+        .unwrap();
+        eventually(
+            "lookupd to load the new account",
+            Duration::from_secs(5),
+            async || {
+                let outcome = client.lookup(&probe, AuthMethod::Username).await;
+                matches!(outcome, Ok(LookupOutcome::Found { .. })).then_some(())
+            },
+        )
+        .await;
+        let baseline = found(&handler);
+
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let resolver = resolver.clone();
+                let login = login(&user, Protocol::Imap);
+                tokio::spawn(async move { resolver.resolve(&login).await })
+            })
+            .collect();
+        for task in tasks {
+            let resolved = task.await.unwrap().unwrap();
+            assert_eq!(resolved.route.upstream.port, 2143);
+        }
+        assert_eq!(
+            found(&handler) - baseline,
+            1,
+            "1,000 concurrent logins of one cold account made one handler request (memcached: {})",
+            memcached.is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_table_pins_first_and_the_domain_entry_is_the_last_resort() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    let resolver = proxy(proxy_table(&[handler.url()], &[], 3600));
+
+    let vip = resolver
+        .resolve(&login("VIP@example.com", Protocol::Pop3))
+        .await
+        .unwrap();
+    assert_eq!(vip.source, RouteSource::TableAccount);
+    assert_eq!(vip.route.upstream, Upstream::new("10.9.9.9", 9110));
+    assert_eq!(vip.server.as_deref(), Some("pinned-server"));
+    assert_eq!(
+        handler.lookupd.requests(RequestOutcome::Found)
+            + handler.lookupd.requests(RequestOutcome::Refused),
+        0
+    );
+
+    let unknown = resolver
+        .resolve(&login("nobody@fallback.example", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(
+        unknown.source,
+        RouteSource::TableDomain,
+        "a refused lookup falls back to the domain"
+    );
+    assert_eq!(unknown.route.upstream, Upstream::new("10.8.8.8", 8143));
+    assert_eq!(handler.lookupd.requests(RequestOutcome::Refused), 1);
+
+    let refused = resolver
+        .resolve(&login("nobody@example.net", Protocol::Imap))
+        .await
+        .unwrap_err();
+    match refused {
+        ResolveError::Refused { wait, .. } => assert_eq!(wait, Duration::from_secs(10)),
+        other => panic!("expected the handler's refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn with_every_handler_down_the_domain_entry_routes_and_others_get_a_clear_error() {
+    let dead = format!(
+        "http://127.0.0.1:{}/service/extension/nginx-lookup",
+        mailproxy_testkit::free_port()
+    );
+    let resolver = proxy(proxy_table(&[dead], &[], 3600));
+    let fallback = resolver
+        .resolve(&login("a@fallback.example", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(fallback.source, RouteSource::TableDomain);
+    let error = resolver
+        .resolve(&login("a@example.com", Protocol::Imap))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ResolveError::Unavailable { reason } if reason.contains("every Route Lookup Handler failed")),
+        "{error:?}"
+    );
+}
