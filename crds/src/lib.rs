@@ -10,6 +10,7 @@
 
 pub mod mailbox_server;
 pub mod manifests;
+pub mod proxy_config;
 pub mod proxy_pool;
 pub mod route_table;
 pub mod settings;

@@ -1,14 +1,27 @@
 //! Command-line interface: one module per subcommand.
 
+mod lookupd;
+mod metrics;
+mod purge;
 mod zmprov;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "mailproxy", version, about = "Zimbra-style IMAP, POP3 and HTTP proxy for Kubernetes")]
+#[command(
+    name = "mailproxy",
+    version,
+    about = "Zimbra-style IMAP, POP3 and HTTP proxy for Kubernetes"
+)]
 pub struct Cli {
     /// Log line format.
-    #[arg(long, value_enum, default_value = "text", global = true, env = "MAILPROXY_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "MAILPROXY_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -22,6 +35,11 @@ pub enum LogFormat {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Serve the Route Lookup Handler protocol from a directory file and a route table (for
+    /// mailbox backends that are not Zimbra; also works as stock nginx's auth_http server).
+    Lookupd(lookupd::Args),
+    /// Delete every cached route of an account from every memcached server (zmproxypurge).
+    Purge(purge::Args),
     /// Print what zmprov's proxy commands print (garpu, garpb, gamau, gamcs) for a route table.
     Zmprov(zmprov::Args),
 }
@@ -30,7 +48,9 @@ pub enum Command {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -39,6 +59,28 @@ pub fn init_logging(format: LogFormat) {
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Lookupd(args) => lookupd::run(args).await,
+        Command::Purge(args) => purge::run(args).await,
         Command::Zmprov(args) => zmprov::run(args),
     }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
 }

@@ -1,0 +1,322 @@
+//! The configuration file of `mailproxy serve`: what needs a restart to change (listeners,
+//! certificate paths, where the route table comes from). Everything that may change while
+//! sessions run (routes, handlers, memcached servers, timeouts, STARTTLS mode, login limits)
+//! lives in the route table instead.
+//!
+//! The operator writes it into the ConfigMap `<pool>-config` (key [`CONFIGMAP_KEY`]); a
+//! standalone proxy reads it from a file. YAML or JSON (JSON is valid YAML).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Key of the proxy configuration in its ConfigMap.
+pub const CONFIGMAP_KEY: &str = "config.yaml";
+
+/// Name of a pool's proxy-configuration ConfigMap.
+pub fn configmap_name(pool: &str) -> String {
+    format!("{pool}-config")
+}
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid mailproxy configuration: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_norway::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// `mailproxy serve --config FILE`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Client-facing listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Certificates for the TLS listeners and STARTTLS; required when any listener is TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Where the route table comes from.
+    pub route_table: RouteTableSource,
+    /// Address of the health (`/healthz`, `/readyz`) and metrics (`/metrics`) endpoint.
+    #[serde(default = "defaults::health_listen")]
+    pub health_listen: String,
+    /// Route Lookup Handler client settings.
+    #[serde(default)]
+    pub lookup: LookupClientConfig,
+    /// Connections to mailbox servers over TLS (IMAPS, POP3S, HTTPS backends).
+    #[serde(default)]
+    pub upstream_tls: UpstreamTlsConfig,
+    /// On SIGTERM, how long live sessions may continue before they are closed.
+    #[serde(default = "defaults::shutdown_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
+    /// Client connections served at once, across listeners; more wait in the kernel's backlog.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+/// Which client protocol a listener speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    Imap,
+    Imaps,
+    Pop3,
+    Pop3s,
+    Http,
+    Https,
+}
+
+impl ListenerProtocol {
+    /// Whether clients speak TLS from the first byte (not STARTTLS).
+    pub fn implicit_tls(self) -> bool {
+        matches!(
+            self,
+            ListenerProtocol::Imaps | ListenerProtocol::Pop3s | ListenerProtocol::Https
+        )
+    }
+}
+
+/// One listener: a protocol on an address (`0.0.0.0:143`, `[::]:993`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub protocol: ListenerProtocol,
+    pub address: String,
+}
+
+/// Certificates, reloaded when their files change (Kubernetes rotates Secrets in place).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The first is the default; others are chosen by SNI when a name matches.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where the route table comes from: exactly one of `file` and `configMap`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteTableSource {
+    /// A JSON file, watched (standalone proxies, or a mounted ConfigMap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// A ConfigMap watched through the Kubernetes API (pods of a ProxyPool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapRef>,
+}
+
+/// A ConfigMap by namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A [`RouteTableSource`] once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteTableLocation<'a> {
+    File(&'a Path),
+    ConfigMap(&'a ConfigMapRef),
+}
+
+impl RouteTableSource {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            file: Some(path.into()),
+            config_map: None,
+        }
+    }
+
+    pub fn config_map(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            file: None,
+            config_map: Some(ConfigMapRef {
+                namespace: namespace.into(),
+                name: name.into(),
+            }),
+        }
+    }
+
+    /// The one location given, or `None` when there are none or two.
+    pub fn location(&self) -> Option<RouteTableLocation<'_>> {
+        match (&self.file, &self.config_map) {
+            (Some(path), None) => Some(RouteTableLocation::File(path)),
+            (None, Some(configmap)) => Some(RouteTableLocation::ConfigMap(configmap)),
+            _ => None,
+        }
+    }
+}
+
+/// Route Lookup Handler client settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LookupClientConfig {
+    /// Extra CA certificates (PEM) to trust for https handlers, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// File holding the shared secret sent in `X-Mailproxy-Lookup-Secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Trust for TLS connections to mailbox servers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Extra CA certificates (PEM) to trust, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn health_listen() -> String {
+        "0.0.0.0:8081".to_string()
+    }
+    pub fn shutdown_grace_seconds() -> u64 {
+        300
+    }
+    pub fn max_connections() -> usize {
+        100_000
+    }
+}
+
+impl ProxyConfig {
+    /// Parses a configuration (YAML or JSON) and checks what the types cannot say.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProxyConfigError> {
+        let config: ProxyConfig =
+            serde_norway::from_str(text).map_err(|source| ProxyConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let invalid = |message: String| ProxyConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if config.route_table.location().is_none() {
+            return Err(invalid(
+                "routeTable needs exactly one of `file: <path>` and `configMap: {namespace, name}`"
+                    .into(),
+            ));
+        }
+        if config.listeners.is_empty() {
+            return Err(invalid(
+                "no listeners: add at least one under `listeners`".into(),
+            ));
+        }
+        let tls_listener = config.listeners.iter().find(|l| l.protocol.implicit_tls());
+        let has_certificates = config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| !tls.certificates.is_empty());
+        if let (Some(listener), false) = (tls_listener, has_certificates) {
+            return Err(invalid(format!(
+                "listener {} ({:?}) needs a certificate: add tls.certificates",
+                listener.address, listener.protocol
+            )));
+        }
+        let mut addresses: Vec<&str> = config
+            .listeners
+            .iter()
+            .map(|l| l.address.as_str())
+            .collect();
+        addresses.sort_unstable();
+        if let Some(pair) = addresses.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(invalid(format!("two listeners on {}", pair[0])));
+        }
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ProxyConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProxyConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The canonical YAML form (what the operator writes).
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).expect("a proxy configuration serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ProxyConfig, ProxyConfigError> {
+        ProxyConfig::parse(text, Path::new("config.yaml"))
+    }
+
+    #[test]
+    fn a_standalone_configuration_parses_with_defaults() {
+        let config = parse(
+            "listeners:\n\
+             - {protocol: imap, address: '127.0.0.1:1143'}\n\
+             - {protocol: pop3s, address: '127.0.0.1:1995'}\n\
+             tls:\n  certificates: [{cert: /tls/tls.crt, key: /tls/tls.key}]\n\
+             routeTable: {file: /etc/mailproxy/routes.json}\n",
+        )
+        .unwrap();
+        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.health_listen, "0.0.0.0:8081");
+        assert_eq!(config.shutdown_grace_seconds, 300);
+        assert_eq!(
+            config.route_table,
+            RouteTableSource::file("/etc/mailproxy/routes.json")
+        );
+        assert_eq!(parse(&config.to_yaml()).unwrap(), config);
+    }
+
+    #[test]
+    fn json_works_too() {
+        let config = parse(
+            r#"{"listeners": [{"protocol": "http", "address": "0.0.0.0:80"}],
+                "routeTable": {"configMap": {"namespace": "mail", "name": "main-routes"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.route_table,
+            RouteTableSource::config_map("mail", "main-routes")
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let error = |text: &str| parse(text).unwrap_err().to_string();
+        let no_cert = error(
+            "listeners: [{protocol: imaps, address: '0.0.0.0:993'}]\nrouteTable: {file: r}\n",
+        );
+        assert!(no_cert.contains("needs a certificate"), "{no_cert}");
+        let twice = error(
+            "listeners: [{protocol: imap, address: ':1'}, {protocol: pop3, address: ':1'}]\nrouteTable: {file: r}\n",
+        );
+        assert!(twice.contains("two listeners on :1"), "{twice}");
+        let typo = error("listeners: []\nroutetable: {}\n");
+        assert!(typo.contains("not a valid mailproxy configuration"), "{typo}");
+        let both = error(
+            "listeners: [{protocol: imap, address: ':1'}]\nrouteTable: {file: r, configMap: {namespace: a, name: b}}\n",
+        );
+        assert!(both.contains("exactly one"), "{both}");
+        let empty = error("listeners: []\nrouteTable: {file: r}\n");
+        assert!(empty.contains("no listeners"), "{empty}");
+    }
+}
