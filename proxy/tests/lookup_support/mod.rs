@@ -1,5 +1,8 @@
 //! Shared by the lookup tests: real `mailproxy lookupd` instances on loopback listeners, fed by
 //! route-table and directory files in a temporary directory.
+//!
+//! Each test binary that includes this module uses a different part of it.
+#![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
