@@ -13,6 +13,12 @@ export CARGO_TERM_COLOR=never
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The control plane of the operator and route-table tests: etcd, kube-apiserver and
+# kube-controller-manager built from Go modules, cached under ~/.cache/mailproxy (slow once).
+step "Kubernetes control-plane binaries"
+MAILPROXY_K8S_BIN="$(scripts/control-plane-binaries.sh)"
+export MAILPROXY_K8S_BIN
+
 if cargo fmt --version >/dev/null 2>&1; then
   step "cargo fmt --check"
   cargo fmt --all -- --check
