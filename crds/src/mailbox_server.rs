@@ -153,7 +153,9 @@ pub mod ports {
 }
 
 /// Scheme of a Route Lookup Handler.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LookupScheme {
     #[default]
@@ -187,7 +189,9 @@ pub struct MailUpstream {
 }
 
 /// How the client's address reaches the mailbox server.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum OriginForwarding {
     /// IMAP `ID ("X-ORIGINATING-IP" ...)` and POP3 `XOIP` before the login (Zimbra, Dovecot).

@@ -25,5 +25,8 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> String {
 
 /// `(file name, YAML)` for every CRD.
 pub fn files() -> Vec<(String, String)> {
-    crds().iter().map(|crd| (file_name(crd), to_yaml(crd))).collect()
+    crds()
+        .iter()
+        .map(|crd| (file_name(crd), to_yaml(crd)))
+        .collect()
 }

@@ -311,7 +311,10 @@ mod tests {
         );
         assert!(twice.contains("two listeners on :1"), "{twice}");
         let typo = error("listeners: []\nroutetable: {}\n");
-        assert!(typo.contains("not a valid mailproxy configuration"), "{typo}");
+        assert!(
+            typo.contains("not a valid mailproxy configuration"),
+            "{typo}"
+        );
         let both = error(
             "listeners: [{protocol: imap, address: ':1'}]\nrouteTable: {file: r, configMap: {namespace: a, name: b}}\n",
         );

@@ -31,7 +31,9 @@ pub enum RouteTableError {
     Parse(#[from] serde_json::Error),
     #[error("route table must be a JSON object, not {0}")]
     NotAnObject(&'static str),
-    #[error("route table maps {kind} {key:?} to server {server:?}, which is not in its servers list")]
+    #[error(
+        "route table maps {kind} {key:?} to server {server:?}, which is not in its servers list"
+    )]
     UnknownServer {
         kind: &'static str,
         key: String,
@@ -321,11 +323,17 @@ mod tests {
         b.lookup_scheme = LookupScheme::Https;
         b.mta_auth_target = true;
         let table = RouteTable::compile(
-            &[source("mbs-b", "10.0.0.2", &b), source("mbs-a", "mbs-a.mail.svc", &a)],
+            &[
+                source("mbs-b", "10.0.0.2", &b),
+                source("mbs-a", "mbs-a.mail.svc", &a),
+            ],
             RouteSettings::default(),
             vec!["pool-memcached-0.pool-memcached:11211".into()],
         );
-        assert_eq!(table.pinned_account("alice@example.COM").unwrap().0, "mbs-a");
+        assert_eq!(
+            table.pinned_account("alice@example.COM").unwrap().0,
+            "mbs-a"
+        );
         assert_eq!(table.pinned_domain("example.org").unwrap().0, "mbs-b");
         assert_eq!(
             table.garpu(),
@@ -373,7 +381,8 @@ mod tests {
     #[test]
     fn json_round_trip_and_version_tracks_content() {
         let a = spec(&["alice@example.com"], &[]);
-        let table = RouteTable::compile(&[source("a", "::1", &a)], RouteSettings::default(), vec![]);
+        let table =
+            RouteTable::compile(&[source("a", "::1", &a)], RouteSettings::default(), vec![]);
         assert_eq!(table.web_backends, vec!["[::1]:8080".to_string()]);
         let parsed = RouteTable::from_json(&table.to_json()).unwrap();
         assert_eq!(parsed, table);

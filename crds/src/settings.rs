@@ -4,7 +4,9 @@ use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// STARTTLS on the plain IMAP and POP3 listeners.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StartTlsMode {
     /// Not offered.

@@ -21,8 +21,16 @@ fn committed_crd(plural: &str) -> CustomResourceDefinition {
 fn schema(plural: &str) -> Value {
     let crd = committed_crd(plural);
     let version = &crd.spec.versions[0];
-    serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
-        .unwrap()
+    serde_json::to_value(
+        version
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn object(kind: &str, spec: Value) -> Value {
@@ -43,7 +51,11 @@ fn admit(plural: &str, kind: &str, spec: Value) -> Result<(), Vec<String>> {
 
 fn admit_update(plural: &str, kind: &str, old: Value, new: Value) -> Result<(), Vec<String>> {
     Validator::new()
-        .validate(&schema(plural), &object(kind, new), Some(&object(kind, old)))
+        .validate(
+            &schema(plural),
+            &object(kind, new),
+            Some(&object(kind, old)),
+        )
         .map_err(|errors| errors.into_vec().into_iter().map(|e| e.message).collect())
 }
 
@@ -68,9 +80,15 @@ fn committed_manifests_match_the_generator() {
 
 #[test]
 fn committed_manifests_are_namespaced_v1alpha1_with_status_and_printer_columns() {
-    for (plural, kind) in [("mailboxservers", "MailboxServer"), ("proxypools", "ProxyPool")] {
+    for (plural, kind) in [
+        ("mailboxservers", "MailboxServer"),
+        ("proxypools", "ProxyPool"),
+    ] {
         let crd = committed_crd(plural);
-        assert_eq!(crd.metadata.name.as_deref(), Some(&*format!("{plural}.mailproxy.io")));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some(&*format!("{plural}.mailproxy.io"))
+        );
         assert_eq!(crd.spec.names.kind, kind);
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.versions.len(), 1);
@@ -78,7 +96,10 @@ fn committed_manifests_are_namespaced_v1alpha1_with_status_and_printer_columns()
         assert_eq!(version.name, "v1alpha1");
         assert!(version.served && version.storage);
         let subresources = version.subresources.as_ref().expect("subresources");
-        assert!(subresources.status.is_some(), "{kind} has a status subresource");
+        assert!(
+            subresources.status.is_some(),
+            "{kind} has a status subresource"
+        );
         let columns: Vec<&str> = version
             .additional_printer_columns
             .as_ref()
@@ -86,13 +107,25 @@ fn committed_manifests_are_namespaced_v1alpha1_with_status_and_printer_columns()
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        assert!(columns.contains(&"Ready") && columns.contains(&"Age"), "{columns:?}");
+        assert!(
+            columns.contains(&"Ready") && columns.contains(&"Age"),
+            "{columns:?}"
+        );
     }
     let pool = committed_crd("proxypools");
-    let scale = pool.spec.versions[0].subresources.as_ref().unwrap().scale.as_ref().unwrap();
+    let scale = pool.spec.versions[0]
+        .subresources
+        .as_ref()
+        .unwrap()
+        .scale
+        .as_ref()
+        .unwrap();
     assert_eq!(scale.spec_replicas_path, ".spec.replicas");
     assert_eq!(scale.status_replicas_path, ".status.replicas");
-    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
 }
 
 #[test]
@@ -150,7 +183,12 @@ fn schema_defaults_fill_a_minimal_proxy_pool_with_zimbra_proxy_defaults() {
 
 #[test]
 fn valid_resources_are_admitted() {
-    admit("mailboxservers", "MailboxServer", json!({"host": "10.1.2.3"})).unwrap();
+    admit(
+        "mailboxservers",
+        "MailboxServer",
+        json!({"host": "10.1.2.3"}),
+    )
+    .unwrap();
     admit(
         "mailboxservers",
         "MailboxServer",
@@ -168,22 +206,44 @@ fn valid_resources_are_admitted() {
 
 #[test]
 fn mailbox_server_rejects_bad_ports_addresses_and_entries() {
-    let reject = |spec, expected| assert_rejected(admit("mailboxservers", "MailboxServer", spec), expected);
-    reject(json!({"host": "h", "ports": {"imap": 0}}), "between 1 and 65535");
-    reject(json!({"host": "h", "ports": {"lookup": 70000}}), "between 1 and 65535");
+    let reject =
+        |spec, expected| assert_rejected(admit("mailboxservers", "MailboxServer", spec), expected);
+    reject(
+        json!({"host": "h", "ports": {"imap": 0}}),
+        "between 1 and 65535",
+    );
+    reject(
+        json!({"host": "h", "ports": {"lookup": 70000}}),
+        "between 1 and 65535",
+    );
     reject(json!({}), "exactly one of spec.host");
-    reject(json!({"host": "h", "service": "s"}), "exactly one of spec.host");
+    reject(
+        json!({"host": "h", "service": "s"}),
+        "exactly one of spec.host",
+    );
     reject(json!({"host": "bad host"}), "DNS name or IP");
     reject(json!({"service": "Not_A_Label"}), "DNS-1035");
-    reject(json!({"host": "h", "accounts": ["nodomain"]}), "qualified account names");
-    reject(json!({"host": "h", "domains": ["user@example.com"]}), "domain names");
+    reject(
+        json!({"host": "h", "accounts": ["nodomain"]}),
+        "qualified account names",
+    );
+    reject(
+        json!({"host": "h", "domains": ["user@example.com"]}),
+        "domain names",
+    );
 }
 
 #[test]
 fn mailbox_server_address_is_immutable() {
     let update = |old, new| admit_update("mailboxservers", "MailboxServer", old, new);
-    assert_rejected(update(json!({"host": "a"}), json!({"host": "b"})), "immutable");
-    assert_rejected(update(json!({"host": "a"}), json!({"service": "svc"})), "immutable");
+    assert_rejected(
+        update(json!({"host": "a"}), json!({"host": "b"})),
+        "immutable",
+    );
+    assert_rejected(
+        update(json!({"host": "a"}), json!({"service": "svc"})),
+        "immutable",
+    );
     update(json!({"host": "a"}), json!({"host": "a", "drain": true})).unwrap();
 }
 
@@ -192,7 +252,10 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
     let reject = |spec, expected| assert_rejected(admit("proxypools", "ProxyPool", spec), expected);
     let selector = json!({"matchLabels": {"pool": "a"}});
     reject(json!({"mailboxSelector": {}}), "must not be empty");
-    reject(json!({"mailboxSelector": {"matchLabels": {}}}), "must not be empty");
+    reject(
+        json!({"mailboxSelector": {"matchLabels": {}}}),
+        "must not be empty",
+    );
     reject(
         json!({"mailboxSelector": selector, "listeners": {"imap": {"port": 0}}}),
         "between 1 and 65535",
@@ -201,8 +264,14 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
         json!({"mailboxSelector": selector, "listeners": {"pop3": {"port": 143}}}),
         "same port",
     );
-    reject(json!({"mailboxSelector": selector, "starttls": "only"}), "needs spec.tls");
-    reject(json!({"mailboxSelector": selector, "replicas": -1}), "spec.replicas");
+    reject(
+        json!({"mailboxSelector": selector, "starttls": "only"}),
+        "needs spec.tls",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "replicas": -1}),
+        "spec.replicas",
+    );
     reject(
         json!({"mailboxSelector": selector, "routeCache": {"ttlSeconds": 0}}),
         "ttlSeconds",

@@ -4,7 +4,14 @@
 //! - [`route`]: route resolution: the route table, the route cache (embedded and memcached),
 //!   the Route Lookup Handler client and login throttling.
 //! - [`lookupd`]: the reference Route Lookup Handler (`mailproxy lookupd`).
+//! - [`session`]: the mail session driver (accept, pre-login, upstream login, relay).
+//! - [`tls`]: certificates with SNI and reload, TLS to mailbox servers.
+//! - [`serve`]: `mailproxy serve`, a configuration file turned into a running proxy
+//!   ([`serve::Server`] starts one in-process).
 
 pub mod lookupd;
 pub mod mail;
 pub mod route;
+pub mod serve;
+pub mod session;
+pub mod tls;

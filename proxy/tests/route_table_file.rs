@@ -34,7 +34,11 @@ async fn reloads_on_change_and_keeps_the_last_good_table() {
 
     std::fs::write(&path, "{ not json").unwrap();
     std::fs::write(&path, table(300).to_json()).unwrap();
-    assert_eq!(next(&mut handle).await, 300, "an invalid version in between is skipped");
+    assert_eq!(
+        next(&mut handle).await,
+        300,
+        "an invalid version in between is skipped"
+    );
 
     std::fs::write(&path, r#"{"accounts": {"a@b.c": "missing-server"}}"#).unwrap();
     let unchanged = tokio::time::timeout(Duration::from_millis(500), handle.changed()).await;
@@ -65,7 +69,10 @@ async fn follows_a_kubernetes_style_symlink_swap() {
 async fn a_missing_or_invalid_file_is_a_clear_start_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = watch_file(dir.path().join("nope.json")).unwrap_err();
-    assert!(missing.to_string().contains("cannot read route table"), "{missing}");
+    assert!(
+        missing.to_string().contains("cannot read route table"),
+        "{missing}"
+    );
     let path = dir.path().join("bad.json");
     std::fs::write(&path, "[]").unwrap();
     let invalid = watch_file(&path).unwrap_err();

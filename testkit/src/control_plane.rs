@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -105,7 +105,9 @@ impl ControlPlane {
     /// kube-controller-manager.
     pub async fn start_with(options: ControlPlaneOptions) -> anyhow::Result<Self> {
         let bin = Self::binaries()?;
-        let dir = tempfile::Builder::new().prefix("mailproxy-k8s-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("mailproxy-k8s-")
+            .tempdir()?;
         let pki = Pki::generate()?;
         pki.write(dir.path())?;
         let apiserver_port = free_port();
@@ -138,7 +140,7 @@ impl ControlPlane {
         control_plane.start_etcd()?;
         control_plane.start_apiserver().await?;
         control_plane.install_crds(&options.crds).await?;
-        control_plane.start_controller_manager()?;
+        control_plane.start_controller_manager().await?;
         Ok(control_plane)
     }
 
@@ -325,7 +327,9 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn start_controller_manager(&self) -> anyhow::Result<()> {
+    /// Starts kube-controller-manager and waits until its controllers run: the root-CA publisher
+    /// has written `kube-root-ca.crt` into the `default` namespace.
+    async fn start_controller_manager(&self) -> anyhow::Result<()> {
         let dir = self.dir.path();
         let args = [
             format!("--kubeconfig={}", self.kubeconfig.display()),
@@ -340,12 +344,31 @@ impl ControlPlane {
             "--concurrent-gc-syncs=5".to_string(),
         ];
         let mut guard = self.spawn("kube-controller-manager", &args)?;
-        std::thread::sleep(Duration::from_millis(300));
-        if guard.exited() {
-            bail!(
-                "kube-controller-manager exited at start:\n{}",
-                self.log_tail("kube-controller-manager")
-            );
+        let maps: Api<ConfigMap> = Api::namespaced(self.client().await?, "default");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if maps
+                .get_opt("kube-root-ca.crt")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                break;
+            }
+            if guard.exited() {
+                bail!(
+                    "kube-controller-manager exited at start:\n{}",
+                    self.log_tail("kube-controller-manager")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-controller-manager did not publish kube-root-ca.crt within 60 s:\n{}",
+                    self.log_tail("kube-controller-manager")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         *lock(&self.controller_manager) = guard;
         Ok(())

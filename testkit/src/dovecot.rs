@@ -3,7 +3,8 @@
 //! Any user logs in with the one configured password (static passdb); mail is kept in maildirs
 //! under the server's temporary directory. The proxy's loopback address is a trusted network,
 //! so Dovecot honours `ID ("X-ORIGINATING-IP" ...)` and `XOIP` and logs the client's address as
-//! `rip=`.
+//! `rip=`. Two more listeners take a PROXY protocol header first (`haproxy = yes`, from loopback
+//! peers), for proxies that forward the client's address that way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +42,9 @@ pub struct DovecotPorts {
     /// Only when started with TLS.
     pub imaps: Option<u16>,
     pub pop3s: Option<u16>,
+    /// Plain IMAP and POP3 that expect a PROXY protocol (v1 or v2) header first.
+    pub imap_haproxy: u16,
+    pub pop3_haproxy: u16,
 }
 
 /// A Dovecot server that stops when dropped.
@@ -73,28 +77,46 @@ impl Dovecot {
             .status()
             .context("cannot run chown")?;
         if !status.success() {
-            bail!("cannot give {} to the dovecot user: is dovecot-imapd installed?", mail.display());
+            bail!(
+                "cannot give {} to the dovecot user: is dovecot-imapd installed?",
+                mail.display()
+            );
         }
         let ports = DovecotPorts {
             imap: free_port(),
             pop3: free_port(),
             imaps: options.tls.as_ref().map(|_| free_port()),
             pop3s: options.tls.as_ref().map(|_| free_port()),
+            imap_haproxy: free_port(),
+            pop3_haproxy: free_port(),
         };
         let config = dir.path().join("dovecot.conf");
         std::fs::write(&config, render_config(dir.path(), &ports, options))?;
         let log = dir.path().join("dovecot.out");
         let mut command = Command::new("dovecot");
         command.arg("-F").arg("-c").arg(&config);
-        let mut child = Guard(Some(spawn(command, "dovecot-imapd and dovecot-pop3d", &log)?));
-        let all_ports = [Some(ports.imap), Some(ports.pop3), ports.imaps, ports.pop3s];
+        let mut child = Guard(Some(spawn(
+            command,
+            "dovecot-imapd and dovecot-pop3d",
+            &log,
+        )?));
+        let all_ports = [
+            Some(ports.imap),
+            Some(ports.pop3),
+            ports.imaps,
+            ports.pop3s,
+            Some(ports.imap_haproxy),
+            Some(ports.pop3_haproxy),
+        ];
         for port in all_ports.into_iter().flatten() {
             if let Err(error) = wait_for_port(port, Duration::from_secs(15)) {
                 let exited = child.exited();
                 let output = std::fs::read_to_string(&log).unwrap_or_default();
                 let dovecot_log =
                     std::fs::read_to_string(dir.path().join("dovecot.log")).unwrap_or_default();
-                bail!("dovecot not ready (exited: {exited}): {error}; output: {output}; log: {dovecot_log}");
+                bail!(
+                    "dovecot not ready (exited: {exited}): {error}; output: {output}; log: {dovecot_log}"
+                );
             }
         }
         if child.exited() {
@@ -150,7 +172,11 @@ fn render_config(dir: &Path, ports: &DovecotPorts, options: &DovecotOptions) -> 
     let dir = dir.display();
     let (ssl, imaps, pop3s) = match (&options.tls, ports.imaps, ports.pop3s) {
         (Some((cert, key)), Some(imaps), Some(pop3s)) => (
-            format!("ssl = yes\nssl_cert = <{}\nssl_key = <{}\n", cert.display(), key.display()),
+            format!(
+                "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
+                cert.display(),
+                key.display()
+            ),
             imaps,
             pop3s,
         ),
@@ -170,6 +196,7 @@ auth_verbose = yes
 first_valid_uid = 1
 first_valid_gid = 1
 login_trusted_networks = 127.0.0.0/8 ::1/128
+haproxy_trusted_networks = 127.0.0.0/8 ::1/128
 login_log_format_elements = user=<%u> method=%m rip=%r lip=%l mpid=%e %c session=<%{{session}}>
 log_path = {dir}/dovecot.log
 mail_location = maildir:{dir}/mail/%u
@@ -189,6 +216,10 @@ service imap-login {{
   inet_listener imaps {{
     port = {imaps}
   }}
+  inet_listener imap_haproxy {{
+    port = {imap_haproxy}
+    haproxy = yes
+  }}
 }}
 service pop3-login {{
   inet_listener pop3 {{
@@ -197,9 +228,15 @@ service pop3-login {{
   inet_listener pop3s {{
     port = {pop3s}
   }}
+  inet_listener pop3_haproxy {{
+    port = {pop3_haproxy}
+    haproxy = yes
+  }}
 }}
 "#,
         imap = ports.imap,
         pop3 = ports.pop3,
+        imap_haproxy = ports.imap_haproxy,
+        pop3_haproxy = ports.pop3_haproxy,
     )
 }

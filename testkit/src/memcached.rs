@@ -25,7 +25,16 @@ impl Memcached {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let mut command = Command::new("memcached");
-        command.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-m", "64"]);
+        command.args([
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "0",
+            "-m",
+            "64",
+        ]);
         if running_as_root() {
             command.args(["-u", "nobody"]);
         }

@@ -48,9 +48,12 @@ impl Nginx {
         for &port in ports {
             if let Err(error) = wait_for_port(port, Duration::from_secs(10)) {
                 let exited = child.exited();
-                let errors = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                let errors =
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
                 let output = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("nginx not ready (exited: {exited}): {error}; output: {output}; error.log: {errors}");
+                bail!(
+                    "nginx not ready (exited: {exited}): {error}; output: {output}; error.log: {errors}"
+                );
             }
         }
         if child.exited() {

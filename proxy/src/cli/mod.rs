@@ -3,6 +3,7 @@
 mod lookupd;
 mod metrics;
 mod purge;
+mod serve;
 mod zmprov;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -40,6 +41,8 @@ pub enum Command {
     Lookupd(lookupd::Args),
     /// Delete every cached route of an account from every memcached server (zmproxypurge).
     Purge(purge::Args),
+    /// Run the mail proxy: IMAP, IMAPS, POP3 and POP3S listeners from a configuration file.
+    Serve(serve::Args),
     /// Print what zmprov's proxy commands print (garpu, garpb, gamau, gamcs) for a route table.
     Zmprov(zmprov::Args),
 }
@@ -48,8 +51,10 @@ pub enum Command {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: log collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -61,6 +66,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Lookupd(args) => lookupd::run(args).await,
         Command::Purge(args) => purge::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
         Command::Zmprov(args) => zmprov::run(args),
     }
 }

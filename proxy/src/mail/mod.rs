@@ -15,25 +15,25 @@ pub mod sasl;
 
 use std::fmt;
 
-/// STARTTLS policy of a plaintext listener (nginx `starttls off|on|only`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StartTlsMode {
-    /// STARTTLS/STLS is neither advertised nor accepted.
-    Off,
-    /// STARTTLS/STLS is offered, cleartext logins stay allowed.
-    On,
-    /// STARTTLS/STLS is offered and logins are refused until TLS is up. Zimbra's default, hence
-    /// ours: it is the only mode that keeps passwords off the wire without trusting the client.
-    #[default]
-    Only,
+/// STARTTLS policy of a plaintext listener (nginx `starttls off|on|only`): the route table's
+/// setting, so that the state machines take exactly what the operator wrote.
+pub use mailproxy_crds::settings::StartTlsMode;
+
+/// What a [`StartTlsMode`] means for one session.
+pub(crate) trait StartTlsPolicy {
+    /// Whether STARTTLS/STLS is advertised and accepted.
+    fn offers_starttls(self, tls_active: bool) -> bool;
+    /// Whether LOGIN, USER/PASS and AUTHENTICATE are accepted; `only` refuses them until TLS is
+    /// up, which keeps passwords off the wire without trusting the client.
+    fn allows_cleartext_login(self, tls_active: bool) -> bool;
 }
 
-impl StartTlsMode {
-    pub(crate) fn offers_starttls(self, tls_active: bool) -> bool {
+impl StartTlsPolicy for StartTlsMode {
+    fn offers_starttls(self, tls_active: bool) -> bool {
         self != StartTlsMode::Off && !tls_active
     }
 
-    pub(crate) fn allows_cleartext_login(self, tls_active: bool) -> bool {
+    fn allows_cleartext_login(self, tls_active: bool) -> bool {
         tls_active || self != StartTlsMode::Only
     }
 }

@@ -82,7 +82,9 @@ impl FromStr for Protocol {
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                format!("unknown protocol {s:?}: expected imap, imapssl, pop3, pop3ssl, http or httpssl")
+                format!(
+                    "unknown protocol {s:?}: expected imap, imapssl, pop3, pop3ssl, http or httpssl"
+                )
             })
     }
 }
@@ -184,7 +186,11 @@ mod tests {
 
     #[test]
     fn upstream_parses_and_prints_zimbra_cache_values() {
-        for text in ["10.0.0.5:7143", "[::1]:7110", "mbs1.mail.svc.cluster.local:7143"] {
+        for text in [
+            "10.0.0.5:7143",
+            "[::1]:7110",
+            "mbs1.mail.svc.cluster.local:7143",
+        ] {
             let upstream: Upstream = text.parse().unwrap();
             assert_eq!(upstream.to_string(), text);
         }
@@ -196,10 +202,24 @@ mod tests {
     #[test]
     fn upstream_rejects_garbage() {
         for text in [
-            "", ":", "host", "host:", "host:0", "host:65536", "host:-1", "a b:1", "::1:7143",
-            "[::1]", "[nothex]:1", "[::1]:x", "h\r\n:1",
+            "",
+            ":",
+            "host",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:-1",
+            "a b:1",
+            "::1:7143",
+            "[::1]",
+            "[nothex]:1",
+            "[::1]:x",
+            "h\r\n:1",
         ] {
-            assert!(text.parse::<Upstream>().is_err(), "{text:?} must be rejected");
+            assert!(
+                text.parse::<Upstream>().is_err(),
+                "{text:?} must be rejected"
+            );
         }
     }
 

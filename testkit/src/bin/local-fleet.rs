@@ -29,14 +29,19 @@ fn mailproxy_binary() -> anyhow::Result<PathBuf> {
     }
     let beside = std::env::current_exe()?.with_file_name("mailproxy");
     if !beside.exists() {
-        bail!("{} not found: build it with `cargo build -p mailproxy` or set MAILPROXY_BIN", beside.display());
+        bail!(
+            "{} not found: build it with `cargo build -p mailproxy` or set MAILPROXY_BIN",
+            beside.display()
+        );
     }
     Ok(beside)
 }
 
 fn port_from_env(name: &str, default: u16) -> anyhow::Result<u16> {
     match std::env::var(name) {
-        Ok(value) => value.parse().with_context(|| format!("{name}={value} is not a port number")),
+        Ok(value) => value
+            .parse()
+            .with_context(|| format!("{name}={value} is not a port number")),
         Err(_) => Ok(default),
     }
 }
@@ -96,7 +101,12 @@ fn main() -> anyhow::Result<()> {
 
     let _lookupd = Running(
         Command::new(&mailproxy)
-            .args(["lookupd", "--listen", &format!("127.0.0.1:{lookupd_port}"), "--routes"])
+            .args([
+                "lookupd",
+                "--listen",
+                &format!("127.0.0.1:{lookupd_port}"),
+                "--routes",
+            ])
             .arg(&routes)
             .arg("--directory")
             .arg(&directory)

@@ -10,7 +10,9 @@ use super::ImapStatus;
 use super::parser::{CommandFramer, FrameEvent, ParseError, Token, parse_command};
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
-use crate::mail::{Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode};
+use crate::mail::{
+    Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode, StartTlsPolicy,
+};
 
 /// RFC 2971 caps ID values at 1024 octets; longer ones are cut rather than refused, since the
 /// ID is informational.

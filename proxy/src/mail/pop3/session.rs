@@ -6,7 +6,9 @@
 
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
-use crate::mail::{Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode, wipe};
+use crate::mail::{
+    Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode, StartTlsPolicy, wipe,
+};
 
 /// Listener settings for [`Pop3PreLogin`].
 #[derive(Clone, Debug, PartialEq, Eq)]

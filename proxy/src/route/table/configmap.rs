@@ -3,8 +3,8 @@
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
 
@@ -134,14 +134,18 @@ mod tests {
             lookup_handlers: vec!["http://10.0.0.1:7072/service/extension/nginx-lookup".into()],
             ..RouteTable::default()
         };
-        let parsed = table_from_configmap(&configmap(Some((CONFIGMAP_KEY, &table.to_json())))).unwrap();
+        let parsed =
+            table_from_configmap(&configmap(Some((CONFIGMAP_KEY, &table.to_json())))).unwrap();
         assert_eq!(parsed, table);
     }
 
     #[test]
     fn names_what_is_wrong_with_a_bad_configmap() {
         let missing = table_from_configmap(&configmap(Some(("other", "{}")))).unwrap_err();
-        assert!(missing.to_string().contains("no routes.json key"), "{missing}");
+        assert!(
+            missing.to_string().contains("no routes.json key"),
+            "{missing}"
+        );
         assert!(table_from_configmap(&configmap(None)).is_err());
         let invalid = table_from_configmap(&configmap(Some((CONFIGMAP_KEY, "[1,2")))).unwrap_err();
         assert!(invalid.to_string().contains("pool-routes"), "{invalid}");

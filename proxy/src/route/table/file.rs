@@ -22,7 +22,10 @@ pub enum FileTableError {
         source: mailproxy_crds::route_table::RouteTableError,
     },
     #[error("cannot watch {path} for changes: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 fn load(path: &Path) -> Result<RouteTable, FileTableError> {

@@ -1,0 +1,332 @@
+//! `mailproxy serve`: a [`ProxyConfig`] turned into running listeners.
+//!
+//! [`Server::bind`] does everything that can fail at start (certificates, the first route
+//! table, every bind) so that a bad configuration stops the process before it reports ready;
+//! [`Server::run`] serves until its shutdown future resolves, then drains:
+//!
+//! 1. `/readyz` turns 503 and the listeners close (Kubernetes stops routing new clients here);
+//! 2. sessions in progress go on for up to `shutdownGraceSeconds`;
+//! 3. those still open are closed, and `run` returns.
+//!
+//! The route table and the certificates reload while sessions run: neither restarts anything.
+//!
+//! HTTP and HTTPS listeners are not implemented yet: a configuration that has one is refused
+//! at start with an error that says so, rather than started without the service it asks for.
+
+mod health;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use mailproxy_crds::proxy_config::{ListenerProtocol, ProxyConfig, RouteTableLocation};
+use mailproxy_crds::settings::StartTlsMode;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::route::cache::{RouteCache, RouteCacheConfig};
+use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_pem};
+use crate::route::resolver::Resolver;
+use crate::route::table::{ConfigMapSource, TableHandle, watch_file};
+use crate::route::throttle::LoginThrottle;
+use crate::session::{ListenerKind, MailService, SessionContext, SessionMetrics};
+use crate::tls::{CertificateStore, UpstreamConnector};
+
+/// Pending connections the kernel keeps per listener (a login storm after a restart).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// After the grace, how long closed sessions get to finish their last writes and log.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the configuration file does not say.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// How often the certificate files are checked for a rotation.
+    pub certificate_poll_interval: Duration,
+    /// How long a session waits before answering a login the mailbox server refused. Zimbra
+    /// waits too: it slows down password guessing through the proxy. One second costs a
+    /// legitimate user with a typo nothing noticeable.
+    pub upstream_failure_wait: Duration,
+    /// The proxy's name in the upstream IMAP ID (`X-VIA`); the host name by default.
+    pub via: String,
+    /// The route cache (its embedded tier is used when the route table names no memcached).
+    pub route_cache: RouteCacheConfig,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            certificate_poll_interval: Duration::from_secs(10),
+            upstream_failure_wait: Duration::from_secs(1),
+            via: std::env::var("HOSTNAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "mailproxy".to_string()),
+            route_cache: RouteCacheConfig::default(),
+        }
+    }
+}
+
+/// A bound, not yet serving, proxy.
+pub struct Server {
+    listeners: Vec<(ListenerProtocol, ListenerKind, TcpListener)>,
+    health: TcpListener,
+    registry: Registry,
+    context: Arc<SessionContext>,
+    closing: watch::Sender<bool>,
+    max_connections: usize,
+    shutdown_grace: Duration,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Loads certificates and the route table, and binds every listener and the health port.
+    pub async fn bind(config: &ProxyConfig, options: ServeOptions) -> anyhow::Result<Self> {
+        let kinds = config
+            .listeners
+            .iter()
+            .map(|listener| listener_kind(listener.protocol))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut background = Vec::new();
+        let tls = match &config.tls {
+            Some(tls) if !tls.certificates.is_empty() => {
+                let store = CertificateStore::load(&tls.certificates)
+                    .context("cannot load the TLS certificates")?;
+                background.push(store.watch(options.certificate_poll_interval));
+                let server_config = crate::tls::server_config(store)?;
+                Some(tokio_rustls::TlsAcceptor::from(server_config))
+            }
+            _ => None,
+        };
+        let upstream_tls = UpstreamConnector::new(config.upstream_tls.ca_file.as_deref())
+            .context("cannot set up TLS to the mailbox servers")?;
+        let table = route_table(config).await?;
+        let current = table.current();
+        let plain_mail_listener = kinds.iter().any(|kind| !kind.implicit_tls);
+        if tls.is_none() && plain_mail_listener && current.settings.starttls == StartTlsMode::Only {
+            bail!(
+                "the route table says `starttls: only` but no certificate is configured: add \
+                 tls.certificates, or set starttls to on or off"
+            );
+        }
+
+        let lookup = Arc::new(lookup_client(config)?);
+        let cache = RouteCache::new(options.route_cache.clone());
+        let throttle = LoginThrottle::new(&current.settings.login_limits, cache.clone())
+            .context("the route table's login limits are invalid")?;
+        let resolver = Resolver::new(table.clone(), cache.clone(), lookup.clone());
+        background.push(resolver.follow_table());
+        background.push(follow_limits(table, throttle.clone()));
+
+        let metrics = SessionMetrics::default();
+        let mut registry = Registry::default();
+        resolver.register(&mut registry);
+        cache.register(&mut registry);
+        lookup.register(&mut registry);
+        metrics.register(&mut registry);
+
+        let (closing, closing_receiver) = watch::channel(false);
+        let context = Arc::new(SessionContext {
+            resolver,
+            throttle,
+            tls,
+            upstream_tls,
+            metrics,
+            upstream_failure_wait: options.upstream_failure_wait,
+            via: options.via,
+            closing: closing_receiver,
+        });
+        let mut listeners = Vec::new();
+        for (listener, kind) in config.listeners.iter().zip(kinds) {
+            listeners.push((listener.protocol, kind, bind(&listener.address).await?));
+        }
+        let health = bind(&config.health_listen)
+            .await
+            .context("cannot bind the health port")?;
+        Ok(Self {
+            listeners,
+            health,
+            registry,
+            context,
+            closing,
+            // The drain waits for all permits at once, which takes a u32.
+            max_connections: config
+                .max_connections
+                .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
+            shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+            background,
+        })
+    }
+
+    /// The bound address of each listener, in configuration order (useful with port 0).
+    pub fn listener_addresses(&self) -> Vec<(ListenerProtocol, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(protocol, _, listener)| Some((*protocol, listener.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// The bound address of the health port.
+    pub fn health_address(&self) -> Option<SocketAddr> {
+        self.health.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the module documentation).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            listeners,
+            health,
+            registry,
+            context,
+            closing,
+            max_connections,
+            shutdown_grace,
+            background,
+        } = self;
+        let ready = Arc::new(AtomicBool::new(true));
+        let health = tokio::spawn(health::serve(health, Arc::new(registry), ready.clone()));
+        let limit = Arc::new(Semaphore::new(max_connections));
+        let (stop, stopped) = watch::channel(false);
+        let mut accepting = Vec::new();
+        for (protocol, kind, listener) in listeners {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(?protocol, %address, "listening");
+            }
+            accepting.push(tokio::spawn(crate::session::serve_listener(
+                listener,
+                kind,
+                context.clone(),
+                limit.clone(),
+                stopped.clone(),
+            )));
+        }
+        shutdown.await;
+        ready.store(false, Ordering::Relaxed);
+        let _ = stop.send(true);
+        for task in accepting {
+            let _ = task.await;
+        }
+        let open = max_connections - limit.available_permits();
+        tracing::info!(
+            sessions = open,
+            grace_seconds = shutdown_grace.as_secs(),
+            "listeners closed; waiting for sessions to end"
+        );
+        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(shutdown_grace, limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            let open = max_connections - limit.available_permits();
+            tracing::info!(sessions = open, "shutdown grace over; closing sessions");
+            let _ = closing.send(true);
+            let _ = tokio::time::timeout(CLOSE_WAIT, limit.acquire_many(all)).await;
+        }
+        health.abort();
+        for task in background {
+            task.abort();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds, loads everything and serves until `shutdown` resolves.
+pub async fn serve(
+    config: &ProxyConfig,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Server::bind(config, options).await?.run(shutdown).await
+}
+
+fn listener_kind(protocol: ListenerProtocol) -> anyhow::Result<ListenerKind> {
+    let (service, implicit_tls) = match protocol {
+        ListenerProtocol::Imap => (MailService::Imap, false),
+        ListenerProtocol::Imaps => (MailService::Imap, true),
+        ListenerProtocol::Pop3 => (MailService::Pop3, false),
+        ListenerProtocol::Pop3s => (MailService::Pop3, true),
+        ListenerProtocol::Http | ListenerProtocol::Https => bail!(
+            "{protocol:?} listeners are not implemented yet: this version proxies IMAP and POP3 \
+             only; remove the listener from the configuration"
+        ),
+    };
+    Ok(ListenerKind {
+        service,
+        implicit_tls,
+    })
+}
+
+async fn route_table(config: &ProxyConfig) -> anyhow::Result<TableHandle> {
+    match config.route_table.location() {
+        Some(RouteTableLocation::File(path)) => {
+            Ok(watch_file(path).context("cannot load the route table")?)
+        }
+        Some(RouteTableLocation::ConfigMap(configmap)) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API for the route-table ConfigMap")?;
+            let source = ConfigMapSource {
+                namespace: configmap.namespace.clone(),
+                name: configmap.name.clone(),
+            };
+            Ok(source
+                .watch(client)
+                .await
+                .context("cannot load the route table")?)
+        }
+        None => bail!("routeTable needs exactly one of `file` and `configMap`"),
+    }
+}
+
+fn lookup_client(config: &ProxyConfig) -> anyhow::Result<LookupClient> {
+    let mut lookup = LookupClientConfig::default();
+    if let Some(path) = &config.lookup.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the lookup CA file {}", path.display()))?;
+        lookup.extra_roots = certificates_from_pem(&pem)?;
+    }
+    if let Some(path) = &config.lookup.secret_file {
+        let secret = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the lookup secret file {}", path.display()))?;
+        lookup.secret = Some(secret.trim().to_string());
+    }
+    Ok(LookupClient::new(lookup)?)
+}
+
+/// Login limits follow the route table; an invalid whitelist keeps the limits in force.
+fn follow_limits(mut table: TableHandle, throttle: LoginThrottle) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(current) = table.changed().await {
+            if let Err(error) = throttle.set_limits(&current.settings.login_limits) {
+                tracing::error!(%error, "new login limits rejected; keeping the previous ones");
+            }
+        }
+    })
+}
+
+async fn bind(address: &str) -> anyhow::Result<TcpListener> {
+    let resolved = tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("{address:?} is not a listen address"))?
+        .next()
+        .with_context(|| format!("{address:?} resolves to no address"))?;
+    let socket = if resolved.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    // A restarted proxy must bind while its predecessor's connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(resolved)
+        .with_context(|| format!("cannot listen on {resolved}"))?;
+    socket
+        .listen(LISTEN_BACKLOG)
+        .with_context(|| format!("cannot listen on {resolved}"))
+}

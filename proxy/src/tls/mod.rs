@@ -1,0 +1,352 @@
+//! TLS for the mail listeners and for connections to mailbox servers, with rustls (ring).
+//!
+//! - [`CertificateStore`]: the listeners' certificates, chosen by SNI and reloaded from their
+//!   files while sessions run (Kubernetes rotates Secrets in place). A reload that fails keeps
+//!   the certificates in use.
+//! - [`server_config`]: TLS 1.2 and 1.3 only, with ring's default suites (ECDHE with AES-GCM
+//!   or ChaCha20-Poly1305).
+//! - [`UpstreamConnector`]: TLS to IMAPS and POP3S backends, trusting the system's CAs plus
+//!   `upstreamTls.caFile`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use mailproxy_crds::proxy_config::CertificateFiles;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+
+/// Why certificates or trust anchors could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} is not a PEM certificate file: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{path} holds no usable private key: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("no certificates configured")]
+    Empty,
+    #[error("TLS settings rejected: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::BadCertificate {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(chain)
+}
+
+/// One certificate chain and its key, ready for handshakes.
+fn load_pair(files: &CertificateFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = certificates(&files.cert, &read(&files.cert)?)?;
+    let bad_key = |reason: String| TlsError::BadKey {
+        path: files.key.clone(),
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|error| bad_key(error.to_string()))?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| bad_key(error.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // A key type that cannot report its public half is checked by the first handshake.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(error) => {
+            return Err(bad_key(format!(
+                "it does not match {}: {error}",
+                files.cert.display()
+            )));
+        }
+    }
+    Ok(Arc::new(certified))
+}
+
+/// What identifies a version of a file: a Secret update swaps a symlink, so the inode changes
+/// even when size and time happen to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        inode: metadata.ino(),
+        len: metadata.len(),
+        modified: metadata.modified().ok(),
+    })
+}
+
+/// The listeners' certificates: the first is the default, the others are picked when the
+/// client's SNI names one of their subjects.
+pub struct CertificateStore {
+    files: Vec<CertificateFiles>,
+    keys: ArcSwap<Vec<Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateStore")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateStore {
+    /// Loads every pair; any failure is an error, since a proxy must not start without the
+    /// certificates it was told to serve.
+    pub fn load(files: &[CertificateFiles]) -> Result<Arc<Self>, TlsError> {
+        if files.is_empty() {
+            return Err(TlsError::Empty);
+        }
+        let keys = files.iter().map(load_pair).collect::<Result<_, _>>()?;
+        Ok(Arc::new(Self {
+            files: files.to_vec(),
+            keys: ArcSwap::from_pointee(keys),
+        }))
+    }
+
+    /// Reads the files again; on any failure the certificates in use stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let keys = self.files.iter().map(load_pair).collect::<Result<_, _>>()?;
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+
+    fn stamps(&self) -> Vec<Option<FileStamp>> {
+        self.files
+            .iter()
+            .flat_map(|files| [stamp(&files.cert), stamp(&files.key)])
+            .collect()
+    }
+
+    /// Polls the files every `interval` and reloads when one changed, until the store is the
+    /// only owner left (the server has stopped). Polling rather than inotify: a Secret volume
+    /// update replaces a symlink in the parent of the parent of the file, which a watch on the
+    /// file's directory misses on some kernels, and a poll of four stats is cheap.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(self);
+        let mut seen = self.stamps();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                let now = store.stamps();
+                if now == seen {
+                    continue;
+                }
+                match store.reload() {
+                    Ok(()) => {
+                        tracing::info!("TLS certificates reloaded");
+                        seen = now;
+                    }
+                    // Kept unseen so that the next poll retries: a rotation can write the
+                    // certificate and the key a moment apart.
+                    Err(error) => {
+                        tracing::error!(%error, "TLS certificate reload failed; serving the previous certificates");
+                    }
+                }
+            }
+        })
+    }
+
+    fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let keys = self.keys.load();
+        let default = keys.first().cloned();
+        let Some(name) = server_name.and_then(|name| ServerName::try_from(name).ok()) else {
+            return default;
+        };
+        keys.iter()
+            .find(|key| {
+                key.end_entity_cert()
+                    .ok()
+                    .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+                    .is_some_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+            })
+            .cloned()
+            .or(default)
+    }
+}
+
+/// rustls asks the store for every handshake, so a reload takes effect on the next one.
+#[derive(Debug)]
+struct SniResolver(Arc<CertificateStore>);
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.choose(client_hello.server_name())
+    }
+}
+
+/// The listeners' TLS settings over a certificate store.
+pub fn server_config(store: Arc<CertificateStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver(store)));
+    Ok(Arc::new(config))
+}
+
+/// TLS client for IMAPS and POP3S backends.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl fmt::Debug for UpstreamConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConnector").finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConnector {
+    /// Trusts the system's CAs and, when given, those of `ca_file`. A system store that cannot
+    /// be read is not fatal when a CA file is given: backends commonly use a private CA.
+    pub fn new(ca_file: Option<&Path>) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::debug!(%error, "a system CA certificate could not be read");
+        }
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = ca_file {
+            for certificate in certificates(path, &read(path)?)? {
+                roots
+                    .add(certificate)
+                    .map_err(|error| TlsError::BadCertificate {
+                        path: path.to_path_buf(),
+                        reason: error.to_string(),
+                    })?;
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// Handshakes with `host` (a DNS name or an IP literal, checked against the certificate).
+    pub async fn connect(
+        &self,
+        host: &str,
+        stream: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a valid TLS server name"),
+            )
+        })?;
+        self.connector.connect(name, stream).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(dir: &Path, stem: &str, names: &[&str]) -> CertificateFiles {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let files = CertificateFiles {
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    fn subject(key: &CertifiedKey) -> Vec<u8> {
+        key.end_entity_cert().unwrap().to_vec()
+    }
+
+    #[test]
+    fn sni_picks_the_matching_certificate_else_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = pair(dir.path(), "a", &["mail.example.com"]);
+        let second = pair(dir.path(), "b", &["imap.example.org", "*.example.net"]);
+        let store = CertificateStore::load(&[first, second]).unwrap();
+        let keys = store.keys.load_full();
+        let pick = |name: Option<&str>| subject(&store.choose(name).unwrap());
+        assert_eq!(pick(None), subject(&keys[0]));
+        assert_eq!(pick(Some("imap.example.org")), subject(&keys[1]));
+        assert_eq!(pick(Some("x.example.net")), subject(&keys[1]));
+        assert_eq!(pick(Some("mail.example.com")), subject(&keys[0]));
+        assert_eq!(pick(Some("unknown.example")), subject(&keys[0]));
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_certificates_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = pair(dir.path(), "a", &["mail.example.com"]);
+        let store = CertificateStore::load(std::slice::from_ref(&files)).unwrap();
+        let before = subject(&store.choose(None).unwrap());
+        std::fs::write(&files.cert, "not a certificate").unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(subject(&store.choose(None).unwrap()), before);
+        let replacement = pair(dir.path(), "a", &["mail.example.com"]);
+        store.reload().unwrap();
+        assert_ne!(subject(&store.choose(None).unwrap()), before);
+        assert_eq!(replacement, files);
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = pair(dir.path(), "a", &["a.example"]);
+        let b = pair(dir.path(), "b", &["b.example"]);
+        let mixed = CertificateFiles {
+            cert: a.cert,
+            key: b.key,
+        };
+        let error = CertificateStore::load(&[mixed]).unwrap_err().to_string();
+        assert!(error.contains("does not match"), "{error}");
+    }
+}

@@ -1,0 +1,326 @@
+//! The proxy started in-process through the library API ([`mailproxy::serve::Server`]):
+//! graceful shutdown, certificate and route-table reloads under live sessions, idle timeout,
+//! pipelining after login, refused logins and IP throttling, against a lightweight backend.
+
+mod session_support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailproxy::serve::{ServeOptions, Server};
+use mailproxy_crds::proxy_config::ProxyConfig;
+use mailproxy_testkit::free_port;
+use serde_json::json;
+use session_support::{FakeImap, Pki, http_get, replace};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// An async line client.
+struct Client {
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    async fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    async fn send(&mut self, text: &str) {
+        self.reader
+            .get_mut()
+            .write_all(text.as_bytes())
+            .await
+            .expect("send to the proxy");
+    }
+
+    /// The next line, `None` once the proxy closed.
+    async fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), self.reader.read_line(&mut line))
+            .await
+            .expect("the proxy answers or closes within 15 s");
+        match read {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end().to_string()),
+        }
+    }
+
+    async fn logged_in(port: u16, user: &str) -> Self {
+        let mut client = Self::connect(port).await.expect("connect");
+        assert!(client.line().await.unwrap().starts_with("* OK"));
+        client.send(&format!("a LOGIN {user} pw\r\n")).await;
+        assert_eq!(client.line().await.as_deref(), Some("a OK done"));
+        client
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    imap: u16,
+    imaps: u16,
+    health: u16,
+    config: ProxyConfig,
+}
+
+fn routes(fake: &FakeImap, domains: serde_json::Value, settings: serde_json::Value) -> String {
+    json!({
+        "servers": {"fake": {"host": "127.0.0.1", "ports": {"imap": fake.port}}},
+        "domains": domains,
+        "settings": settings,
+    })
+    .to_string()
+}
+
+fn setup(pki: &Pki, routes: &str, grace_seconds: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("routes")).unwrap();
+    let routes_path = dir.path().join("routes/routes.json");
+    replace(&routes_path, routes);
+    let (imap, imaps, health) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        "listeners:\n  - {{protocol: imap, address: '127.0.0.1:{imap}'}}\n  \
+         - {{protocol: imaps, address: '127.0.0.1:{imaps}'}}\n\
+         tls: {{certificates: [{{cert: '{}', key: '{}'}}]}}\n\
+         routeTable: {{file: '{}'}}\nhealthListen: '127.0.0.1:{health}'\n\
+         shutdownGraceSeconds: {grace_seconds}\n",
+        pki.cert().display(),
+        pki.key().display(),
+        routes_path.display()
+    );
+    let config = ProxyConfig::parse(&yaml, Path::new("test.yaml")).unwrap();
+    Setup {
+        dir,
+        imap,
+        imaps,
+        health,
+        config,
+    }
+}
+
+fn options() -> ServeOptions {
+    ServeOptions {
+        certificate_poll_interval: Duration::from_millis(100),
+        upstream_failure_wait: Duration::ZERO,
+        ..ServeOptions::default()
+    }
+}
+
+/// The end-entity certificate the IMAPS listener presents.
+async fn served_certificate(port: u16, ca: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the proxy");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: not within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_sessions_and_shutdown_drains_them() {
+    let fake = FakeImap::start().await;
+    let pki = Pki::new();
+    let ca = pki.ca();
+    let setup = setup(
+        &pki,
+        &routes(&fake, json!({"f.test": "fake"}), json!({})),
+        2,
+    );
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    assert_eq!(server.listener_addresses().len(), 2);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    assert!(
+        http_get(setup.health, "/readyz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+
+    let mut session = Client::logged_in(setup.imap, "u@f.test").await;
+
+    // A certificate rotation: new handshakes get the new certificate.
+    let before = served_certificate(setup.imaps, &ca).await;
+    pki.issue("server");
+    eventually("the rotated certificate", async || {
+        (served_certificate(setup.imaps, &ca).await != before).then_some(())
+    })
+    .await;
+    // A route-table change: a new domain routes without a restart.
+    replace(
+        &setup.dir.path().join("routes/routes.json"),
+        &routes(
+            &fake,
+            json!({"f.test": "fake", "g.test": "fake"}),
+            json!({}),
+        ),
+    );
+    eventually("the new route table", async || {
+        let mut client = Client::connect(setup.imap).await.ok()?;
+        client.line().await?;
+        client.send("a LOGIN u@g.test pw\r\n").await;
+        (client.line().await.as_deref() == Some("a OK done")).then_some(())
+    })
+    .await;
+    session.send("b NOOP\r\n").await;
+    assert_eq!(
+        session.line().await.as_deref(),
+        Some("b OK done"),
+        "the session survived both reloads"
+    );
+
+    // Shutdown: not ready, no new connections, live sessions go on for the grace, then close.
+    let shutdown_started = Instant::now();
+    stop.send(()).unwrap();
+    eventually("readyz to fail", async || {
+        http_get(setup.health, "/readyz")
+            .filter(|answer| answer.starts_with("HTTP/1.1 503"))
+            .map(drop)
+    })
+    .await;
+    eventually("the listener to close", async || {
+        Client::connect(setup.imap).await.is_err().then_some(())
+    })
+    .await;
+    session.send("c NOOP\r\n").await;
+    assert_eq!(
+        session.line().await.as_deref(),
+        Some("c OK done"),
+        "the grace lets it finish"
+    );
+    assert_eq!(session.line().await, None, "closed at the end of the grace");
+    let took = shutdown_started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run returns after the grace")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_pipelining_refusals_and_ip_throttling() {
+    let fake = FakeImap::start().await;
+    let settings =
+        json!({"timeouts": {"idleSeconds": 1}, "loginLimits": {"ipLimit": 4, "userLimit": 1}});
+    let pki = Pki::new();
+    let setup = setup(&pki, &routes(&fake, json!({"f.test": "fake"}), settings), 1);
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    // Commands pipelined behind the login reach the backend once it is done.
+    let mut session = Client::connect(setup.imap).await.unwrap();
+    assert!(session.line().await.unwrap().starts_with("* OK"));
+    session
+        .send("a LOGIN u@f.test/tb pw\r\nb NOOP\r\nc NOOP\r\n")
+        .await;
+    assert_eq!(session.line().await.as_deref(), Some("a OK done"));
+    assert_eq!(session.line().await.as_deref(), Some("b OK done"));
+    assert_eq!(session.line().await.as_deref(), Some("c OK done"));
+    let idle_since = Instant::now();
+    assert_eq!(session.line().await, None, "closed when idle");
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "{idle:?}"
+    );
+
+    let mut refused = Client::connect(setup.imap).await.unwrap();
+    refused.line().await.unwrap();
+    refused.send("x LOGIN w@f.test wrong\r\n").await;
+    assert_eq!(refused.line().await.as_deref(), Some("x NO LOGIN failed"));
+    assert_eq!(refused.line().await, None);
+
+    // u@f.test logged in once (the /tb suffix is not part of the name): that is its limit.
+    let mut again = Client::connect(setup.imap).await.unwrap();
+    again.line().await.unwrap();
+    again.send("b LOGIN u@f.test pw\r\n").await;
+    assert_eq!(
+        again.line().await.as_deref(),
+        Some("* BYE Login rejected for this user")
+    );
+    assert_eq!(again.line().await.as_deref(), Some("b NO LOGIN failed"));
+    assert_eq!(again.line().await, None);
+
+    let mut third = Client::connect(setup.imap).await.unwrap();
+    assert!(third.line().await.unwrap().starts_with("* OK"));
+    let mut fourth = Client::connect(setup.imap).await.unwrap();
+    assert_eq!(
+        fourth.line().await.as_deref(),
+        Some("* BYE Login rejected from this IP")
+    );
+    assert_eq!(fourth.line().await, None);
+
+    let metrics = http_get(setup.health, "/metrics").unwrap();
+    for (outcome, count) in [("idle_timeout", 1), ("login_failed", 1), ("throttled", 2)] {
+        assert!(
+            metrics.contains(&format!(
+                "mailproxy_sessions_total{{protocol=\"imap\",outcome=\"{outcome}\"}} {count}"
+            )),
+            "{outcome}: {metrics}"
+        );
+    }
+    stop.send(()).unwrap();
+    drop(third);
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn http_listeners_are_refused_with_a_clear_error() {
+    let yaml =
+        "listeners: [{protocol: http, address: '127.0.0.1:1'}]\nrouteTable: {file: /nonexistent}\n";
+    let config = ProxyConfig::parse(yaml, Path::new("test.yaml")).unwrap();
+    let error = Server::bind(&config, ServeOptions::default())
+        .await
+        .err()
+        .expect("an http listener is refused")
+        .to_string();
+    assert!(error.contains("not implemented yet"), "{error}");
+}
+
+#[test]
+fn the_standalone_example_is_a_valid_configuration() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
+    let config = ProxyConfig::from_file(&root.join("config.yaml")).unwrap();
+    assert_eq!(config.listeners.len(), 4);
+    let routes = std::fs::read_to_string(root.join("routes.json")).unwrap();
+    let table = mailproxy_crds::route_table::RouteTable::from_json(&routes).unwrap();
+    assert_eq!(table.pinned_domain("example.org").unwrap().0, "mbs2");
+}
