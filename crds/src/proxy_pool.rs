@@ -104,7 +104,9 @@ pub struct ProxyPoolSpec {
 
 /// Client-facing listeners (Zimbra proxy defaults).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[x_kube(validation = Rule::new("[self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled).map(l, l.port).all(p, [self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled && l.port == p).size() == 1)").message("spec.listeners: two enabled listeners use the same port"))]
+// One list of ports rather than of listener objects: the API server types each listener field
+// separately and refuses a list that mixes them. A disabled listener counts as port 0.
+#[x_kube(validation = Rule::new("[self.imap.enabled ? self.imap.port : 0, self.imaps.enabled ? self.imaps.port : 0, self.pop3.enabled ? self.pop3.port : 0, self.pop3s.enabled ? self.pop3s.port : 0, self.http.enabled ? self.http.port : 0, self.https.enabled ? self.https.port : 0].all(p, p == 0 || [self.imap.enabled ? self.imap.port : 0, self.imaps.enabled ? self.imaps.port : 0, self.pop3.enabled ? self.pop3.port : 0, self.pop3s.enabled ? self.pop3s.port : 0, self.http.enabled ? self.http.port : 0, self.https.enabled ? self.https.port : 0].filter(q, q == p).size() == 1)").message("spec.listeners: two enabled listeners use the same port"))]
 #[serde(rename_all = "camelCase")]
 pub struct Listeners {
     #[serde(default = "listener::imap")]

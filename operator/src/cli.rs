@@ -98,18 +98,26 @@ mod tests {
             memcached_servers: vec!["m:11211".into()],
             ..RouteTable::default()
         };
-        assert_eq!(zmprov(&table, Zmprov::Garpu), "http://a:7072/x http://b:7072/x\n");
+        assert_eq!(
+            zmprov(&table, Zmprov::Garpu),
+            "http://a:7072/x http://b:7072/x\n"
+        );
         assert_eq!(zmprov(&table, Zmprov::Gamcs), "m:11211\n");
         assert_eq!(zmprov(&table, Zmprov::Gamau), "\n");
-        assert_eq!(zmprov(&table, Zmprov::Garpb), "    server localhost:8080;\n");
+        assert_eq!(
+            zmprov(&table, Zmprov::Garpb),
+            "    server localhost:8080;\n"
+        );
     }
 
     #[test]
     fn status_lists_conditions_and_servers() {
         let mut pool = ProxyPool::new(
             "main",
-            serde_json::from_value(serde_json::json!({"mailboxSelector": {"matchLabels": {"a": "b"}}}))
-                .unwrap(),
+            serde_json::from_value(
+                serde_json::json!({"mailboxSelector": {"matchLabels": {"a": "b"}}}),
+            )
+            .unwrap(),
         );
         pool.metadata.generation = Some(2);
         pool.status = Some(ProxyPoolStatus {
@@ -137,9 +145,21 @@ mod tests {
             },
         );
         let text = render_status(&[pool], &BTreeMap::from([("main".to_string(), table)]));
-        assert!(text.contains("ProxyPool main: 0/2 proxies ready, 1 MailboxServers, route table abc"), "{text}");
-        assert!(text.contains("  Ready=False ProxiesNotReady: 0 of 2 proxy pods ready"), "{text}");
-        assert!(text.contains("  servers: mbs1 (10.0.0.1, draining)"), "{text}");
-        assert_eq!(render_status(&[], &BTreeMap::new()), "No ProxyPools found.\n");
+        assert!(
+            text.contains("ProxyPool main: 0/2 proxies ready, 1 MailboxServers, route table abc"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Ready=False ProxiesNotReady: 0 of 2 proxy pods ready"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  servers: mbs1 (10.0.0.1, draining)"),
+            "{text}"
+        );
+        assert_eq!(
+            render_status(&[], &BTreeMap::new()),
+            "No ProxyPools found.\n"
+        );
     }
 }

@@ -53,7 +53,8 @@ pub fn merge(
 }
 
 /// The status of condition `type_`, if present.
-pub fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+#[cfg(test)]
+pub(crate) fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
     conditions
         .iter()
         .find(|c| c.type_ == type_)

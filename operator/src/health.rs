@@ -103,14 +103,26 @@ mod tests {
     fn readyz_follows_readiness_and_metrics_are_served() {
         let health = Health::default();
         let metrics = Metrics::default();
-        assert_eq!(respond("/healthz", &health, &metrics).status(), StatusCode::OK);
+        assert_eq!(
+            respond("/healthz", &health, &metrics).status(),
+            StatusCode::OK
+        );
         assert_eq!(
             respond("/readyz", &health, &metrics).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         health.set_ready();
-        assert_eq!(respond("/readyz", &health, &metrics).status(), StatusCode::OK);
-        assert_eq!(respond("/metrics", &health, &metrics).status(), StatusCode::OK);
-        assert_eq!(respond("/nope", &health, &metrics).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            respond("/readyz", &health, &metrics).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            respond("/metrics", &health, &metrics).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            respond("/nope", &health, &metrics).status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

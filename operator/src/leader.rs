@@ -66,7 +66,11 @@ pub async fn run(
         }
         metrics.set_leader(true);
         tracing::info!(identity = %settings.identity, "leading: starting the controllers");
-        let ctx = Arc::new(Context::new(client.clone(), settings.clone(), metrics.clone()));
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+        ));
         let ended = tokio::select! {
             () = &mut shutdown => Some(Ok(())),
             lost = until(&mut leading, false) => match lost {

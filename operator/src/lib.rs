@@ -58,10 +58,6 @@ impl Operator {
         self.health.clone()
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Checks that the CRDs are installed, then campaigns for leadership and runs the controllers
     /// while leading, until `shutdown` resolves (the lease is then released).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use mailproxy_operator::{Operator, Settings, health};
 
 #[derive(Parser)]
-#[command(name = "mailproxy-operator", version, about = "Control plane of a mailproxy fleet")]
+#[command(
+    name = "mailproxy-operator",
+    version,
+    about = "Control plane of a mailproxy fleet"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -100,9 +104,9 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot reach the Kubernetes API: run in a pod with a ServiceAccount, or set KUBECONFIG")?;
+    let client = kube::Client::try_default().await.context(
+        "cannot reach the Kubernetes API: run in a pod with a ServiceAccount, or set KUBECONFIG",
+    )?;
     let mut settings = Settings::new(identity(&args), args.lease_namespace.clone());
     settings.namespace = args.namespace.clone();
     settings.lease_name = args.lease_name.clone();
@@ -137,9 +141,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", documents.join("---\n"));
             Ok(())
         }
-        Some(Command::Crds {
-            out_dir: Some(dir),
-        }) => {
+        Some(Command::Crds { out_dir: Some(dir) }) => {
             for (name, yaml) in mailproxy_crds::manifests::files() {
                 let path = dir.join(name);
                 std::fs::write(&path, yaml)

@@ -98,8 +98,7 @@ pub struct ReconcileTimer {
 
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
-        self.histogram
-            .observe(self.started.elapsed().as_secs_f64());
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -150,22 +149,8 @@ impl Metrics {
             .get()
     }
 
-    /// Failures of `controller` with `reason` so far.
-    pub fn failures(&self, controller: &str, reason: &str) -> u64 {
-        self.failures
-            .get_or_create(&FailureLabels {
-                controller: controller.to_string(),
-                reason: reason.to_string(),
-            })
-            .get()
-    }
-
     pub fn is_leader(&self) -> bool {
         self.leader.get() == 1
-    }
-
-    pub fn route_table_writes(&self) -> u64 {
-        self.route_table_writes.get()
     }
 
     /// The OpenMetrics text exposition.
@@ -188,7 +173,6 @@ mod tests {
         metrics.reconcile_failed("proxypool", "apply");
         metrics.set_leader(true);
         assert_eq!(metrics.reconciles("proxypool"), 1);
-        assert_eq!(metrics.failures("proxypool", "apply"), 1);
         assert!(metrics.is_leader());
         let text = metrics.encode();
         assert!(

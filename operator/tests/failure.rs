@@ -24,7 +24,10 @@ async fn servers_in_table(client: &Client, namespace: &str) -> Result<Vec<String
         .get("fail-routes")
         .await
         .map_err(|e| e.to_string())?;
-    let text = map.data.and_then(|d| d.get(CONFIGMAP_KEY).cloned()).ok_or("no routes.json")?;
+    let text = map
+        .data
+        .and_then(|d| d.get(CONFIGMAP_KEY).cloned())
+        .ok_or("no routes.json")?;
     let table = RouteTable::from_json(&text).map_err(|e| e.to_string())?;
     Ok(table.servers.into_keys().collect())
 }
@@ -39,7 +42,16 @@ async fn children(client: &Client, namespace: &str) -> Result<Vec<String>, Strin
             names.extend(items.into_iter().map(|i| format!("{}/{}", stringify!($kind), i.name_any())));
         )*};
     }
-    list!(ServiceAccount, Role, RoleBinding, ConfigMap, Service, StatefulSet, Deployment, PodDisruptionBudget);
+    list!(
+        ServiceAccount,
+        Role,
+        RoleBinding,
+        ConfigMap,
+        Service,
+        StatefulSet,
+        Deployment,
+        PodDisruptionBudget
+    );
     names.sort();
     Ok(names)
 }
@@ -52,54 +64,118 @@ async fn the_operator_recovers_from_an_api_server_restart_without_duplicates_or_
     let operator = start_operator(client.clone(), settings(&ns, "failure-op"));
     let servers = servers(&client, &ns);
     let labels = json!({"pool": "fail"});
-    apply(&servers, "s1", mailbox_server("s1", labels.clone(), json!({"host": "10.4.0.1"}))).await;
-    apply(&pools(&client, &ns), "fail", proxy_pool("fail", json!({"mailboxSelector": {"matchLabels": {"pool": "fail"}}}))).await;
+    apply(
+        &servers,
+        "s1",
+        mailbox_server("s1", labels.clone(), json!({"host": "10.4.0.1"})),
+    )
+    .await;
+    apply(
+        &pools(&client, &ns),
+        "fail",
+        proxy_pool(
+            "fail",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "fail"}}}),
+        ),
+    )
+    .await;
     eventually("s1 routed", Duration::from_secs(20), || async {
         let names = servers_in_table(&client, &ns).await?;
-        (names == ["s1"]).then_some(()).ok_or_else(|| format!("{names:?}"))
+        (names == ["s1"])
+            .then_some(())
+            .ok_or_else(|| format!("{names:?}"))
     })
     .await;
     let expected = eventually("every child", Duration::from_secs(20), || async {
         let names = children(&client, &ns).await?;
-        (names.len() == 10).then_some(names.clone()).ok_or_else(|| format!("{names:?}"))
+        (names.len() == 10)
+            .then_some(names.clone())
+            .ok_or_else(|| format!("{names:?}"))
     })
     .await;
 
     // A change the operator starts reconciling, then the API server disappears under it.
-    apply(&servers, "s2", mailbox_server("s2", labels.clone(), json!({"host": "10.4.0.2"}))).await;
+    apply(
+        &servers,
+        "s2",
+        mailbox_server("s2", labels.clone(), json!({"host": "10.4.0.2"})),
+    )
+    .await;
     cp.stop_apiserver();
     let outage = Duration::from_secs(4);
     tokio::time::sleep(outage).await;
     cp.restart_apiserver().await.unwrap();
 
-    eventually("the change made before the outage lands", RECOVERY, || async {
-        let names = servers_in_table(&client, &ns).await?;
-        (names == ["s1", "s2"]).then_some(()).ok_or_else(|| format!("{names:?}"))
-    })
+    eventually(
+        "the change made before the outage lands",
+        RECOVERY,
+        || async {
+            let names = servers_in_table(&client, &ns).await?;
+            (names == ["s1", "s2"])
+                .then_some(())
+                .ok_or_else(|| format!("{names:?}"))
+        },
+    )
     .await;
     // Watches resumed: a change after the outage lands within seconds.
-    apply(&servers, "s3", mailbox_server("s3", labels, json!({"host": "10.4.0.3"}))).await;
-    eventually("a change after the outage lands", Duration::from_secs(20), || async {
-        let names = servers_in_table(&client, &ns).await?;
-        (names == ["s1", "s2", "s3"]).then_some(()).ok_or_else(|| format!("{names:?}"))
-    })
+    apply(
+        &servers,
+        "s3",
+        mailbox_server("s3", labels, json!({"host": "10.4.0.3"})),
+    )
+    .await;
+    eventually(
+        "a change after the outage lands",
+        Duration::from_secs(20),
+        || async {
+            let names = servers_in_table(&client, &ns).await?;
+            (names == ["s1", "s2", "s3"])
+                .then_some(())
+                .ok_or_else(|| format!("{names:?}"))
+        },
+    )
     .await;
 
-    assert_eq!(children(&client, &ns).await.unwrap(), expected, "no duplicate, no lost child");
+    assert_eq!(
+        children(&client, &ns).await.unwrap(),
+        expected,
+        "no duplicate, no lost child"
+    );
     let sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns)
         .list_metadata(&ListParams::default())
         .await
         .unwrap();
-    assert_eq!(sets.items.len(), 1, "the pod template did not change: one ReplicaSet");
-    let pool: ProxyPool = eventually("the pool is healthy again", Duration::from_secs(20), || async {
-        let pool: ProxyPool = pools(&client, &ns).get("fail").await.map_err(|e| e.to_string())?;
-        let status = pool.status.clone().unwrap_or_default();
-        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").map(|c| c.status.clone());
-        (degraded.as_deref() == Some("False") && status.mailbox_servers == 3)
-            .then_some(pool.clone())
-            .ok_or_else(|| format!("{status:?}"))
-    })
+    assert_eq!(
+        sets.items.len(),
+        1,
+        "the pod template did not change: one ReplicaSet"
+    );
+    let pool: ProxyPool = eventually(
+        "the pool is healthy again",
+        Duration::from_secs(20),
+        || async {
+            let pool: ProxyPool = pools(&client, &ns)
+                .get("fail")
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = pool.status.clone().unwrap_or_default();
+            let degraded = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Degraded")
+                .map(|c| c.status.clone());
+            (degraded.as_deref() == Some("False") && status.mailbox_servers == 3)
+                .then_some(pool.clone())
+                .ok_or_else(|| format!("{status:?}"))
+        },
+    )
     .await;
-    assert_eq!(pool.status.unwrap().observed_generation, pool.metadata.generation);
-    assert!(operator.metrics.is_leader(), "the only replica keeps leading");
+    assert_eq!(
+        pool.status.unwrap().observed_generation,
+        pool.metadata.generation
+    );
+    assert!(
+        operator.metrics.is_leader(),
+        "the only replica keeps leading"
+    );
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use mailproxy_crds::proxy_config::{ProxyConfig, RouteTableSource};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,10 @@ async fn route_table(client: &Client, namespace: &str, pool: &str) -> Result<Rou
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no route-table ConfigMap yet")?;
-    let text = map.data.and_then(|d| d.get(CONFIGMAP_KEY).cloned()).ok_or("no routes.json")?;
+    let text = map
+        .data
+        .and_then(|d| d.get(CONFIGMAP_KEY).cloned())
+        .ok_or("no routes.json")?;
     RouteTable::from_json(&text).map_err(|e| e.to_string())
 }
 
@@ -43,7 +47,11 @@ async fn table_where(
     let started = Instant::now();
     let table = eventually(what, SOON, || async {
         let table = route_table(client, namespace, pool).await?;
-        if predicate(&table) { Ok(table) } else { Err(format!("{table:?}")) }
+        if predicate(&table) {
+            Ok(table)
+        } else {
+            Err(format!("{table:?}"))
+        }
     })
     .await;
     (table, started.elapsed())
@@ -117,11 +125,34 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
     let _operator = start_operator(client.clone(), settings(&ns, "children-op"));
     tls_secret(&client, &ns, "cert").await;
     let servers = servers(&client, &ns);
-    apply(&servers, "a", mailbox_server("a", json!({"pool": "main"}), json!({
-        "host": "10.1.0.1", "accounts": ["alice@example.com"], "domains": ["example.com"]}))).await;
-    apply(&servers, "b", mailbox_server("b", json!({"pool": "main"}), json!({
-        "service": "dovecot", "mtaAuthTarget": true}))).await;
-    apply(&servers, "other", mailbox_server("other", json!({"pool": "other"}), json!({"host": "h"}))).await;
+    apply(
+        &servers,
+        "a",
+        mailbox_server(
+            "a",
+            json!({"pool": "main"}),
+            json!({
+        "host": "10.1.0.1", "accounts": ["alice@example.com"], "domains": ["example.com"]}),
+        ),
+    )
+    .await;
+    apply(
+        &servers,
+        "b",
+        mailbox_server(
+            "b",
+            json!({"pool": "main"}),
+            json!({
+        "service": "dovecot", "mtaAuthTarget": true}),
+        ),
+    )
+    .await;
+    apply(
+        &servers,
+        "other",
+        mailbox_server("other", json!({"pool": "other"}), json!({"host": "h"})),
+    )
+    .await;
     let pool = apply(&pools(&client, &ns), "main", proxy_pool("main", json!({
         "replicas": 2,
         "mailboxSelector": {"matchLabels": {"pool": "main"}},
@@ -133,33 +164,76 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
     }))).await;
     let uid = pool.uid().unwrap();
 
-    let deployment: Deployment = eventually("the Deployment", SOON, || get(&client, &ns, "main")).await;
+    let deployment: Deployment =
+        eventually("the Deployment", SOON, || get(&client, &ns, "main")).await;
     let owner = &deployment.owner_references()[0];
-    assert_eq!((owner.uid.as_str(), owner.controller), (uid.as_str(), Some(true)));
-    assert_eq!(deployment.labels()["app.kubernetes.io/managed-by"], "mailproxy-operator");
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        (uid.as_str(), Some(true))
+    );
+    assert_eq!(
+        deployment.labels()["app.kubernetes.io/managed-by"],
+        "mailproxy-operator"
+    );
     let spec = deployment.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(2));
     let template = &spec.template;
-    assert!(template.metadata.as_ref().unwrap().annotations.as_ref().unwrap().contains_key("mailproxy.io/restart-hash"));
+    assert!(
+        template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key("mailproxy.io/restart-hash")
+    );
     let pod = template.spec.as_ref().unwrap();
     assert_eq!(pod.termination_grace_period_seconds, Some(60));
     assert_eq!(pod.service_account_name.as_deref(), Some("main-proxy"));
     let container = &pod.containers[0];
-    assert_eq!(container.args.as_ref().unwrap(), &["serve", "--config", "/etc/mailproxy/config.json"]);
+    assert_eq!(
+        container.args.as_ref().unwrap(),
+        &["serve", "--config", "/etc/mailproxy/config.yaml"]
+    );
     let security = container.security_context.as_ref().unwrap();
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
-    let tls = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").unwrap();
-    assert_eq!(tls.secret.as_ref().unwrap().secret_name.as_deref(), Some("cert"));
-    let managers: Vec<String> = deployment.managed_fields().iter().filter_map(|m| m.manager.clone()).collect();
-    assert!(managers.contains(&"mailproxy-operator".to_string()), "{managers:?}");
+    let tls = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "tls")
+        .unwrap();
+    assert_eq!(
+        tls.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("cert")
+    );
+    let managers: Vec<String> = deployment
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.contains(&"mailproxy-operator".to_string()),
+        "{managers:?}"
+    );
 
     // kube-controller-manager runs the Deployment: a ReplicaSet and (Pending) pods appear.
     eventually("a ReplicaSet owned by the Deployment", SOON, || async {
-        let sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        sets.items.iter().any(|rs| rs.owner_references().iter().any(|o| o.name == "main")).then_some(()).ok_or_else(|| format!("{} ReplicaSets", sets.items.len()))
-    }).await;
+        let sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        sets.items
+            .iter()
+            .any(|rs| rs.owner_references().iter().any(|o| o.name == "main"))
+            .then_some(())
+            .ok_or_else(|| format!("{} ReplicaSets", sets.items.len()))
+    })
+    .await;
 
     let service: Service = get(&client, &ns, "main").await.unwrap();
     let svc = service.spec.unwrap();
@@ -167,14 +241,29 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
     assert_eq!(svc.external_traffic_policy.as_deref(), Some("Local"));
     assert_eq!(svc.ports.unwrap().len(), 6);
     assert_eq!(service.metadata.annotations.unwrap()["lb"], "internal");
-    let headless: Service = eventually("memcached Service", SOON, || get(&client, &ns, "main-memcached")).await;
+    let headless: Service = eventually("memcached Service", SOON, || {
+        get(&client, &ns, "main-memcached")
+    })
+    .await;
     assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
-    let memcached: StatefulSet = eventually("memcached StatefulSet", SOON, || get(&client, &ns, "main-memcached")).await;
+    let memcached: StatefulSet = eventually("memcached StatefulSet", SOON, || {
+        get(&client, &ns, "main-memcached")
+    })
+    .await;
     let memcached_spec = memcached.spec.unwrap();
     assert_eq!(memcached_spec.replicas, Some(2));
-    assert_eq!(memcached_spec.template.spec.unwrap().containers[0].args.as_ref().unwrap()[..2], ["-m".to_string(), "128".to_string()]);
+    assert_eq!(
+        memcached_spec.template.spec.unwrap().containers[0]
+            .args
+            .as_ref()
+            .unwrap()[..2],
+        ["-m".to_string(), "128".to_string()]
+    );
 
-    let (table, _) = table_where(&client, &ns, "main", "route table with a and b", |t| t.servers.len() == 2).await;
+    let (table, _) = table_where(&client, &ns, "main", "route table with a and b", |t| {
+        t.servers.len() == 2
+    })
+    .await;
     assert_eq!(table.servers["a"].host, "10.1.0.1");
     assert_eq!(table.servers["b"].host, format!("dovecot.{ns}.svc"));
     assert!(!table.servers.contains_key("other"));
@@ -184,11 +273,24 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
         table.memcached_servers,
         [0, 1].map(|i| format!("main-memcached-{i}.main-memcached.{ns}.svc:11211"))
     );
-    assert_eq!(table.mta_auth_urls, [format!("https://dovecot.{ns}.svc:7073/service/admin/soap/")]);
+    assert_eq!(
+        table.mta_auth_urls,
+        [format!("https://dovecot.{ns}.svc:7073/service/admin/soap/")]
+    );
     let config: ConfigMap = get(&client, &ns, "main-config").await.unwrap();
-    let config: serde_json::Value = serde_json::from_str(&config.data.unwrap()["config.json"]).unwrap();
-    assert_eq!(config["routeTable"], json!({"configMap": {"namespace": ns, "name": "main-routes"}}));
-    assert_eq!(config["tls"]["certificateFile"], "/etc/mailproxy/tls/tls.crt");
+    let config = ProxyConfig::parse(
+        &config.data.unwrap()["config.yaml"],
+        std::path::Path::new("config.yaml"),
+    )
+    .expect("the operator writes a configuration `mailproxy serve` accepts");
+    assert_eq!(
+        config.route_table,
+        RouteTableSource::config_map(ns.as_str(), "main-routes")
+    );
+    assert_eq!(
+        config.tls.unwrap().certificates[0].cert,
+        std::path::Path::new("/etc/mailproxy/tls/tls.crt")
+    );
 
     let _: ServiceAccount = get(&client, &ns, "main-proxy").await.unwrap();
     let role: Role = get(&client, &ns, "main-proxy").await.unwrap();
@@ -209,26 +311,52 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
     })
     .await;
     let status = pool.status.clone().unwrap();
-    assert_eq!(condition(&pool, "Degraded"), Some(("False".into(), "ReconcileSucceeded".into())));
-    assert_eq!(condition(&pool, "Ready"), Some(("False".into(), "ProxiesNotReady".into())));
+    assert_eq!(
+        condition(&pool, "Degraded"),
+        Some(("False".into(), "ReconcileSucceeded".into()))
+    );
+    assert_eq!(
+        condition(&pool, "Ready"),
+        Some(("False".into(), "ProxiesNotReady".into()))
+    );
     assert_eq!(status.route_table_version, Some(table.version()));
-    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/component=proxy,app.kubernetes.io/instance=main,app.kubernetes.io/name=mailproxy"));
+    assert_eq!(
+        status.selector.as_deref(),
+        Some(
+            "app.kubernetes.io/component=proxy,app.kubernetes.io/instance=main,app.kubernetes.io/name=mailproxy"
+        )
+    );
 
     let a: MailboxServer = eventually("server a's status", SOON, || async {
         let server: MailboxServer = get(&client, &ns, "a").await?;
-        (server.status.as_ref().is_some_and(|s| s.pools == ["main"])).then_some(server.clone()).ok_or_else(|| format!("{:?}", server.status))
+        (server.status.as_ref().is_some_and(|s| s.pools == ["main"]))
+            .then_some(server.clone())
+            .ok_or_else(|| format!("{:?}", server.status))
     })
     .await;
-    assert!(a.finalizers().contains(&"mailproxy.io/purge-routes".to_string()));
+    assert!(
+        a.finalizers()
+            .contains(&"mailproxy.io/purge-routes".to_string())
+    );
     assert_eq!(a.status.unwrap().conditions[0].reason, "Routed");
     eventually("server other is not selected", SOON, || async {
         let server: MailboxServer = get(&client, &ns, "other").await?;
         let status = server.status.unwrap_or_default();
-        (status.conditions.first().map(|c| c.reason.as_str()) == Some("NotSelected")).then_some(()).ok_or_else(|| format!("{status:?}"))
+        (status.conditions.first().map(|c| c.reason.as_str()) == Some("NotSelected"))
+            .then_some(())
+            .ok_or_else(|| format!("{status:?}"))
     })
     .await;
-    let reasons: Vec<String> = events(&client, &ns, "main").await.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.contains(&"Created".to_string()) && reasons.contains(&"RouteTableUpdated".to_string()), "{reasons:?}");
+    let reasons: Vec<String> = events(&client, &ns, "main")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains(&"Created".to_string())
+            && reasons.contains(&"RouteTableUpdated".to_string()),
+        "{reasons:?}"
+    );
 
     // kubectl mailproxy answers from the same table.
     let plugin = |args: &[&str]| {
@@ -237,15 +365,34 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
             .env("KUBECONFIG", cp.kubeconfig())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
-    assert_eq!(plugin(&["zmprov", "gamcs", "--pool", "main", "-n", &ns]), format!("{}\n", table.gamcs()));
-    assert_eq!(plugin(&["zmprov", "garpu", "--pool", "main", "-n", &ns]), format!("{}\n", table.garpu()));
+    assert_eq!(
+        plugin(&["zmprov", "gamcs", "--pool", "main", "-n", &ns]),
+        format!("{}\n", table.gamcs())
+    );
+    assert_eq!(
+        plugin(&["zmprov", "garpu", "--pool", "main", "-n", &ns]),
+        format!("{}\n", table.garpu())
+    );
     let overview = plugin(&["status", "-n", &ns]);
-    assert!(overview.contains("ProxyPool main: 0/2 proxies ready, 2 MailboxServers"), "{overview}");
-    assert!(overview.contains("Degraded=False ReconcileSucceeded"), "{overview}");
-    assert!(overview.contains(&format!("servers: a (10.1.0.1), b (dovecot.{ns}.svc)")), "{overview}");
+    assert!(
+        overview.contains("ProxyPool main: 0/2 proxies ready, 2 MailboxServers"),
+        "{overview}"
+    );
+    assert!(
+        overview.contains("Degraded=False ReconcileSucceeded"),
+        "{overview}"
+    );
+    assert!(
+        overview.contains(&format!("servers: a (10.1.0.1), b (dovecot.{ns}.svc)")),
+        "{overview}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,42 +403,128 @@ async fn the_route_table_follows_mailbox_servers_within_seconds() {
     let _operator = start_operator(client.clone(), settings(&ns, "routes-op"));
     let servers = servers(&client, &ns);
     let labels = json!({"pool": "rt"});
-    apply(&servers, "s1", mailbox_server("s1", labels.clone(), json!({"host": "10.2.0.1", "accounts": ["one@example.com"]}))).await;
-    apply(&pools(&client, &ns), "rt", proxy_pool("rt", json!({"mailboxSelector": {"matchLabels": {"pool": "rt"}}}))).await;
-    table_where(&client, &ns, "rt", "s1 routed", |t| t.servers.contains_key("s1")).await;
+    apply(
+        &servers,
+        "s1",
+        mailbox_server(
+            "s1",
+            labels.clone(),
+            json!({"host": "10.2.0.1", "accounts": ["one@example.com"]}),
+        ),
+    )
+    .await;
+    apply(
+        &pools(&client, &ns),
+        "rt",
+        proxy_pool(
+            "rt",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "rt"}}}),
+        ),
+    )
+    .await;
+    table_where(&client, &ns, "rt", "s1 routed", |t| {
+        t.servers.contains_key("s1")
+    })
+    .await;
 
     let mut latencies = BTreeMap::new();
-    apply(&servers, "s2", mailbox_server("s2", labels.clone(), json!({"host": "10.2.0.2", "accounts": ["two@example.com"]}))).await;
-    let (_, added) = table_where(&client, &ns, "rt", "s2 added", |t| t.pinned_account("two@example.com").is_some()).await;
+    apply(
+        &servers,
+        "s2",
+        mailbox_server(
+            "s2",
+            labels.clone(),
+            json!({"host": "10.2.0.2", "accounts": ["two@example.com"]}),
+        ),
+    )
+    .await;
+    let (_, added) = table_where(&client, &ns, "rt", "s2 added", |t| {
+        t.pinned_account("two@example.com").is_some()
+    })
+    .await;
     latencies.insert("added", added);
 
-    apply(&servers, "s2", mailbox_server("s2", labels.clone(), json!({"host": "10.2.0.2", "accounts": ["two@example.com", "three@example.com"]}))).await;
-    let (_, changed) = table_where(&client, &ns, "rt", "s2 changed", |t| t.pinned_account("three@example.com").is_some()).await;
+    apply(
+        &servers,
+        "s2",
+        mailbox_server(
+            "s2",
+            labels.clone(),
+            json!({"host": "10.2.0.2", "accounts": ["two@example.com", "three@example.com"]}),
+        ),
+    )
+    .await;
+    let (_, changed) = table_where(&client, &ns, "rt", "s2 changed", |t| {
+        t.pinned_account("three@example.com").is_some()
+    })
+    .await;
     latencies.insert("changed", changed);
 
-    apply(&servers, "s1", mailbox_server("s1", labels.clone(), json!({"host": "10.2.0.1", "accounts": ["one@example.com"], "drain": true}))).await;
-    let (table, drained) = table_where(&client, &ns, "rt", "s1 drained", |t| t.servers.get("s1").is_some_and(|s| s.draining)).await;
+    apply(
+        &servers,
+        "s1",
+        mailbox_server(
+            "s1",
+            labels.clone(),
+            json!({"host": "10.2.0.1", "accounts": ["one@example.com"], "drain": true}),
+        ),
+    )
+    .await;
+    let (table, drained) = table_where(&client, &ns, "rt", "s1 drained", |t| {
+        t.servers.get("s1").is_some_and(|s| s.draining)
+    })
+    .await;
     assert!(table.pinned_account("one@example.com").is_none());
     assert!(!table.lookup_handlers.iter().any(|h| h.contains("10.2.0.1")));
     latencies.insert("drained", drained);
     eventually("s1 reports Draining", SOON, || async {
         let server: MailboxServer = get(&client, &ns, "s1").await?;
         let status = server.status.unwrap_or_default();
-        status.conditions.iter().any(|c| c.type_ == "Draining" && c.status == "True").then_some(()).ok_or_else(|| format!("{status:?}"))
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Draining" && c.status == "True")
+            .then_some(())
+            .ok_or_else(|| format!("{status:?}"))
     })
     .await;
 
-    apply(&servers, "s2", mailbox_server("s2", json!({"pool": "elsewhere"}), json!({"host": "10.2.0.2", "accounts": ["two@example.com", "three@example.com"]}))).await;
-    let (_, relabelled) = table_where(&client, &ns, "rt", "s2 relabelled away", |t| !t.servers.contains_key("s2")).await;
+    apply(
+        &servers,
+        "s2",
+        mailbox_server(
+            "s2",
+            json!({"pool": "elsewhere"}),
+            json!({"host": "10.2.0.2", "accounts": ["two@example.com", "three@example.com"]}),
+        ),
+    )
+    .await;
+    let (_, relabelled) = table_where(&client, &ns, "rt", "s2 relabelled away", |t| {
+        !t.servers.contains_key("s2")
+    })
+    .await;
     latencies.insert("relabelled", relabelled);
 
-    servers.delete("s1", &DeleteParams::default()).await.unwrap();
-    let (_, deleted) = table_where(&client, &ns, "rt", "s1 deleted", |t| !t.servers.contains_key("s1")).await;
+    servers
+        .delete("s1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (_, deleted) = table_where(&client, &ns, "rt", "s1 deleted", |t| {
+        !t.servers.contains_key("s1")
+    })
+    .await;
     latencies.insert("deleted", deleted);
     // The finalizer purged (or, memcached being unreachable without a kubelet, skipped with an
     // Event) and let the server go.
-    eventually("s1 gone", SOON, || absent::<MailboxServer>(&client, &ns, "s1")).await;
-    let reasons: Vec<String> = events(&client, &ns, "s1").await.into_iter().filter_map(|e| e.reason).collect();
+    eventually("s1 gone", SOON, || {
+        absent::<MailboxServer>(&client, &ns, "s1")
+    })
+    .await;
+    let reasons: Vec<String> = events(&client, &ns, "s1")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     assert!(reasons.contains(&"PurgeSkipped".to_string()), "{reasons:?}");
     eprintln!("MailboxServer change to route-table ConfigMap: {latencies:?}");
     for (what, latency) in latencies {
@@ -306,15 +539,41 @@ async fn drift_is_corrected_and_dropped_children_are_pruned() {
     let ns = namespace(&client, "drift").await;
     let _operator = start_operator(client.clone(), settings(&ns, "drift-op"));
     let pools = pools(&client, &ns);
-    apply(&pools, "drift", proxy_pool("drift", json!({"mailboxSelector": {"matchLabels": {"pool": "drift"}}}))).await;
+    apply(
+        &pools,
+        "drift",
+        proxy_pool(
+            "drift",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "drift"}}}),
+        ),
+    )
+    .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let original: Deployment = eventually("the Deployment", SOON, || get(&client, &ns, "drift")).await;
-    let hash = |d: &Deployment| d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["mailproxy.io/restart-hash"].clone();
+    let original: Deployment =
+        eventually("the Deployment", SOON, || get(&client, &ns, "drift")).await;
+    let hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["mailproxy.io/restart-hash"]
+            .clone()
+    };
 
-    deployments.delete("drift", &DeleteParams::default()).await.unwrap();
+    deployments
+        .delete("drift", &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("the deleted Deployment is re-created", SOON, || async {
         let d: Deployment = get(&client, &ns, "drift").await?;
-        (d.uid() != original.uid() && d.metadata.deletion_timestamp.is_none()).then_some(()).ok_or("same object".to_string())
+        (d.uid() != original.uid() && d.metadata.deletion_timestamp.is_none())
+            .then_some(())
+            .ok_or("same object".to_string())
     })
     .await;
 
@@ -326,40 +585,74 @@ async fn drift_is_corrected_and_dropped_children_are_pruned() {
         let d: Deployment = get(&client, &ns, "drift").await?;
         let spec = d.spec.clone().unwrap();
         let image = spec.template.spec.unwrap().containers[0].image.clone();
-        (spec.replicas == Some(2) && image.as_deref() == Some("mailproxy/mailproxy:0.1.0")).then_some(()).ok_or_else(|| format!("{:?} {image:?}", spec.replicas))
+        (spec.replicas == Some(2) && image.as_deref() == Some("mailproxy/mailproxy:0.1.0"))
+            .then_some(())
+            .ok_or_else(|| format!("{:?} {image:?}", spec.replicas))
     })
     .await;
 
-    Api::<ConfigMap>::namespaced(client.clone(), &ns).delete("drift-routes", &DeleteParams::default()).await.unwrap();
-    eventually("the deleted route table is re-created", SOON, || async { route_table(&client, &ns, "drift").await.map(|_| ()) }).await;
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .delete("drift-routes", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the deleted route table is re-created", SOON, || async {
+        route_table(&client, &ns, "drift").await.map(|_| ())
+    })
+    .await;
 
     // Hot settings change the route table, not the pod template.
     let before = hash(&get::<Deployment>(&client, &ns, "drift").await.unwrap());
     apply(&pools, "drift", proxy_pool("drift", json!({"mailboxSelector": {"matchLabels": {"pool": "drift"}}, "routeCache": {"ttlSeconds": 77}}))).await;
-    table_where(&client, &ns, "drift", "new TTL", |t| t.settings.cache_ttl_seconds == 77).await;
-    assert_eq!(hash(&get::<Deployment>(&client, &ns, "drift").await.unwrap()), before);
+    table_where(&client, &ns, "drift", "new TTL", |t| {
+        t.settings.cache_ttl_seconds == 77
+    })
+    .await;
+    assert_eq!(
+        hash(&get::<Deployment>(&client, &ns, "drift").await.unwrap()),
+        before
+    );
     // An image change restarts the proxies.
     apply(&pools, "drift", proxy_pool("drift", json!({"mailboxSelector": {"matchLabels": {"pool": "drift"}}, "routeCache": {"ttlSeconds": 77}, "image": "mailproxy/mailproxy:0.2.0"}))).await;
     eventually("new restart hash", SOON, || async {
         let d: Deployment = get(&client, &ns, "drift").await?;
-        (hash(&d) != before).then_some(()).ok_or("same hash".to_string())
+        (hash(&d) != before)
+            .then_some(())
+            .ok_or("same hash".to_string())
     })
     .await;
 
-    apply(&pools, "drift", proxy_pool("drift", json!({
-        "mailboxSelector": {"matchLabels": {"pool": "drift"}},
-        "memcached": {"replicas": 0},
-        "disruptionBudget": {"enabled": false},
-    }))).await;
+    apply(
+        &pools,
+        "drift",
+        proxy_pool(
+            "drift",
+            json!({
+                "mailboxSelector": {"matchLabels": {"pool": "drift"}},
+                "memcached": {"replicas": 0},
+                "disruptionBudget": {"enabled": false},
+            }),
+        ),
+    )
+    .await;
     eventually("memcached and the PDB are pruned", SOON, || async {
         absent::<StatefulSet>(&client, &ns, "drift-memcached").await?;
         absent::<Service>(&client, &ns, "drift-memcached").await?;
         absent::<PodDisruptionBudget>(&client, &ns, "drift").await
     })
     .await;
-    table_where(&client, &ns, "drift", "no memcached servers", |t| t.memcached_servers.is_empty()).await;
-    let reasons: Vec<String> = events(&client, &ns, "drift").await.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.contains(&"Deleted".to_string()) && reasons.contains(&"RollingRestart".to_string()), "{reasons:?}");
+    table_where(&client, &ns, "drift", "no memcached servers", |t| {
+        t.memcached_servers.is_empty()
+    })
+    .await;
+    let reasons: Vec<String> = events(&client, &ns, "drift")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains(&"Deleted".to_string()) && reasons.contains(&"RollingRestart".to_string()),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,7 +662,15 @@ async fn deleting_a_pool_garbage_collects_its_children() {
     let ns = namespace(&client, "gc").await;
     let _operator = start_operator(client.clone(), settings(&ns, "gc-op"));
     let pools = pools(&client, &ns);
-    apply(&pools, "gc", proxy_pool("gc", json!({"mailboxSelector": {"matchLabels": {"pool": "gc"}}}))).await;
+    apply(
+        &pools,
+        "gc",
+        proxy_pool(
+            "gc",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "gc"}}}),
+        ),
+    )
+    .await;
     eventually("every child", SOON, || async {
         get::<PodDisruptionBudget>(&client, &ns, "gc").await?;
         get::<StatefulSet>(&client, &ns, "gc-memcached").await?;
@@ -390,11 +691,27 @@ async fn deleting_a_pool_garbage_collects_its_children() {
         left.is_empty().then_some(()).ok_or_else(|| format!("{left:?}"))
     })
     .await;
-    eventually("the ReplicaSets and pods go too", Duration::from_secs(60), || async {
-        let sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns).list_metadata(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
-        let pods = Api::<Pod>::namespaced(client.clone(), &ns).list_metadata(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
-        (sets + pods == 0).then_some(()).ok_or_else(|| format!("{sets} ReplicaSets, {pods} pods"))
-    })
+    eventually(
+        "the ReplicaSets and pods go too",
+        Duration::from_secs(60),
+        || async {
+            let sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+                .list_metadata(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+                .list_metadata(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            (sets + pods == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{sets} ReplicaSets, {pods} pods"))
+        },
+    )
     .await;
 }
 
@@ -413,41 +730,70 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
             eventually(&format!("Ready={ready} {reason}"), SOON, || async {
                 let pool: ProxyPool = get(&client, &ns, "st").await?;
                 let observed = pool.status.as_ref().and_then(|s| s.observed_generation);
-                (observed == pool.metadata.generation && condition(&pool, "Ready") == Some((ready.into(), reason.into())))
-                    .then_some(pool.clone())
-                    .ok_or_else(|| format!("{:?}", pool.status))
+                (observed == pool.metadata.generation
+                    && condition(&pool, "Ready") == Some((ready.into(), reason.into())))
+                .then_some(pool.clone())
+                .ok_or_else(|| format!("{:?}", pool.status))
             })
             .await
         }
     };
-    apply(&pools, "st", proxy_pool("st", json!({"mailboxSelector": selector, "replicas": 0}))).await;
+    apply(
+        &pools,
+        "st",
+        proxy_pool("st", json!({"mailboxSelector": selector, "replicas": 0})),
+    )
+    .await;
     let idle = wait_for("True", "ProxiesReady").await;
     eventually("the rollout of 0 replicas completes", SOON, || async {
         let pool: ProxyPool = get(&client, &ns, "st").await?;
         let progressing = condition(&pool, "Progressing");
-        (progressing == Some(("False".into(), "RolloutComplete".into()))).then_some(()).ok_or_else(|| format!("{progressing:?}"))
+        (progressing == Some(("False".into(), "RolloutComplete".into())))
+            .then_some(())
+            .ok_or_else(|| format!("{progressing:?}"))
     })
     .await;
 
-    apply(&pools, "st", proxy_pool("st", json!({"mailboxSelector": selector, "replicas": 1}))).await;
+    apply(
+        &pools,
+        "st",
+        proxy_pool("st", json!({"mailboxSelector": selector, "replicas": 1})),
+    )
+    .await;
     let scaled = wait_for("False", "ProxiesNotReady").await;
     assert!(scaled.metadata.generation > idle.metadata.generation);
     assert_eq!(condition(&scaled, "Progressing").unwrap().0, "True");
 
     apply(&pools, "st", proxy_pool("st", json!({"replicas": 1, "mailboxSelector": {"matchExpressions": [{"key": "pool", "operator": "Near", "values": ["st"]}]}}))).await;
     let invalid = wait_for("False", "InvalidSpec").await;
-    assert_eq!(condition(&invalid, "Degraded"), Some(("True".into(), "InvalidSpec".into())));
+    assert_eq!(
+        condition(&invalid, "Degraded"),
+        Some(("True".into(), "InvalidSpec".into()))
+    );
     let message = &invalid.status.unwrap().conditions[0].message;
     assert!(message.contains("spec.mailboxSelector"), "{message}");
     let events = events(&client, &ns, "st").await;
-    assert!(events.iter().any(|e| e.reason.as_deref() == Some("InvalidSpec") && e.type_.as_deref() == Some("Warning")));
+    assert!(events.iter().any(
+        |e| e.reason.as_deref() == Some("InvalidSpec") && e.type_.as_deref() == Some("Warning")
+    ));
 
-    apply(&pools, "st", proxy_pool("st", json!({"mailboxSelector": selector, "replicas": 1, "tls": {"secretName": "later"}}))).await;
+    apply(
+        &pools,
+        "st",
+        proxy_pool(
+            "st",
+            json!({"mailboxSelector": selector, "replicas": 1, "tls": {"secretName": "later"}}),
+        ),
+    )
+    .await;
     let missing = wait_for("False", "TlsSecretNotFound").await;
     assert_eq!(condition(&missing, "Degraded").unwrap().0, "True");
     tls_secret(&client, &ns, "later").await;
     let recovered = wait_for("False", "ProxiesNotReady").await;
-    assert_eq!(condition(&recovered, "Degraded"), Some(("False".into(), "ReconcileSucceeded".into())));
+    assert_eq!(
+        condition(&recovered, "Degraded"),
+        Some(("False".into(), "ReconcileSucceeded".into()))
+    );
 }
 
 async fn rejected<K>(api: &Api<K>, object: serde_json::Value, expected: &str)
@@ -458,7 +804,11 @@ where
     match api.create(&PostParams::default(), &object).await {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 422, "{status:?}");
-            assert!(status.message.contains(expected), "expected {expected:?} in {:?}", status.message);
+            assert!(
+                status.message.contains(expected),
+                "expected {expected:?} in {:?}",
+                status.message
+            );
         }
         other => panic!("the API server accepted an invalid object: {other:?}"),
     }
@@ -471,17 +821,74 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
     let ns = namespace(&client, "cel").await;
     let typed_servers: Api<MailboxServer> = common::servers(&client, &ns);
     let typed_pools: Api<ProxyPool> = common::pools(&client, &ns);
-    rejected(&typed_servers, mailbox_server("both", json!({}), json!({"host": "h", "service": "s"})), "exactly one of spec.host").await;
-    rejected(&typed_servers, mailbox_server("port", json!({}), json!({"host": "h", "ports": {"imap": 0}})), "between 1 and 65535").await;
-    rejected(&typed_servers, mailbox_server("acct", json!({}), json!({"host": "h", "accounts": ["nodomain"]})), "qualified account names").await;
-    rejected(&typed_pools, proxy_pool("empty", json!({"mailboxSelector": {}})), "must not be empty").await;
-    rejected(&typed_pools, proxy_pool("only", json!({"mailboxSelector": {"matchLabels": {"a": "b"}}, "starttls": "only"})), "needs spec.tls").await;
+    rejected(
+        &typed_servers,
+        mailbox_server("both", json!({}), json!({"host": "h", "service": "s"})),
+        "exactly one of spec.host",
+    )
+    .await;
+    rejected(
+        &typed_servers,
+        mailbox_server(
+            "port",
+            json!({}),
+            json!({"host": "h", "ports": {"imap": 0}}),
+        ),
+        "between 1 and 65535",
+    )
+    .await;
+    rejected(
+        &typed_servers,
+        mailbox_server(
+            "acct",
+            json!({}),
+            json!({"host": "h", "accounts": ["nodomain"]}),
+        ),
+        "qualified account names",
+    )
+    .await;
+    rejected(
+        &typed_pools,
+        proxy_pool("empty", json!({"mailboxSelector": {}})),
+        "must not be empty",
+    )
+    .await;
+    rejected(
+        &typed_pools,
+        proxy_pool(
+            "only",
+            json!({"mailboxSelector": {"matchLabels": {"a": "b"}}, "starttls": "only"}),
+        ),
+        "needs spec.tls",
+    )
+    .await;
     rejected(&typed_pools, proxy_pool("dup", json!({"mailboxSelector": {"matchLabels": {"a": "b"}}, "listeners": {"pop3": {"port": 143}}})), "same port").await;
-    rejected(&typed_pools, proxy_pool("neg", json!({"mailboxSelector": {"matchLabels": {"a": "b"}}, "replicas": -1})), "spec.replicas").await;
+    rejected(
+        &typed_pools,
+        proxy_pool(
+            "neg",
+            json!({"mailboxSelector": {"matchLabels": {"a": "b"}}, "replicas": -1}),
+        ),
+        "spec.replicas",
+    )
+    .await;
 
-    apply(&typed_servers, "moving", mailbox_server("moving", json!({}), json!({"host": "a.example.com"}))).await;
+    apply(
+        &typed_servers,
+        "moving",
+        mailbox_server("moving", json!({}), json!({"host": "a.example.com"})),
+    )
+    .await;
     let moved = typed_servers
-        .patch("moving", &PatchParams::apply("test").force(), &Patch::Apply(&mailbox_server("moving", json!({}), json!({"host": "b.example.com"}))))
+        .patch(
+            "moving",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&mailbox_server(
+                "moving",
+                json!({}),
+                json!({"host": "b.example.com"}),
+            )),
+        )
         .await
         .unwrap_err();
     assert!(moved.to_string().contains("immutable"), "{moved}");
@@ -493,7 +900,15 @@ async fn the_proxy_service_account_reads_its_route_table_and_nothing_else() {
     let client = cp.client().await.unwrap();
     let ns = namespace(&client, "rbac").await;
     let _operator = start_operator(client.clone(), settings(&ns, "rbac-op"));
-    apply(&pools(&client, &ns), "rb", proxy_pool("rb", json!({"mailboxSelector": {"matchLabels": {"pool": "rb"}}}))).await;
+    apply(
+        &pools(&client, &ns),
+        "rb",
+        proxy_pool(
+            "rb",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "rb"}}}),
+        ),
+    )
+    .await;
     eventually("RBAC and the route table", SOON, || async {
         get::<RoleBinding>(&client, &ns, "rb-proxy").await?;
         get::<ServiceAccount>(&client, &ns, "rb-proxy").await?;
@@ -506,9 +921,16 @@ async fn the_proxy_service_account_reads_its_route_table_and_nothing_else() {
     let by_name = "metadata.name=rb-routes";
 
     maps.get("rb-routes").await.expect("get its route table");
-    let listed = maps.list(&ListParams::default().fields(by_name)).await.expect("list it by name");
+    let listed = maps
+        .list(&ListParams::default().fields(by_name))
+        .await
+        .expect("list it by name");
     assert_eq!(listed.items.len(), 1);
-    let mut stream = Box::pin(maps.watch(&WatchParams::default().fields(by_name).timeout(2), "0").await.expect("watch it by name"));
+    let mut stream = Box::pin(
+        maps.watch(&WatchParams::default().fields(by_name).timeout(2), "0")
+            .await
+            .expect("watch it by name"),
+    );
     use futures::TryStreamExt;
     assert!(stream.try_next().await.expect("a watch event").is_some());
 
@@ -516,19 +938,43 @@ async fn the_proxy_service_account_reads_its_route_table_and_nothing_else() {
         Err(kube::Error::Api(status)) if status.code == 403 => {}
         other => panic!("{what} should be forbidden: {other:?}"),
     };
-    forbidden(maps.get("rb-config").await.map(|_| ()), "get another ConfigMap");
-    forbidden(maps.list(&ListParams::default()).await.map(|_| ()), "list every ConfigMap");
     forbidden(
-        maps.patch("rb-routes", &PatchParams::default(), &Patch::Merge(json!({"data": {"x": "y"}}))).await.map(|_| ()),
+        maps.get("rb-config").await.map(|_| ()),
+        "get another ConfigMap",
+    );
+    forbidden(
+        maps.list(&ListParams::default()).await.map(|_| ()),
+        "list every ConfigMap",
+    );
+    forbidden(
+        maps.patch(
+            "rb-routes",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"x": "y"}})),
+        )
+        .await
+        .map(|_| ()),
         "change its route table",
     );
     let secrets: Api<Secret> = Api::namespaced(proxy.clone(), &ns);
     forbidden(secrets.get("private").await.map(|_| ()), "get a Secret");
-    forbidden(secrets.list(&ListParams::default()).await.map(|_| ()), "list Secrets");
+    forbidden(
+        secrets.list(&ListParams::default()).await.map(|_| ()),
+        "list Secrets",
+    );
     let pods: Api<Pod> = Api::namespaced(proxy.clone(), &ns);
-    forbidden(pods.list(&ListParams::default()).await.map(|_| ()), "list pods");
+    forbidden(
+        pods.list(&ListParams::default()).await.map(|_| ()),
+        "list pods",
+    );
     let other: Api<ConfigMap> = Api::namespaced(proxy, "default");
-    forbidden(other.list(&ListParams::default().fields(by_name)).await.map(|_| ()), "read another namespace");
+    forbidden(
+        other
+            .list(&ListParams::default().fields(by_name))
+            .await
+            .map(|_| ()),
+        "read another namespace",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,15 +983,41 @@ async fn with_two_replicas_only_the_leader_writes() {
     let client = cp.client().await.unwrap();
     let ns = namespace(&client, "leader").await;
     let first = start_operator(client.clone(), settings(&ns, "replica-a"));
-    eventually("replica-a leads", SOON, || async { first.metrics.is_leader().then_some(()).ok_or("not yet".to_string()) }).await;
+    eventually("replica-a leads", SOON, || async {
+        first
+            .metrics
+            .is_leader()
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
     let second = start_operator(client.clone(), settings(&ns, "replica-b"));
 
-    apply(&servers(&client, &ns), "m1", mailbox_server("m1", json!({"pool": "ha"}), json!({"host": "10.3.0.1"}))).await;
-    apply(&pools(&client, &ns), "ha", proxy_pool("ha", json!({"mailboxSelector": {"matchLabels": {"pool": "ha"}}}))).await;
-    table_where(&client, &ns, "ha", "m1 routed", |t| t.servers.contains_key("m1")).await;
+    apply(
+        &servers(&client, &ns),
+        "m1",
+        mailbox_server("m1", json!({"pool": "ha"}), json!({"host": "10.3.0.1"})),
+    )
+    .await;
+    apply(
+        &pools(&client, &ns),
+        "ha",
+        proxy_pool(
+            "ha",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "ha"}}}),
+        ),
+    )
+    .await;
+    table_where(&client, &ns, "ha", "m1 routed", |t| {
+        t.servers.contains_key("m1")
+    })
+    .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let lease = leases.get("mailproxy-operator").await.unwrap();
-    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("replica-a"));
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("replica-a")
+    );
     assert!(first.metrics.reconciles("proxypool") > 0);
     assert!(!second.metrics.is_leader());
     assert_eq!(second.metrics.reconciles("proxypool"), 0);
@@ -553,10 +1025,28 @@ async fn with_two_replicas_only_the_leader_writes() {
 
     // The leader steps down (releasing the Lease); the standby takes over and writes.
     first.stop().await;
-    eventually("replica-b leads", SOON, || async { second.metrics.is_leader().then_some(()).ok_or("not yet".to_string()) }).await;
-    apply(&servers(&client, &ns), "m2", mailbox_server("m2", json!({"pool": "ha"}), json!({"host": "10.3.0.2"}))).await;
-    table_where(&client, &ns, "ha", "m2 routed by replica-b", |t| t.servers.contains_key("m2")).await;
+    eventually("replica-b leads", SOON, || async {
+        second
+            .metrics
+            .is_leader()
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
+    apply(
+        &servers(&client, &ns),
+        "m2",
+        mailbox_server("m2", json!({"pool": "ha"}), json!({"host": "10.3.0.2"})),
+    )
+    .await;
+    table_where(&client, &ns, "ha", "m2 routed by replica-b", |t| {
+        t.servers.contains_key("m2")
+    })
+    .await;
     assert!(second.metrics.reconciles("proxypool") > 0);
     let lease = leases.get("mailproxy-operator").await.unwrap();
-    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("replica-b"));
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("replica-b")
+    );
 }

@@ -7,7 +7,9 @@ use mailproxy_testkit::Memcached;
 use mailproxy_testkit::wire::LineClient;
 
 fn set(client: &mut LineClient, key: &str) {
-    client.send(format!("set {key} 0 3600 13\r\n10.0.0.5:7143\r\n")).unwrap();
+    client
+        .send(format!("set {key} 0 3600 13\r\n10.0.0.5:7143\r\n"))
+        .unwrap();
     assert_eq!(client.line().unwrap(), "STORED");
 }
 
@@ -33,7 +35,9 @@ async fn every_protocol_route_of_the_servers_accounts_is_deleted_and_others_stay
     let unrelated = "route:proto=imap;user=carol@example.com";
     set(&mut client, unrelated);
 
-    let purged = purge(&memcached.addr(), &keys, Duration::from_secs(5)).await.unwrap();
+    let purged = purge(&memcached.addr(), &keys, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(purged.deleted, 4);
     assert_eq!(purged.not_found, keys.len() - 4);
     for key in &keys {
@@ -54,9 +58,13 @@ async fn a_silent_memcached_is_given_up_after_the_timeout() {
         }
     });
     let started = std::time::Instant::now();
-    let error = purge(&addr, &route_keys(&["a@example.com".into()]), Duration::from_millis(500))
-        .await
-        .unwrap_err();
+    let error = purge(
+        &addr,
+        &route_keys(&["a@example.com".into()]),
+        Duration::from_millis(500),
+    )
+    .await
+    .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(error.to_string().contains("did not answer"), "{error}");
 }

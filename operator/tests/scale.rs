@@ -75,7 +75,15 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
     let port = mailproxy_testkit::free_port();
     let operator = Killed(
         Command::new(env!("CARGO_BIN_EXE_mailproxy-operator"))
-            .args(["run", "--namespace", &ns, "--lease-namespace", &ns, "--log-format", "text"])
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--lease-namespace",
+                &ns,
+                "--log-format",
+                "text",
+            ])
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", cp.kubeconfig())
             .env("RUST_LOG", "warn")
@@ -85,8 +93,16 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
     let pid = operator.0.id();
     let pools = pools(&client, &ns);
     for p in 0..POOLS {
-        apply(&pools, &format!("p{p}"), proxy_pool(&format!("p{p}"), json!({
-            "replicas": 1, "mailboxSelector": {"matchLabels": {"pool": format!("p{p}")}}}))).await;
+        apply(
+            &pools,
+            &format!("p{p}"),
+            proxy_pool(
+                &format!("p{p}"),
+                json!({
+            "replicas": 1, "mailboxSelector": {"matchLabels": {"pool": format!("p{p}")}}}),
+            ),
+        )
+        .await;
     }
     let servers: Api<MailboxServer> = servers(&client, &ns);
     let started = Instant::now();
@@ -95,7 +111,10 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
             let servers = servers.clone();
             async move {
                 let object: MailboxServer = serde_json::from_value(server(n, &[])).unwrap();
-                servers.create(&PostParams::default(), &object).await.unwrap();
+                servers
+                    .create(&PostParams::default(), &object)
+                    .await
+                    .unwrap();
             }
         })
         .buffer_unordered(16)
@@ -103,20 +122,41 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
         .await;
     let created = started.elapsed();
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    eventually("every route table complete", Duration::from_secs(300), || async {
-        let mut counts = Vec::new();
-        for p in 0..POOLS {
-            counts.push(table(&maps, p).await.map_or(0, |t| t.servers.len()));
-        }
-        counts.iter().all(|c| *c == SERVERS / POOLS).then_some(()).ok_or_else(|| format!("{counts:?}"))
-    })
+    eventually(
+        "every route table complete",
+        Duration::from_secs(300),
+        || async {
+            let mut counts = Vec::new();
+            for p in 0..POOLS {
+                counts.push(table(&maps, p).await.map_or(0, |t| t.servers.len()));
+            }
+            counts
+                .iter()
+                .all(|c| *c == SERVERS / POOLS)
+                .then_some(())
+                .ok_or_else(|| format!("{counts:?}"))
+        },
+    )
     .await;
     let tables_converged = started.elapsed();
-    eventually("every MailboxServer status", Duration::from_secs(300), || async {
-        let list = servers.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        let done = list.items.iter().filter(|s| s.status.as_ref().is_some_and(|s| s.pools.len() == 1)).count();
-        (done == SERVERS).then_some(()).ok_or_else(|| format!("{done} of {SERVERS}"))
-    })
+    eventually(
+        "every MailboxServer status",
+        Duration::from_secs(300),
+        || async {
+            let list = servers
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let done = list
+                .items
+                .iter()
+                .filter(|s| s.status.as_ref().is_some_and(|s| s.pools.len() == 1))
+                .count();
+            (done == SERVERS)
+                .then_some(())
+                .ok_or_else(|| format!("{done} of {SERVERS}"))
+        },
+    )
     .await;
     let statuses_converged = started.elapsed();
     let steady_rss = memory_kib(pid, "VmRSS:");
@@ -128,13 +168,24 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
         let change = server(n, std::slice::from_ref(&account));
         let t0 = Instant::now();
         servers
-            .patch(&format!("s{n}"), &PatchParams::default(), &Patch::Merge(&change))
+            .patch(
+                &format!("s{n}"),
+                &PatchParams::default(),
+                &Patch::Merge(&change),
+            )
             .await
             .unwrap();
-        eventually("the change reaches the ConfigMap", Duration::from_secs(30), || async {
-            let table = table(&maps, n % POOLS).await.ok_or("no table")?;
-            table.pinned_account(&account).map(|_| ()).ok_or_else(|| "not yet".to_string())
-        })
+        eventually(
+            "the change reaches the ConfigMap",
+            Duration::from_secs(30),
+            || async {
+                let table = table(&maps, n % POOLS).await.ok_or("no table")?;
+                table
+                    .pinned_account(&account)
+                    .map(|_| ())
+                    .ok_or_else(|| "not yet".to_string())
+            },
+        )
         .await;
         latencies.push(t0.elapsed());
     }
@@ -143,7 +194,13 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
     let rss = memory_kib(pid, "VmRSS:");
     let peak = memory_kib(pid, "VmHWM:");
     let metrics = http_get(port, "/metrics").await;
-    let reconciles: Vec<&str> = metrics.lines().filter(|l| l.starts_with("mailproxy_operator_reconciles_total") || l.starts_with("mailproxy_operator_route_table_writes_total")).collect();
+    let reconciles: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("mailproxy_operator_reconciles_total")
+                || l.starts_with("mailproxy_operator_route_table_writes_total")
+        })
+        .collect();
     println!(
         "scale: {SERVERS} MailboxServers across {POOLS} ProxyPools\n\
          created in {created:.1?}; route tables converged after {tables_converged:.1?}; \
@@ -157,7 +214,10 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
         peak / 1024,
         reconciles.join("\n"),
     );
-    assert!(tables_converged < Duration::from_secs(60), "converged after {tables_converged:?}");
+    assert!(
+        tables_converged < Duration::from_secs(60),
+        "converged after {tables_converged:?}"
+    );
     assert!(p99 < Duration::from_secs(2), "p99 {p99:?}");
     assert!(peak < 150 * 1024, "peak {peak} KiB");
 }
@@ -165,9 +225,14 @@ async fn a_thousand_mailbox_servers_across_ten_pools() {
 /// GET on the operator's HTTP port with a plain TCP request (no HTTP client dependency).
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();

@@ -154,11 +154,6 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
-    /// The CA certificate (PEM) that signed the API server's serving certificate.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
     /// A client for the admin user. A kube client belongs to the Tokio runtime it was made on:
     /// make one per test.
     pub async fn client(&self) -> anyhow::Result<Client> {

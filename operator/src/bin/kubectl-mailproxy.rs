@@ -16,7 +16,11 @@ use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable, configmap_name};
 use mailproxy_operator::cli::{Zmprov, render_status, zmprov};
 
 #[derive(Parser)]
-#[command(name = "kubectl mailproxy", version, about = "Inspect mailproxy ProxyPools and their route tables")]
+#[command(
+    name = "kubectl mailproxy",
+    version,
+    about = "Inspect mailproxy ProxyPools and their route tables"
+)]
 struct Cli {
     /// Namespace (default: the kubeconfig context's).
     #[arg(short, long, global = true)]
@@ -39,7 +43,11 @@ enum Command {
     Status,
 }
 
-async fn route_table(api: &Api<ConfigMap>, namespace: &str, pool: &str) -> anyhow::Result<Option<RouteTable>> {
+async fn route_table(
+    api: &Api<ConfigMap>,
+    namespace: &str,
+    pool: &str,
+) -> anyhow::Result<Option<RouteTable>> {
     let name = configmap_name(pool);
     let Some(map) = api
         .get_opt(&name)
@@ -63,7 +71,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::infer()
         .await
         .context("cannot find a cluster: set KUBECONFIG or run inside a pod")?;
-    let namespace = cli.namespace.unwrap_or_else(|| config.default_namespace.clone());
+    let namespace = cli
+        .namespace
+        .unwrap_or_else(|| config.default_namespace.clone());
     let client = Client::try_from(config)?;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     match cli.command {

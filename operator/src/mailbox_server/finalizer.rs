@@ -29,7 +29,10 @@ pub struct Tables {
 }
 
 /// Reads the route tables of `pools`; a missing or unreadable table lists nothing.
-pub fn inspect<'a>(server: &str, tables: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Tables {
+pub fn inspect<'a>(
+    server: &str,
+    tables: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> Tables {
     let mut result = Tables::default();
     for (pool, text) in tables {
         let Some(table) = text.and_then(|text| RouteTable::from_json(text).ok()) else {
@@ -59,7 +62,8 @@ async fn read_tables(
             .map_err(kube_error::<ConfigMap>("get", namespace, &name))?;
         texts.push((
             pool.as_str(),
-            map.and_then(|m| m.data).and_then(|mut d| d.remove(CONFIGMAP_KEY)),
+            map.and_then(|m| m.data)
+                .and_then(|mut d| d.remove(CONFIGMAP_KEY)),
         ));
     }
     Ok(inspect(
@@ -96,8 +100,14 @@ pub async fn cleanup(server: &MailboxServer, state: &State) -> Result<Action> {
                 ctx.settings.route_table_wait
             );
             tracing::warn!(server = %name, %namespace, "{message}");
-            ctx.event(&reference, EventType::Warning, "RouteTablesNotUpdated", "Purge", message)
-                .await;
+            ctx.event(
+                &reference,
+                EventType::Warning,
+                "RouteTablesNotUpdated",
+                "Purge",
+                message,
+            )
+            .await;
             break tables;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -153,11 +163,17 @@ mod tests {
 
     #[test]
     fn inspect_reports_listing_pools_and_their_memcached() {
-        let listing = r#"{"servers": {"gone": {"host": "h"}}, "memcachedServers": ["m0:11211", "m1:11211"]}"#;
+        let listing =
+            r#"{"servers": {"gone": {"host": "h"}}, "memcachedServers": ["m0:11211", "m1:11211"]}"#;
         let dropped = r#"{"servers": {}, "memcachedServers": ["m1:11211", "n0:11211"]}"#;
         let tables = inspect(
             "gone",
-            [("a", Some(listing)), ("b", Some(dropped)), ("c", None), ("d", Some("garbage"))],
+            [
+                ("a", Some(listing)),
+                ("b", Some(dropped)),
+                ("c", None),
+                ("d", Some("garbage")),
+            ],
         );
         assert_eq!(tables.still_listing, ["a"]);
         assert_eq!(

@@ -44,6 +44,9 @@ pub fn selecting_pools(pools: &[Arc<ProxyPool>], server: &MailboxServer) -> Vec<
 }
 
 /// The servers to reconcile when `pool` changes: those it selects and those that list it.
+/// Servers still without the finalizer are left to their own events: their first reconcile adds
+/// it, and a second one started from a cache that has not seen that write yet would fail to add
+/// it again.
 pub fn servers_for_pool(
     servers: &[Arc<MailboxServer>],
     pool: &ProxyPool,
@@ -51,10 +54,14 @@ pub fn servers_for_pool(
     let name = pool.name_any();
     servers
         .iter()
+        .filter(|server| server.finalizers().iter().any(|f| f == FINALIZER))
         .filter(|server| {
             selects(pool, server)
                 || (server.namespace() == pool.namespace()
-                    && server.status.as_ref().is_some_and(|s| s.pools.contains(&name)))
+                    && server
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.pools.contains(&name)))
         })
         .map(|server| ObjectRef::from_obj(server.as_ref()))
         .collect()
@@ -120,9 +127,11 @@ mod tests {
     }
 
     fn server(name: &str, label: &str, listed: &[&str]) -> Arc<MailboxServer> {
-        let mut server = MailboxServer::new(name, serde_json::from_value(json!({"host": "h"})).unwrap());
+        let mut server =
+            MailboxServer::new(name, serde_json::from_value(json!({"host": "h"})).unwrap());
         server.metadata.namespace = Some("mail".into());
         server.metadata.labels = Some([("pool".to_string(), label.to_string())].into());
+        server.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
         server.status = Some(MailboxServerStatus {
             pools: listed.iter().map(|p| p.to_string()).collect(),
             ..MailboxServerStatus::default()
@@ -132,15 +141,27 @@ mod tests {
 
     #[test]
     fn selection_and_pool_to_server_mapping() {
-        let pools = vec![Arc::new(pool("b", "x")), Arc::new(pool("a", "x")), Arc::new(pool("c", "y"))];
+        let pools = vec![
+            Arc::new(pool("b", "x")),
+            Arc::new(pool("a", "x")),
+            Arc::new(pool("c", "y")),
+        ];
         assert_eq!(selecting_pools(&pools, &server("s", "x", &[])), ["a", "b"]);
         let mut deleting = pool("d", "x");
-        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-        ));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
         assert!(selecting_pools(&[Arc::new(deleting)], &server("s", "x", &[])).is_empty());
 
-        let servers = vec![server("one", "x", &[]), server("two", "y", &["a"]), server("three", "z", &[])];
+        let mut new = server("new", "x", &[]).as_ref().clone();
+        new.metadata.finalizers = None;
+        let servers = vec![
+            server("one", "x", &[]),
+            server("two", "y", &["a"]),
+            server("three", "z", &[]),
+            Arc::new(new),
+        ];
         let names: Vec<String> = servers_for_pool(&servers, &pool("a", "x"))
             .into_iter()
             .map(|r| r.name)

@@ -5,16 +5,16 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
-use kube::ResourceExt;
 use mailproxy_crds::{MailboxServer, MailboxServerStatus};
 
 use super::{CONTROLLER, FINALIZER, State, selecting_pools};
+use crate::FIELD_MANAGER;
 use crate::conditions::{Decided, merge};
 use crate::error::{Error, Result, kube_error};
-use crate::FIELD_MANAGER;
 
 pub const READY: &str = "Ready";
 pub const DRAINING: &str = "Draining";
@@ -110,7 +110,11 @@ async fn update_status(server: &MailboxServer, state: &State) -> Result<Action> 
                 &Patch::Apply(&patch),
             )
             .await
-            .map_err(kube_error::<MailboxServer>("write the status of", &namespace, &name))?;
+            .map_err(kube_error::<MailboxServer>(
+                "write the status of",
+                &namespace,
+                &name,
+            ))?;
     }
     Ok(Action::await_change())
 }

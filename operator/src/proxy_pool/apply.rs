@@ -36,12 +36,13 @@ pub struct Applied {
 /// Kind to names of every desired child.
 pub fn desired_names(desired: &Desired) -> Children {
     let mut names = Children::new();
-    let mut add = |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        names
-            .entry(kind)
-            .or_default()
-            .insert(meta.name.clone().unwrap_or_default());
-    };
+    let mut add =
+        |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            names
+                .entry(kind)
+                .or_default()
+                .insert(meta.name.clone().unwrap_or_default());
+        };
     add("ServiceAccount", &desired.service_account.metadata);
     add("Role", &desired.role.metadata);
     add("RoleBinding", &desired.role_binding.metadata);
@@ -145,15 +146,16 @@ pub async fn apply_all(
             "Service" => delete::<Service>(client, namespace, name).await?,
             "StatefulSet" => delete::<StatefulSet>(client, namespace, name).await?,
             "Deployment" => delete::<Deployment>(client, namespace, name).await?,
-            "PodDisruptionBudget" => {
-                delete::<PodDisruptionBudget>(client, namespace, name).await?
-            }
+            "PodDisruptionBudget" => delete::<PodDisruptionBudget>(client, namespace, name).await?,
             other => tracing::warn!(kind = other, name, "no delete for this kind"),
         }
     }
     let label = |(kind, name): &(&'static str, String)| format!("{kind}/{name}");
     Ok(Applied {
-        created: difference(&wanted, &deref.children).iter().map(label).collect(),
+        created: difference(&wanted, &deref.children)
+            .iter()
+            .map(label)
+            .collect(),
         deleted: leftovers.iter().map(label).collect(),
         route_table_written,
         deployment,

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, Resource, ResourceExt};
@@ -36,9 +36,14 @@ pub struct Dereferenced {
     pub children: Children,
 }
 
-pub async fn dereference(client: &Client, pool: &ProxyPool, namespace: &str) -> Result<Dereferenced> {
+pub async fn dereference(
+    client: &Client,
+    pool: &ProxyPool,
+    namespace: &str,
+) -> Result<Dereferenced> {
     let name = pool.name_any();
-    let selector = Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string());
+    let selector =
+        Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string());
     let servers = match &selector {
         Ok(selector) => {
             let api: Api<MailboxServer> = Api::namespaced(client.clone(), namespace);
@@ -112,7 +117,10 @@ async fn owned<K>(
     owner_uid: &str,
 ) -> Result<(&'static str, BTreeSet<String>)>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
 {
     let kind = static_kind::<K>();
     let list = Api::<K>::namespaced(client.clone(), namespace)

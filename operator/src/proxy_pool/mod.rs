@@ -16,17 +16,17 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::ResourceExt;
 use mailproxy_crds::{MailboxServer, ProxyPool};
 
+use crate::Context;
 use crate::backoff::watch_backoff;
 use crate::error::Error;
 use crate::labels::{MANAGED_BY_KEY, MANAGED_BY_VALUE};
-use crate::Context;
 
 /// The controller's name in metrics.
 pub const CONTROLLER: &str = "proxypool";
@@ -41,7 +41,10 @@ pub fn selects(pool: &ProxyPool, server: &MailboxServer) -> bool {
 
 /// The pools to reconcile when `server` changes: those that select it now and those its status
 /// says routed to it (its labels may have moved it away from them).
-pub fn pools_for_server(pools: &[Arc<ProxyPool>], server: &MailboxServer) -> Vec<ObjectRef<ProxyPool>> {
+pub fn pools_for_server(
+    pools: &[Arc<ProxyPool>],
+    server: &MailboxServer,
+) -> Vec<ObjectRef<ProxyPool>> {
     let listed: Vec<String> = server
         .status
         .as_ref()
@@ -62,7 +65,8 @@ pub fn pools_for_server(pools: &[Arc<ProxyPool>], server: &MailboxServer) -> Vec
 pub fn controller(ctx: &Context) -> Controller<ProxyPool> {
     let client = ctx.client.clone();
     let settings = &ctx.settings;
-    let children = watcher::Config::default().labels(&format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE}"));
+    let children =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE}"));
     let pools = Controller::new(
         settings.scoped_api::<ProxyPool>(client.clone()),
         watcher::Config::default(),
@@ -71,14 +75,38 @@ pub fn controller(ctx: &Context) -> Controller<ProxyPool> {
     .trigger_backoff(watch_backoff());
     let store = pools.store();
     pools
-        .owns(settings.scoped_api::<ServiceAccount>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<Role>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<RoleBinding>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<ConfigMap>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<Service>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<StatefulSet>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<Deployment>(client.clone()), children.clone())
-        .owns(settings.scoped_api::<PodDisruptionBudget>(client.clone()), children)
+        .owns(
+            settings.scoped_api::<ServiceAccount>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<Role>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<RoleBinding>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<ConfigMap>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<Service>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<StatefulSet>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<Deployment>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<PodDisruptionBudget>(client.clone()),
+            children,
+        )
         .watches(
             settings.scoped_api::<MailboxServer>(client),
             watcher::Config::default(),
@@ -88,8 +116,13 @@ pub fn controller(ctx: &Context) -> Controller<ProxyPool> {
 
 /// Counts the failure by reason and retries with per-pool exponential backoff.
 pub fn error_policy(pool: Arc<ProxyPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any());
-    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
+    let key = format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
     let delay = ctx.backoff(&key);
     tracing::warn!(pool = %key, %error, retry_in = ?delay, "ProxyPool reconcile failed");
     Action::requeue(delay)
@@ -121,9 +154,15 @@ mod tests {
     }
 
     fn server(labels: &[(&str, &str)], pools: &[&str]) -> MailboxServer {
-        let mut server = MailboxServer::new("mbs", serde_json::from_value(json!({"host": "h"})).unwrap());
+        let mut server =
+            MailboxServer::new("mbs", serde_json::from_value(json!({"host": "h"})).unwrap());
         server.metadata.namespace = Some("mail".into());
-        server.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        server.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
         server.status = Some(MailboxServerStatus {
             pools: pools.iter().map(|p| p.to_string()).collect(),
             ..MailboxServerStatus::default()
@@ -135,17 +174,31 @@ mod tests {
     fn a_server_change_maps_to_the_pools_that_select_it_or_did() {
         let pools = vec![
             pool("a", json!({"matchLabels": {"pool": "a"}})),
-            pool("b", json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]})),
+            pool(
+                "b",
+                json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}),
+            ),
             pool("c", json!({"matchLabels": {"pool": "c"}})),
         ];
-        let names = |refs: Vec<ObjectRef<ProxyPool>>| -> Vec<String> { refs.into_iter().map(|r| r.name).collect() };
-        assert_eq!(names(pools_for_server(&pools, &server(&[("pool", "a")], &[]))), ["a"]);
+        let names = |refs: Vec<ObjectRef<ProxyPool>>| -> Vec<String> {
+            refs.into_iter().map(|r| r.name).collect()
+        };
         assert_eq!(
-            names(pools_for_server(&pools, &server(&[("pool", "a"), ("tier", "gold")], &[]))),
+            names(pools_for_server(&pools, &server(&[("pool", "a")], &[]))),
+            ["a"]
+        );
+        assert_eq!(
+            names(pools_for_server(
+                &pools,
+                &server(&[("pool", "a"), ("tier", "gold")], &[])
+            )),
             ["a", "b"]
         );
         // Relabelled from c to a: c must drop it.
-        assert_eq!(names(pools_for_server(&pools, &server(&[("pool", "a")], &["c"]))), ["a", "c"]);
+        assert_eq!(
+            names(pools_for_server(&pools, &server(&[("pool", "a")], &["c"]))),
+            ["a", "c"]
+        );
         let mut elsewhere = server(&[("pool", "a")], &[]);
         elsewhere.metadata.namespace = Some("other".into());
         assert!(pools_for_server(&pools, &elsewhere).is_empty());

@@ -15,8 +15,8 @@ use super::build::{self, deployment::RESTART_HASH_ANNOTATION};
 use super::status::{self, Outcome};
 use super::validate::{Problem, validate};
 use super::{CONTROLLER, apply, dereference};
-use crate::error::{Error, Result};
 use crate::Context;
+use crate::error::{Error, Result};
 
 /// How soon a pool blocked on a missing Secret is checked again (Secrets are not watched).
 const MISSING_RETRY: Duration = Duration::from_secs(10);
@@ -43,7 +43,9 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
         Ok(valid) => valid,
         Err(problem) => {
             let (reason, message, action) = match &problem {
-                Problem::Invalid(message) => ("InvalidSpec", message.as_str(), Action::await_change()),
+                Problem::Invalid(message) => {
+                    ("InvalidSpec", message.as_str(), Action::await_change())
+                }
                 Problem::Missing { reason, message } => {
                     (*reason, message.as_str(), Action::requeue(MISSING_RETRY))
                 }
@@ -56,8 +58,14 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
                 &now(),
             );
             if status::write(client, &pool, status).await? {
-                ctx.event(&reference, EventType::Warning, reason, "Validate", message.to_string())
-                    .await;
+                ctx.event(
+                    &reference,
+                    EventType::Warning,
+                    reason,
+                    "Validate",
+                    message.to_string(),
+                )
+                .await;
             }
             ctx.succeeded(&key);
             return Ok(action);
@@ -78,8 +86,14 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
             if let Err(status_error) = status::write(client, &pool, status).await {
                 tracing::debug!(error = %status_error, "cannot record the failure in the status");
             }
-            ctx.event(&reference, EventType::Warning, "ApplyFailed", "Apply", message)
-                .await;
+            ctx.event(
+                &reference,
+                EventType::Warning,
+                "ApplyFailed",
+                "Apply",
+                message,
+            )
+            .await;
             return Err(error);
         }
     };

@@ -71,7 +71,8 @@ pub fn status(
         "{} of {desired} proxy pods ready, {} updated",
         r.ready, r.updated
     );
-    let rolled_out = r.current && r.updated >= desired && r.replicas == desired && r.ready >= desired;
+    let rolled_out =
+        r.current && r.updated >= desired && r.replicas == desired && r.ready >= desired;
     let (degraded, progressing, ready) = match outcome {
         Outcome::Reconciled { servers, .. } => (
             Decided::new(
@@ -110,7 +111,10 @@ pub fn status(
             Some(route_table.version()),
             i32::try_from(servers).unwrap_or(i32::MAX),
         ),
-        _ => (previous.route_table_version.clone(), previous.mailbox_servers),
+        _ => (
+            previous.route_table_version.clone(),
+            previous.mailbox_servers,
+        ),
     };
     let generation = pool.metadata.generation;
     ProxyPoolStatus {
@@ -151,7 +155,11 @@ pub async fn write(client: &Client, pool: &ProxyPool, status: ProxyPoolStatus) -
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(kube_error::<ProxyPool>("write the status of", &namespace, &name))?;
+        .map_err(kube_error::<ProxyPool>(
+            "write the status of",
+            &namespace,
+            &name,
+        ))?;
     Ok(true)
 }
 
@@ -188,7 +196,12 @@ mod tests {
     }
 
     fn reason<'a>(status: &'a ProxyPoolStatus, type_: &str) -> &'a str {
-        &status.conditions.iter().find(|c| c.type_ == type_).unwrap().reason
+        &status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap()
+            .reason
     }
 
     #[test]
@@ -209,7 +222,9 @@ mod tests {
         assert_eq!(rolling.route_table_version, Some(table.version()));
         assert_eq!(
             rolling.selector.as_deref(),
-            Some("app.kubernetes.io/component=proxy,app.kubernetes.io/instance=main,app.kubernetes.io/name=mailproxy")
+            Some(
+                "app.kubernetes.io/component=proxy,app.kubernetes.io/instance=main,app.kubernetes.io/name=mailproxy"
+            )
         );
 
         let done = status(&pool, outcome, Some(&deployment(2, 2, 2)), &now());

@@ -2,9 +2,9 @@
 //! unusable (a selector operator it does not check, a name too long for the derived names); a
 //! missing dependency (the TLS Secret) may appear later.
 
+use kube::{Resource, ResourceExt};
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::proxy_pool::ServiceType;
-use kube::{Resource, ResourceExt};
 
 use super::build::{Pool, config::listeners};
 use super::dereference::Dereferenced;
@@ -16,7 +16,10 @@ pub enum Problem {
     /// The spec must change: wait for the user.
     Invalid(String),
     /// Something the pool refers to is missing: check again later.
-    Missing { reason: &'static str, message: String },
+    Missing {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
@@ -61,7 +64,11 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
         return Err(Problem::Invalid(invalid.join("; ")));
     }
     if deref.tls_secret_found == Some(false) {
-        let secret = spec.tls.as_ref().map(|t| t.secret_name.as_str()).unwrap_or_default();
+        let secret = spec
+            .tls
+            .as_ref()
+            .map(|t| t.secret_name.as_str())
+            .unwrap_or_default();
         return Err(Problem::Missing {
             reason: "TlsSecretNotFound",
             message: format!(
@@ -95,7 +102,8 @@ mod tests {
 
     fn deref(pool: &ProxyPool, tls_secret_found: Option<bool>) -> Dereferenced {
         Dereferenced {
-            selector: Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string()),
+            selector: Selector::try_from(pool.spec.mailbox_selector.clone())
+                .map_err(|e| e.to_string()),
             servers: Vec::new(),
             tls_secret_found,
             routes: None,
@@ -115,9 +123,13 @@ mod tests {
 
     #[test]
     fn unusable_specs_are_invalid_with_instructions() {
-        let bad_operator = pool("main", json!({"mailboxSelector": {"matchExpressions": [
-            {"key": "pool", "operator": "Near", "values": ["a"]}]}}));
-        let Err(Problem::Invalid(message)) = validate(&bad_operator, &deref(&bad_operator, None)) else {
+        let bad_operator = pool(
+            "main",
+            json!({"mailboxSelector": {"matchExpressions": [
+            {"key": "pool", "operator": "Near", "values": ["a"]}]}}),
+        );
+        let Err(Problem::Invalid(message)) = validate(&bad_operator, &deref(&bad_operator, None))
+        else {
             panic!("expected invalid");
         };
         assert!(message.contains("spec.mailboxSelector"), "{message}");
@@ -128,16 +140,20 @@ mod tests {
         };
         assert!(message.contains("at most 42"), "{message}");
 
-        let silent = pool("main", json!({"listeners": {
+        let silent = pool(
+            "main",
+            json!({"listeners": {
             "imap": {"enabled": false, "port": 143}, "pop3": {"enabled": false, "port": 110},
-            "http": {"enabled": false, "port": 80}}}));
+            "http": {"enabled": false, "port": 80}}}),
+        );
         let Err(Problem::Invalid(message)) = validate(&silent, &deref(&silent, None)) else {
             panic!("expected invalid");
         };
         assert!(message.contains("no listener"), "{message}");
 
         let cluster_ip = pool("main", json!({"service": {"preserveClientIp": true}}));
-        let Err(Problem::Invalid(message)) = validate(&cluster_ip, &deref(&cluster_ip, None)) else {
+        let Err(Problem::Invalid(message)) = validate(&cluster_ip, &deref(&cluster_ip, None))
+        else {
             panic!("expected invalid");
         };
         assert!(message.contains("NodePort or LoadBalancer"), "{message}");

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use mailproxy_operator::{Metrics, Operator, Settings};
 use mailproxy_testkit::{ControlPlane, ControlPlaneOptions};
@@ -25,30 +24,13 @@ pub async fn control_plane() -> &'static ControlPlane {
     CONTROL_PLANE
         .get_or_init(|| async {
             init_tracing();
-            ControlPlane::start_with(ControlPlaneOptions { crds: crds() })
+            ControlPlane::start_with(ControlPlaneOptions {
+                crds: mailproxy_crds::manifests::crds(),
+            })
             .await
             .expect("the control plane starts")
         })
         .await
-}
-
-/// The CRDs of `mailproxy_crds::manifests::crds()`, with the duplicate-listener-port rule of
-/// ProxyPool rewritten so that kube-apiserver compiles it: the committed rule builds a CEL list
-/// of the six listener objects, which the API server types as six different object types and
-/// refuses ("expected type 'selfType.imap' but found 'selfType.imaps'"); kube's client-side CEL
-/// check does not notice. The rewrite is a no-op once crds/src/proxy_pool.rs carries a rule the
-/// API server accepts, and must then be removed.
-pub fn crds() -> Vec<CustomResourceDefinition> {
-    const BROKEN: &str = "[self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled).map(l, l.port).all(p, [self.imap, self.imaps, self.pop3, self.pop3s, self.http, self.https].filter(l, l.enabled && l.port == p).size() == 1)";
-    let ports = "[self.imap.enabled ? self.imap.port : 0, self.imaps.enabled ? self.imaps.port : 0, self.pop3.enabled ? self.pop3.port : 0, self.pop3s.enabled ? self.pop3s.port : 0, self.http.enabled ? self.http.port : 0, self.https.enabled ? self.https.port : 0]";
-    let fixed = format!("{ports}.all(p, p == 0 || {ports}.filter(q, q == p).size() == 1)");
-    mailproxy_crds::manifests::crds()
-        .into_iter()
-        .map(|crd| {
-            let text = serde_json::to_string(&crd).unwrap().replace(BROKEN, &fixed);
-            serde_json::from_str(&text).unwrap()
-        })
-        .collect()
 }
 
 pub fn init_tracing() {
@@ -163,9 +145,13 @@ pub async fn apply<K>(api: &Api<K>, name: &str, object: Value) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&object))
-        .await
-        .unwrap_or_else(|e| panic!("apply {name}: {e}"))
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply {name}: {e}"))
 }
 
 pub fn mailbox_server(name: &str, labels: Value, spec: Value) -> Value {

@@ -1,7 +1,7 @@
 //! The proxies' Deployment.
 //!
 //! Pods restart only for settings that need it: the pod template carries a hash of the image,
-//! the TLS Secret name and `config.json` (listeners, ports, TLS). Route-table changes never touch
+//! the TLS Secret name and `config.yaml` (listeners, ports, TLS). Route-table changes never touch
 //! the template; the proxies reload the table from its ConfigMap.
 
 use std::collections::BTreeMap;
@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Sysctl, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Sysctl, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -22,8 +22,10 @@ use mailproxy_crds::ProxyPoolSpec;
 use sha2::{Digest, Sha256};
 
 use super::Pool;
+use mailproxy_crds::proxy_config::ProxyConfig;
+
 use super::config::{
-    CONFIG_FILE, CONFIG_KEY, HEALTH_PORT, LOOKUP_SECRET_ENV, ProxyConfig, TLS_DIR, to_json,
+    CONFIG_FILE, CONFIG_KEY, HEALTH_PORT, LOOKUP_SECRET_DIR, LOOKUP_SECRET_FILE, TLS_DIR, listeners,
 };
 use crate::labels::{self, Component, names};
 
@@ -41,7 +43,7 @@ pub fn restart_hash(spec: &ProxyPoolSpec, config: &ProxyConfig) -> String {
         hasher.update(tls.secret_name.as_bytes());
     }
     hasher.update([0]);
-    hasher.update(to_json(config).as_bytes());
+    hasher.update(config.to_yaml().as_bytes());
     hasher.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -113,7 +115,7 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
-fn env(spec: &ProxyPoolSpec) -> Vec<EnvVar> {
+fn env() -> Vec<EnvVar> {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -121,7 +123,7 @@ fn env(spec: &ProxyPoolSpec) -> Vec<EnvVar> {
         }),
         ..EnvVarSource::default()
     };
-    let mut env = vec![
+    vec![
         EnvVar {
             name: "POD_NAMESPACE".into(),
             value_from: Some(field("metadata.namespace")),
@@ -132,22 +134,7 @@ fn env(spec: &ProxyPoolSpec) -> Vec<EnvVar> {
             value_from: Some(field("metadata.name")),
             value: None,
         },
-    ];
-    if let Some(secret) = &spec.lookup.secret_ref {
-        env.push(EnvVar {
-            name: LOOKUP_SECRET_ENV.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: secret.name.clone(),
-                    key: secret.key.clone(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-            value: None,
-        });
-    }
-    env
+    ]
 }
 
 fn volumes(pool: &Pool<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
@@ -196,6 +183,31 @@ fn volumes(pool: &Pool<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         });
     }
+    if let Some(secret) = &pool.spec.lookup.secret_ref {
+        let file = std::path::Path::new(LOOKUP_SECRET_FILE);
+        volumes.push(Volume {
+            name: "lookup-secret".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: secret.key.clone(),
+                    path: file
+                        .file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    mode: None,
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "lookup-secret".into(),
+            mount_path: LOOKUP_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     (volumes, mounts)
 }
 
@@ -209,8 +221,7 @@ pub fn deployment(pool: &Pool<'_>, config: &ProxyConfig) -> Deployment {
         RESTART_HASH_ANNOTATION.to_string(),
         restart_hash(spec, config),
     );
-    let mut ports: Vec<ContainerPort> = config
-        .listeners
+    let mut ports: Vec<ContainerPort> = listeners(spec)
         .iter()
         .map(|listener| ContainerPort {
             name: Some(listener.name.into()),
@@ -232,7 +243,7 @@ pub fn deployment(pool: &Pool<'_>, config: &ProxyConfig) -> Deployment {
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec!["mailproxy".into()]),
         args: Some(vec!["serve".into(), "--config".into(), CONFIG_FILE.into()]),
-        env: Some(env(spec)),
+        env: Some(env()),
         ports: Some(ports),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
@@ -272,8 +283,7 @@ pub fn deployment(pool: &Pool<'_>, config: &ProxyConfig) -> Deployment {
                         spec.pod.termination_grace_period_seconds,
                     ),
                     volumes: Some(volumes),
-                    node_selector: Some(spec.pod.node_selector.clone())
-                        .filter(|m| !m.is_empty()),
+                    node_selector: Some(spec.pod.node_selector.clone()).filter(|m| !m.is_empty()),
                     tolerations: Some(spec.pod.tolerations.clone()).filter(|v| !v.is_empty()),
                     affinity: spec.pod.affinity.clone(),
                     topology_spread_constraints: Some(spec.pod.topology_spread_constraints.clone())
@@ -301,8 +311,16 @@ mod tests {
     }
 
     fn hash(d: &Deployment) -> String {
-        d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
-            [RESTART_HASH_ANNOTATION]
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[RESTART_HASH_ANNOTATION]
             .clone()
     }
 
@@ -324,24 +342,72 @@ mod tests {
         assert_eq!(c.command.as_ref().unwrap(), &["mailproxy"]);
         assert_eq!(
             c.args.as_ref().unwrap(),
-            &["serve", "--config", "/etc/mailproxy/config.json"]
+            &["serve", "--config", "/etc/mailproxy/config.yaml"]
         );
-        let liveness = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let liveness = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(liveness.path.as_deref(), Some("/healthz"));
-        let readiness = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(readiness.path.as_deref(), Some("/readyz"));
-        let health = c.ports.as_ref().unwrap().iter().find(|p| p.name.as_deref() == Some("health"));
+        let health = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.name.as_deref() == Some("health"));
         assert_eq!(health.unwrap().container_port, 8081);
-        let ports: Vec<i32> = c.ports.as_ref().unwrap().iter().map(|p| p.container_port).collect();
+        let ports: Vec<i32> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
         assert_eq!(ports, [143, 993, 110, 995, 80, 443, 8081]);
-        let namespace = c.env.as_ref().unwrap().iter().find(|e| e.name == "POD_NAMESPACE").unwrap();
+        let namespace = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "POD_NAMESPACE")
+            .unwrap();
         assert_eq!(
-            namespace.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            namespace
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
             "metadata.namespace"
         );
-        let tls_mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "tls").unwrap();
+        let tls_mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "tls")
+            .unwrap();
         assert_eq!(tls_mount.mount_path, "/etc/mailproxy/tls");
-        let tls_volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").unwrap();
+        let tls_volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "tls")
+            .unwrap();
         assert_eq!(
             tls_volume.secret.as_ref().unwrap().secret_name.as_deref(),
             Some("cert")
@@ -359,7 +425,10 @@ mod tests {
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &["ALL"]
+        );
         assert!(sc.capabilities.as_ref().unwrap().add.is_none());
     }
 
@@ -408,8 +477,17 @@ mod tests {
         let pod = pod(&d);
         assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "ssd");
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
-        assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("Always"));
-        let limits = pod.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(
+            pod.containers[0].image_pull_policy.as_deref(),
+            Some("Always")
+        );
+        let limits = pod.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
         assert_eq!(limits["memory"], Quantity("1Gi".into()));
     }
 }

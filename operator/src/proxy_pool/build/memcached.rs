@@ -170,7 +170,10 @@ mod tests {
         let pod = sts_spec.template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("mc:1"));
-        assert_eq!(c.args.as_ref().unwrap()[..2], ["-m".to_string(), "256".to_string()]);
+        assert_eq!(
+            c.args.as_ref().unwrap()[..2],
+            ["-m".to_string(), "256".to_string()]
+        );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));

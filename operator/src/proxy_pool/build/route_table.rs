@@ -50,11 +50,7 @@ pub fn route_table(pool: &Pool<'_>, servers: &[MailboxServer]) -> RouteTable {
             })
         })
         .collect();
-    RouteTable::compile(
-        &sources,
-        route_settings(pool.spec),
-        memcached_servers(pool),
-    )
+    RouteTable::compile(&sources, route_settings(pool.spec), memcached_servers(pool))
 }
 
 pub fn config_map(pool: &Pool<'_>, table: &RouteTable) -> ConfigMap {
@@ -113,8 +109,14 @@ mod tests {
         }));
         let pool = pool(&spec);
         let servers = [
-            server("ext", json!({"host": "10.0.0.9", "accounts": ["Bob@Example.com"]})),
-            server("int", json!({"service": "dovecot", "domains": ["example.org"]})),
+            server(
+                "ext",
+                json!({"host": "10.0.0.9", "accounts": ["Bob@Example.com"]}),
+            ),
+            server(
+                "int",
+                json!({"service": "dovecot", "domains": ["example.org"]}),
+            ),
         ];
         let table = route_table(&pool, &servers);
         assert_eq!(table.servers["ext"].host, "10.0.0.9");
@@ -137,7 +139,10 @@ mod tests {
     fn config_map_carries_the_table_and_its_version_and_is_rewritten_only_on_change() {
         let spec = spec(json!({}));
         let pool = pool(&spec);
-        let one = [server("a", json!({"host": "h", "accounts": ["x@example.com"]}))];
+        let one = [server(
+            "a",
+            json!({"host": "h", "accounts": ["x@example.com"]}),
+        )];
         let table = route_table(&pool, &one);
         let cm = config_map(&pool, &table);
         assert_eq!(cm.metadata.name.as_deref(), Some("main-routes"));
@@ -155,7 +160,11 @@ mod tests {
         let changed = config_map(&pool, &route_table(&pool, &drained));
         assert!(!up_to_date(Some(&cm), &changed));
         let mut edited = cm.clone();
-        edited.data.as_mut().unwrap().insert(CONFIGMAP_KEY.into(), "{}".into());
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(CONFIGMAP_KEY.into(), "{}".into());
         assert!(!up_to_date(Some(&edited), &cm));
     }
 }

@@ -26,8 +26,7 @@ pub fn service(pool: &Pool<'_>) -> Service {
         .collect();
     // Local keeps the client's source address (no SNAT to another node); only NodePort and
     // LoadBalancer Services have an external traffic policy.
-    let external_traffic_policy = (spec.preserve_client_ip
-        && spec.type_ != ServiceType::ClusterIP)
+    let external_traffic_policy = (spec.preserve_client_ip && spec.type_ != ServiceType::ClusterIP)
         .then(|| "Local".to_string());
     Service {
         metadata,
@@ -66,12 +65,21 @@ mod tests {
             .collect();
         assert_eq!(
             ports,
-            [("imap".into(), 143), ("pop3".into(), 110), ("http".into(), 80)]
+            [
+                ("imap".into(), 143),
+                ("pop3".into(), 110),
+                ("http".into(), 80)
+            ]
         );
-        assert_eq!(svc.selector.unwrap()["app.kubernetes.io/component"], "proxy");
+        assert_eq!(
+            svc.selector.unwrap()["app.kubernetes.io/component"],
+            "proxy"
+        );
 
-        let lb = build(json!({"service": {"type": "LoadBalancer", "preserveClientIp": true,
-                                          "annotations": {"lb": "internal"}}}));
+        let lb = build(
+            json!({"service": {"type": "LoadBalancer", "preserveClientIp": true,
+                                          "annotations": {"lb": "internal"}}}),
+        );
         assert_eq!(lb.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(lb.external_traffic_policy.as_deref(), Some("Local"));
         let node_port = build(json!({"service": {"type": "NodePort"}}));
