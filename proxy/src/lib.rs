@@ -3,12 +3,14 @@
 //! - [`mail`]: the pre-login IMAP and POP3 protocol state machines (pure code, no sockets).
 //! - [`route`]: route resolution: the route table, the route cache (embedded and memcached),
 //!   the Route Lookup Handler client and login throttling.
+//! - [`http`]: the web proxy (Zimbra web routing, HTTP/1.1, HTTP/2, WebSocket).
 //! - [`lookupd`]: the reference Route Lookup Handler (`mailproxy lookupd`).
 //! - [`session`]: the mail session driver (accept, pre-login, upstream login, relay).
 //! - [`tls`]: certificates with SNI and reload, TLS to mailbox servers.
 //! - [`serve`]: `mailproxy serve`, a configuration file turned into a running proxy
 //!   ([`serve::Server`] starts one in-process).
 
+pub mod http;
 pub mod lookupd;
 pub mod mail;
 pub mod route;

@@ -208,6 +208,61 @@ impl Resolver {
         result
     }
 
+    /// Finds the route of an account id (web routing by auth token, `Auth-Method: zimbraId`):
+    /// the route cache (`route:proto=<proto>;id=<id>`), then a live lookup whose answer is
+    /// cached. `login.user` is the account id. Not coalesced: tokens come from logged-in web
+    /// clients, whose first request has usually cached the route already.
+    pub async fn resolve_account_id(&self, login: &LoginContext) -> Result<Resolved, ResolveError> {
+        let table = self.inner.table.current();
+        let cache = &self.inner.cache;
+        match cache.get_route_by_id(login.protocol, &login.user).await {
+            Ok(Some(upstream)) => {
+                let server = server_at(&table, &upstream);
+                return Ok(self.count(Resolved {
+                    route: Route {
+                        upstream,
+                        account: None,
+                    },
+                    source: RouteSource::Cache,
+                    server,
+                }));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(%error, "route cache read failed; treating it as a miss"),
+        }
+        let error = match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
+            Ok(LookupOutcome::Found { route, .. }) => {
+                let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
+                if let Err(error) = cache
+                    .put_route_by_id(login.protocol, &login.user, &route.upstream, ttl)
+                    .await
+                {
+                    tracing::debug!(%error, "could not cache a learned route");
+                }
+                let server = server_at(&table, &route.upstream);
+                return Ok(self.count(Resolved {
+                    route,
+                    source: RouteSource::Lookup,
+                    server,
+                }));
+            }
+            Ok(LookupOutcome::Refused { message, wait }) => ResolveError::Refused { message, wait },
+            Err(error) => ResolveError::Unavailable {
+                reason: error.to_string(),
+            },
+        };
+        let reason = match error {
+            ResolveError::Refused { .. } => "refused",
+            ResolveError::Unavailable { .. } => "unavailable",
+        };
+        self.inner
+            .metrics
+            .failed
+            .get_or_create(&FailureLabels { reason })
+            .inc();
+        Err(error)
+    }
+
     /// Forgets what the cache knows of a login after the mailbox server refused it (the account
     /// may have moved): its route, the route of the account it was rewritten to, and its alias.
     pub async fn forget(&self, login: &LoginContext, route: &Route) {

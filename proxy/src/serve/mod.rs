@@ -10,8 +10,8 @@
 //!
 //! The route table and the certificates reload while sessions run: neither restarts anything.
 //!
-//! HTTP and HTTPS listeners are not implemented yet: a configuration that has one is refused
-//! at start with an error that says so, rather than started without the service it asks for.
+//! `http` and `https` listeners serve the web proxy ([`crate::http`]); `https` offers HTTP/2 and
+//! HTTP/1.1 by ALPN with the same certificates as the mail listeners.
 
 mod health;
 
@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::http::proxy::{HttpProxy, HttpSettings};
 use crate::route::cache::{RouteCache, RouteCacheConfig};
 use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_pem};
 use crate::route::resolver::Resolver;
@@ -56,6 +57,8 @@ pub struct ServeOptions {
     pub via: String,
     /// The route cache (its embedded tier is used when the route table names no memcached).
     pub route_cache: RouteCacheConfig,
+    /// Limits and timeouts of the `http`/`https` listeners.
+    pub http: HttpSettings,
 }
 
 impl Default for ServeOptions {
@@ -68,13 +71,23 @@ impl Default for ServeOptions {
                 .filter(|name| !name.is_empty())
                 .unwrap_or_else(|| "mailproxy".to_string()),
             route_cache: RouteCacheConfig::default(),
+            http: HttpSettings::default(),
         }
     }
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug)]
+enum Service {
+    Mail(ListenerKind),
+    Web { tls: bool },
+}
+
 /// A bound, not yet serving, proxy.
 pub struct Server {
-    listeners: Vec<(ListenerProtocol, ListenerKind, TcpListener)>,
+    listeners: Vec<(ListenerProtocol, Service, TcpListener)>,
+    web: Arc<HttpProxy>,
+    web_tls: Option<tokio_rustls::TlsAcceptor>,
     health: TcpListener,
     registry: Registry,
     context: Arc<SessionContext>,
@@ -90,15 +103,19 @@ impl Server {
         let kinds = config
             .listeners
             .iter()
-            .map(|listener| listener_kind(listener.protocol))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|listener| listener_service(listener.protocol))
+            .collect::<Vec<_>>();
         let mut background = Vec::new();
+        let mut web_tls = None;
         let tls = match &config.tls {
             Some(tls) if !tls.certificates.is_empty() => {
                 let store = CertificateStore::load(&tls.certificates)
                     .context("cannot load the TLS certificates")?;
                 background.push(store.watch(options.certificate_poll_interval));
                 let server_config = crate::tls::server_config(store)?;
+                let mut web_config = (*server_config).clone();
+                web_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                web_tls = Some(tokio_rustls::TlsAcceptor::from(Arc::new(web_config)));
                 Some(tokio_rustls::TlsAcceptor::from(server_config))
             }
             _ => None,
@@ -107,7 +124,9 @@ impl Server {
             .context("cannot set up TLS to the mailbox servers")?;
         let table = route_table(config).await?;
         let current = table.current();
-        let plain_mail_listener = kinds.iter().any(|kind| !kind.implicit_tls);
+        let plain_mail_listener = kinds
+            .iter()
+            .any(|kind| matches!(kind, Service::Mail(kind) if !kind.implicit_tls));
         if tls.is_none() && plain_mail_listener && current.settings.starttls == StartTlsMode::Only {
             bail!(
                 "the route table says `starttls: only` but no certificate is configured: add \
@@ -131,6 +150,12 @@ impl Server {
         metrics.register(&mut registry);
 
         let (closing, closing_receiver) = watch::channel(false);
+        let web = Arc::new(HttpProxy::new(
+            resolver.clone(),
+            options.http.clone(),
+            closing_receiver.clone(),
+        ));
+        web.register(&mut registry);
         let context = Arc::new(SessionContext {
             resolver,
             throttle,
@@ -150,6 +175,8 @@ impl Server {
             .context("cannot bind the health port")?;
         Ok(Self {
             listeners,
+            web,
+            web_tls,
             health,
             registry,
             context,
@@ -180,6 +207,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             listeners,
+            web,
+            web_tls,
             health,
             registry,
             context,
@@ -197,13 +226,24 @@ impl Server {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(?protocol, %address, "listening");
             }
-            accepting.push(tokio::spawn(crate::session::serve_listener(
-                listener,
-                kind,
-                context.clone(),
-                limit.clone(),
-                stopped.clone(),
-            )));
+            let task = match kind {
+                Service::Mail(kind) => tokio::spawn(crate::session::serve_listener(
+                    listener,
+                    kind,
+                    context.clone(),
+                    limit.clone(),
+                    stopped.clone(),
+                )),
+                Service::Web { tls } => tokio::spawn(crate::http::proxy::serve_listener(
+                    listener,
+                    if tls { web_tls.clone() } else { None },
+                    web.clone(),
+                    limit.clone(),
+                    stopped.clone(),
+                    context.closing.clone(),
+                )),
+            };
+            accepting.push(task);
         }
         shutdown.await;
         ready.store(false, Ordering::Relaxed);
@@ -245,18 +285,16 @@ pub async fn serve(
     Server::bind(config, options).await?.run(shutdown).await
 }
 
-fn listener_kind(protocol: ListenerProtocol) -> anyhow::Result<ListenerKind> {
+fn listener_service(protocol: ListenerProtocol) -> Service {
     let (service, implicit_tls) = match protocol {
         ListenerProtocol::Imap => (MailService::Imap, false),
         ListenerProtocol::Imaps => (MailService::Imap, true),
         ListenerProtocol::Pop3 => (MailService::Pop3, false),
         ListenerProtocol::Pop3s => (MailService::Pop3, true),
-        ListenerProtocol::Http | ListenerProtocol::Https => bail!(
-            "{protocol:?} listeners are not implemented yet: this version proxies IMAP and POP3 \
-             only; remove the listener from the configuration"
-        ),
+        ListenerProtocol::Http => return Service::Web { tls: false },
+        ListenerProtocol::Https => return Service::Web { tls: true },
     };
-    Ok(ListenerKind {
+    Service::Mail(ListenerKind {
         service,
         implicit_tls,
     })

@@ -1,0 +1,566 @@
+//! The web proxy end to end: `mailproxy serve` (in-process) with `http` and `https` listeners in
+//! front of two real hyper backends, routed by a Route Lookup Handler written here that answers
+//! by name and by zimbraId.
+
+mod http_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use http::{Request, StatusCode};
+use http_support::*;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn zimbra_token(id: &str) -> String {
+    let data = format!("id={}:{id};exp=13:1700000000000;", id.len());
+    let hex: String = data.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("0_0123456789abcdef_{hex}")
+}
+
+fn jwt(sub: &str) -> String {
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.sig",
+        engine.encode(r#"{"alg":"HS256"}"#),
+        engine.encode(format!(r#"{{"sub":"{sub}"}}"#))
+    )
+}
+
+/// A request URI, its headers and the backend it must reach.
+type Case = (String, Vec<(&'static str, String)>, &'static str);
+
+struct Setup {
+    a: Backend,
+    b: Backend,
+    handler: Handler,
+    proxy: Proxy,
+}
+
+async fn setup() -> Setup {
+    let (a, b) = backends().await;
+    let users: HashMap<String, _> = [
+        ("alice", a.addr),
+        ("bob", b.addr),
+        ("carol@example.com", a.addr),
+        ("dave@EXAMPLE", b.addr),
+        ("erin@example.com", b.addr),
+        ("jürgen@example.com", b.addr),
+    ]
+    .into_iter()
+    .map(|(user, addr)| (user.to_string(), addr))
+    .collect();
+    let ids: HashMap<String, _> = [("id-a", a.addr), ("id-b", b.addr)]
+        .into_iter()
+        .map(|(id, addr)| (id.to_string(), addr))
+        .collect();
+    let handler = Handler::start(users, ids).await;
+    let routes = table(
+        &[("mbs-a", a.addr), ("mbs-b", b.addr)],
+        &[a.addr, b.addr],
+        Some(&handler),
+        &[("pinned@example.com", "mbs-b")],
+    );
+    let proxy = Proxy::start(&routes, |_| {}).await;
+    Setup {
+        a,
+        b,
+        handler,
+        proxy,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_sends_each_user_to_the_right_backend() {
+    let s = setup().await;
+    let proxy = s.proxy.http;
+    let me = client(1);
+    let basic = |user_pass: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        )
+    };
+    let cookie = format!("JSESSIONID=x; ZM_AUTH_TOKEN={}", zimbra_token("id-b"));
+    let admin_cookie = format!("ZM_ADMIN_AUTH_TOKEN={}", zimbra_token("id-a"));
+    let bearer = format!("Bearer {}", jwt("id-b"));
+    let cases: Vec<Case> = vec![
+        ("/home/alice/Inbox".into(), vec![], "A"),
+        ("/home/~bob/Inbox?fmt=json".into(), vec![], "B"),
+        ("/service/home/~alice/Calendar".into(), vec![], "A"),
+        ("/service/home/bob/".into(), vec![], "B"),
+        ("/home/j%C3%BCrgen%40example.com/x".into(), vec![], "B"),
+        (
+            "/Microsoft-Server-ActiveSync?Cmd=Sync".into(),
+            vec![("authorization", basic("EXAMPLE\\dave:secret"))],
+            "B",
+        ),
+        (
+            "/Microsoft-Server-ActiveSync?Cmd=Sync&User=example.com%5Ccarol".into(),
+            vec![],
+            "A",
+        ),
+        (
+            "/ews/Exchange.asmx".into(),
+            vec![("authorization", basic("erin@example.com:pw"))],
+            "B",
+        ),
+        ("/dav/bob/Calendar/".into(), vec![], "B"),
+        ("/principals/users/alice/".into(), vec![], "A"),
+        (
+            "/home/~/Inbox".into(),
+            vec![("cookie", cookie.clone())],
+            "B",
+        ),
+        ("/zimbraAdmin/".into(), vec![("cookie", admin_cookie)], "A"),
+        (
+            format!("/service/soap?zauthtoken={}", zimbra_token("id-a")),
+            vec![],
+            "A",
+        ),
+        ("/".into(), vec![("authorization", bearer)], "B"),
+        (format!("/x?zjwt={}", jwt("id-a")), vec![], "A"),
+        ("/home/pinned@example.com/".into(), vec![], "B"),
+    ];
+    for (uri, headers, expected) in &cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let answer = get(me, proxy, uri, &headers).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}: {answer:?}");
+        assert_eq!(answer.backend(), *expected, "{uri}: {answer:?}");
+        let path = uri.split('?').next().unwrap();
+        assert!(answer.body.ends_with(path), "{uri}: {}", answer.body);
+        assert_eq!(answer.header("x-seen-x-forwarded-for"), "127.0.0.1");
+        assert_eq!(answer.header("x-seen-x-forwarded-proto"), "http");
+        assert_eq!(
+            answer.header("x-seen-forwarded"),
+            "for=127.0.0.1;proto=http;host=\"mail.example.com\""
+        );
+        assert_eq!(answer.header("x-seen-host"), "mail.example.com");
+    }
+
+    let asked = s.handler.asked();
+    // Every lookup is a web lookup with the placeholder password and the virtual host.
+    for question in &asked {
+        assert_eq!(question.protocol, "http", "{question:?}");
+        assert_eq!(question.password, "_password_");
+        assert_eq!(question.proxy_host, "mail.example.com");
+    }
+    let by_id: Vec<&str> = asked
+        .iter()
+        .filter(|q| q.method == "zimbraId")
+        .map(|q| q.user.as_str())
+        .collect();
+    // id-b and id-a asked once each: the second token request for each was a cache hit.
+    assert_eq!(by_id, ["id-b", "id-a"], "{asked:?}");
+    let by_name: Vec<&str> = asked
+        .iter()
+        .filter(|q| q.method == "username")
+        .map(|q| q.user.as_str())
+        .collect();
+    for user in [
+        "alice",
+        "bob",
+        "jürgen@example.com",
+        "dave@EXAMPLE",
+        "carol@example.com",
+        "erin@example.com",
+    ] {
+        assert!(by_name.contains(&user), "{user} not asked: {by_name:?}");
+    }
+    assert!(
+        !by_name.iter().any(|user| user.contains("pinned")),
+        "a pinned account needs no lookup"
+    );
+
+    // An account the handler does not know, and a token it does not know: the balancer.
+    for (uri, headers) in [
+        ("/home/nobody/", vec![]),
+        (
+            "/",
+            vec![("cookie", format!("ZM_AUTH_TOKEN={}", zimbra_token("id-x")))],
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let answer = get(me, proxy, uri, &headers).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert!(["A", "B"].contains(&answer.backend()));
+    }
+
+    // The metrics count requests by route kind and status class.
+    let metrics = get(me, s.proxy.health, "/metrics", &[]).await.body;
+    for line in [
+        "mailproxy_http_requests_total{route=\"rest\",status=\"2xx\"} 7",
+        "mailproxy_http_requests_total{route=\"activesync\",status=\"2xx\"} 2",
+        "mailproxy_http_requests_total{route=\"jwt\",status=\"2xx\"} 2",
+        "mailproxy_http_requests_total{route=\"auth_token\",status=\"2xx\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    let _ = (&s.a, &s.b);
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_requests_spread_with_client_ip_affinity() {
+    let s = setup().await;
+    let mut seen = HashMap::new();
+    for n in 10..42 {
+        let first = get(client(n), s.proxy.http, "/", &[]).await;
+        assert_eq!(first.status, StatusCode::OK);
+        for _ in 0..2 {
+            let again = get(client(n), s.proxy.http, "/zimbra/", &[]).await;
+            assert_eq!(again.backend(), first.backend(), "client {n} moved");
+        }
+        *seen.entry(first.backend().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both backends get clients: {seen:?}");
+    assert!(s.handler.asked().is_empty(), "no lookup without an account");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_by_alpn_and_curl() {
+    let s = setup().await;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_file_iter(s.proxy.pki.ca()).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = connect_from(client(1), s.proxy.https).await;
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    // Several streams on one connection, to different backends.
+    for (path, backend) in [
+        ("/home/alice/a", "A"),
+        ("/dav/bob/", "B"),
+        ("/home/alice/b", "A"),
+    ] {
+        let request = Request::get(format!("https://mail.example.com{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.expect("a response");
+        let answer = read(response).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.backend(), backend, "{path}");
+        assert_eq!(answer.header("x-seen-x-forwarded-proto"), "https");
+        assert_eq!(answer.header("x-seen-host"), "mail.example.com");
+    }
+
+    // curl, HTTP/1.1 in clear text and HTTP/2 over TLS.
+    let http = format!("http://127.0.0.1:{}/dav/bob/", s.proxy.http.port());
+    let https = format!("https://localhost:{}/home/alice/x", s.proxy.https.port());
+    let ca = s.proxy.pki.ca();
+    let output = tokio::task::spawn_blocking(move || {
+        let plain = std::process::Command::new("curl")
+            .args(["-sS", "-i", &http])
+            .output()
+            .expect("curl runs");
+        let tls = std::process::Command::new("curl")
+            .args(["-sS", "-i", "--http2", "--cacert"])
+            .arg(&ca)
+            .args([
+                "--resolve",
+                &format!(
+                    "localhost:{}:127.0.0.1",
+                    https.split(':').nth(2).unwrap().split('/').next().unwrap()
+                ),
+                &https,
+            ])
+            .output()
+            .expect("curl runs");
+        (plain, tls)
+    })
+    .await
+    .unwrap();
+    let plain = String::from_utf8_lossy(&output.0.stdout).to_lowercase();
+    assert!(plain.starts_with("http/1.1 200"), "{plain}");
+    assert!(plain.contains("x-backend: b"), "{plain}");
+    let tls = String::from_utf8_lossy(&output.1.stdout).to_lowercase();
+    assert!(
+        tls.starts_with("http/2 200"),
+        "{tls} {}",
+        String::from_utf8_lossy(&output.1.stderr)
+    );
+    assert!(tls.contains("x-backend: a"), "{tls}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through() {
+    let s = setup().await;
+    let mut tcp = connect_from(client(1), s.proxy.http).await;
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: mail.example.com\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "head cut short");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [
+        &b"hello"[..],
+        &[0x81, 0x85, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        &[7u8; 70_000],
+    ] {
+        tcp.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_in_flat_memory() {
+    const SIZE: u64 = 200 * 1024 * 1024;
+    let s = setup().await;
+    let before = rss();
+    let upload = Request::post("/upload")
+        .header("host", "mail.example.com")
+        .header("content-length", SIZE.to_string())
+        .body(zeros(SIZE))
+        .unwrap();
+    let answer = read(send(client(1), s.proxy.http, upload).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, SIZE.to_string());
+    // Chunked too (no length announced).
+    let chunked = Request::post("/upload")
+        .header("host", "mail.example.com")
+        .body(zeros(SIZE / 4))
+        .unwrap();
+    let answer = read(send(client(1), s.proxy.http, chunked).await.unwrap()).await;
+    assert_eq!(answer.body, (SIZE / 4).to_string());
+
+    let download = Request::get(format!("/stream/{SIZE}"))
+        .header("host", "mail.example.com")
+        .body(zeros(0))
+        .unwrap();
+    let response = send(client(1), s.proxy.http, download).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(count_body(response.into_body()).await.unwrap(), SIZE);
+    let grown = rss().saturating_sub(before);
+    // Proxy, backends and clients share this process: 600 MB moved through it, a buffered body
+    // would be 200 MB.
+    assert!(grown < 64 * 1024 * 1024, "RSS grew by {grown} bytes");
+}
+
+/// Sends raw bytes and reads what comes back until the proxy closes or 5 s pass.
+async fn raw(proxy: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut tcp = connect_from(client(1), proxy).await;
+    tcp.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_answers_and_the_proxy_goes_on() {
+    let s = setup().await;
+    let proxy = s.proxy.http;
+
+    let garbage = raw(proxy, b"GARBAGE\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
+    let bad_version = raw(proxy, b"GET / HTTP/9.9\r\nHost: x\r\n\r\n").await;
+    assert!(
+        bad_version.is_empty()
+            || bad_version.starts_with("HTTP/1.1 4")
+            || bad_version.starts_with("HTTP/1.1 505"),
+        "{bad_version:?}"
+    );
+
+    let mut huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    huge.extend(b"\r\n\r\n");
+    let oversized = raw(proxy, &huge).await;
+    assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized:?}");
+
+    // Slowloris: a header line every 300 ms never completes a head within the 1 s limit.
+    let started = Instant::now();
+    let mut slow = connect_from(client(1), proxy).await;
+    slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let closed = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if slow.write_all(b"X-A: b\r\n").await.is_err() {
+            break true;
+        }
+        let mut buffer = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buffer)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => break true,
+            Err(_) if started.elapsed() > Duration::from_secs(5) => break false,
+            Err(_) => {}
+        }
+    };
+    assert!(closed, "the slow client is still connected");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Malformed cookies and tokens: the balancer, no panic.
+    for header in [
+        ("cookie", "ZM_AUTH_TOKEN=0_zz_nothex".to_string()),
+        (
+            "cookie",
+            "ZM_AUTH_TOKEN=;;;=;ZM_ADMIN_AUTH_TOKEN=1_2_3".to_string(),
+        ),
+        ("cookie", format!("ZM_AUTH_TOKEN={}", "0_ab_".repeat(2000))),
+        ("authorization", "Bearer a.b.c".to_string()),
+        ("authorization", "Bearer ....".to_string()),
+        ("authorization", "Basic %%%".to_string()),
+    ] {
+        let answer = get(client(1), proxy, "/", &[(header.0, &header.1)]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{header:?}");
+    }
+    for uri in [
+        "/?zjwt=%FF%FE",
+        "/?zauthtoken=0_1_zz",
+        "/home/%FF/",
+        "/dav/%00/",
+    ] {
+        let answer = get(client(1), proxy, uri, &[]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+    }
+
+    // A backend that breaks mid-response: the client's body ends early with an error (the
+    // announced length is never reached), never a hang.
+    let response = send(
+        client(1),
+        proxy,
+        Request::get("/reset")
+            .header("host", "x")
+            .body(zeros(0))
+            .unwrap(),
+    )
+    .await;
+    match response {
+        Ok(response) => {
+            assert_eq!(response.status(), StatusCode::OK);
+            let counted =
+                tokio::time::timeout(Duration::from_secs(5), count_body(response.into_body()))
+                    .await
+                    .expect("no hang");
+            assert!(
+                counted.is_err(),
+                "a truncated body is an error: {counted:?}"
+            );
+        }
+        Err(error) => assert!(!error.is_user(), "{error}"),
+    }
+    // A backend too slow to answer: 504 after the response timeout (2 s here).
+    let slow = get(client(1), proxy, "/slow", &[]).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT, "{slow:?}");
+    // And the proxy serves the next request.
+    let answer = get(client(1), proxy, "/home/alice/after", &[]).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.backend(), "A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_backend_is_retried_and_skipped() {
+    let (a, _b) = backends().await;
+    // A backend address nobody listens on.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", mailproxy_testkit::free_port())
+        .parse()
+        .unwrap();
+    let routes = table(&[("mbs-a", a.addr)], &[a.addr, dead], None, &[]);
+    let proxy = Proxy::start(&routes, |_| {}).await;
+    // Requests with a body are not retried: some client hashes to the dead backend and gets 502.
+    let mut statuses = Vec::new();
+    for n in 10..42 {
+        let request = Request::post("/upload")
+            .header("host", "x")
+            .body(zeros(10))
+            .unwrap();
+        let answer = read(send(client(n), proxy.http, request).await.unwrap()).await;
+        statuses.push(answer.status);
+        // Let the dead backend's down mark expire, so that the next client may hash to it.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        if answer.status == StatusCode::BAD_GATEWAY {
+            assert!(answer.body.contains("refused"), "{answer:?}");
+            break;
+        }
+    }
+    assert!(statuses.contains(&StatusCode::BAD_GATEWAY), "{statuses:?}");
+    // GETs are retried on the live backend: every client gets an answer.
+    for n in 10..42 {
+        let answer = get(client(n), proxy.http, "/", &[]).await;
+        assert_eq!(answer.status, StatusCode::OK, "client {n}");
+        assert_eq!(answer.backend(), "A");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_is_503() {
+    let routes = table(&[], &[], None, &[]);
+    let proxy = Proxy::start(&routes, |_| {}).await;
+    let answer = get(client(1), proxy.http, "/", &[]).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.body, "no backend available\n");
+    // An account with no handler and no domain entry also ends at the (empty) balancer.
+    let answer = get(client(1), proxy.http, "/home/alice/", &[]).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_and_h2c_works() {
+    let s = setup().await;
+    // A keep-alive connection that answered one request is closed once idle for the header
+    // timeout (1 s here).
+    let mut tcp = connect_from(client(1), s.proxy.http).await;
+    tcp.write_all(b"GET /home/alice/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("A GET /home/alice/"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // HTTP/2 in clear text by prior knowledge.
+    let tcp = connect_from(client(1), s.proxy.http).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    let request = Request::get("http://mail.example.com/dav/bob/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = read(sender.send_request(request).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.backend(), "B");
+    assert_eq!(answer.header("x-seen-x-forwarded-proto"), "http");
+}
