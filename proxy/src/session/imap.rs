@@ -78,8 +78,9 @@ pub(super) async fn pre_login(
     }
 }
 
-/// Logs in to the mailbox server: greeting, capabilities, ID with the client's address, then
-/// LOGIN (literals) or AUTHENTICATE PLAIN. Returns the text of the server's tagged OK.
+/// Logs in to the mailbox server: greeting, capabilities, ID with the client's address
+/// pipelined with LOGIN (literals) or AUTHENTICATE PLAIN. Returns the text of the server's
+/// tagged OK.
 pub(super) async fn log_in_upstream(
     context: &SessionContext,
     upstream: &mut UpstreamConnection,
@@ -98,17 +99,14 @@ pub(super) async fn log_in_upstream(
         Some(capabilities) => capabilities,
         None => ask_capabilities(upstream).await?,
     };
-    if request.target.mail.origin == OriginForwarding::Id {
-        let id = id_command(
+    let id = (request.target.mail.origin == OriginForwarding::Id).then(|| {
+        id_command(
             ID_TAG,
             request.connection.client_ip(),
             client_id,
             &context.via,
-        );
-        upstream.send(&id).await?;
-        // A server that does not support ID says BAD: the login goes on regardless.
-        tagged(upstream, ID_TAG).await?;
-    }
+        )
+    });
     let credentials = request.credentials;
     let sasl = credentials.authzid.is_some() || capabilities.login_disabled;
     let command = if sasl {
@@ -136,7 +134,17 @@ pub(super) async fn log_in_upstream(
     };
     let pieces = command.pieces();
     for (index, piece) in pieces.iter().enumerate() {
-        upstream.send(piece).await?;
+        match (index, &id) {
+            // ID is pipelined with the start of the login: one round trip less per login, and
+            // the server still takes the client's address from ID before it runs the login.
+            (0, Some(id)) => {
+                upstream.send(id).await?;
+                upstream.send(piece).await?;
+                // A server that does not support ID says BAD: the login goes on regardless.
+                tagged(upstream, ID_TAG).await?;
+            }
+            _ => upstream.send(piece).await?,
+        }
         let last = index + 1 == pieces.len();
         loop {
             let line = upstream.line().await?;
