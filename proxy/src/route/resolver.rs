@@ -327,7 +327,7 @@ impl Resolver {
                 return None;
             }
         }
-        let scope = alias_scope(login)?;
+        let scope = AliasScope::of(login)?;
         let account = cache.get_alias(&login.user, scope).await.ok()??;
         let upstream = cache
             .get_route(login.protocol, &account, login.client_ip)
@@ -445,7 +445,7 @@ impl Resolver {
                 .await
                 .map(drop),
             Some(account) => {
-                let scope = alias_scope(login).filter(|_| cache_alias);
+                let scope = AliasScope::of(login).filter(|_| cache_alias);
                 match scope {
                     Some(scope) => {
                         let alias = cache.put_alias(&login.user, scope, account, ttl).await;
@@ -467,15 +467,6 @@ impl Resolver {
         if let Err(error) = written {
             tracing::debug!(%error, "could not cache a learned route");
         }
-    }
-}
-
-/// Aliases are scoped by the virtual host for web logins and by the proxy address for mail.
-fn alias_scope(login: &LoginContext) -> Option<AliasScope<'_>> {
-    match (&login.virtual_host, login.proxy_ip) {
-        (Some(host), _) => Some(AliasScope::VirtualHost(host)),
-        (None, Some(ip)) => Some(AliasScope::ProxyIp(ip)),
-        (None, None) => None,
     }
 }
 

@@ -1,13 +1,12 @@
 //! IMAP: the pre-login conversation, the upstream login and the answers to the client.
 
 use mailproxy_crds::mailbox_server::OriginForwarding;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, GOODBYE_TIMEOUT, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext,
-    Settings, UpstreamLogin, send, start_tls,
+    Dialect, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext, Settings,
+    UpstreamLogin, read_before_login, send, start_tls,
 };
 use crate::mail::imap::upstream::{
     ImapResponse, ServerCapabilities, authenticate_plain_command, id_command, login_command,
@@ -42,16 +41,9 @@ pub(super) async fn pre_login(
     });
     send(&mut client, &machine.greeting(), deadline).await?;
     let mut buffer = vec![0; PRE_LOGIN_READ];
+    let goodbye = bye_response("Autologout; no login in time");
     loop {
-        let read = match tokio::time::timeout_at(deadline, client.read(&mut buffer)).await {
-            Ok(Ok(0) | Err(_)) => return Err(Outcome::ClientGone),
-            Ok(Ok(read)) => read,
-            Err(_) => {
-                let bye = bye_response("Autologout; no login in time");
-                let _ = send(&mut client, &bye, Instant::now() + GOODBYE_TIMEOUT).await;
-                return Err(Outcome::Timeout);
-            }
-        };
+        let read = read_before_login(&mut client, &mut buffer, deadline, &goodbye).await?;
         for event in machine.feed(&buffer[..read]) {
             match event {
                 ImapEvent::Reply(bytes) => send(&mut client, &bytes, deadline).await?,

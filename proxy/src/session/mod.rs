@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailproxy_crds::route_table::RouteSettings;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -342,6 +342,24 @@ async fn start_tls(
             Err(Outcome::TlsFailed)
         }
         Err(_) => Err(Outcome::TlsFailed),
+    }
+}
+
+/// Reads what the client sends before it has logged in. At `deadline` the client gets
+/// `goodbye` (the protocol's own words for it) and the session ends.
+async fn read_before_login(
+    client: &mut Stream,
+    buffer: &mut [u8],
+    deadline: Instant,
+    goodbye: &[u8],
+) -> Result<usize, Outcome> {
+    match tokio::time::timeout_at(deadline, client.read(buffer)).await {
+        Ok(Ok(0) | Err(_)) => Err(Outcome::ClientGone),
+        Ok(Ok(read)) => Ok(read),
+        Err(_) => {
+            let _ = send(client, goodbye, Instant::now() + GOODBYE_TIMEOUT).await;
+            Err(Outcome::Timeout)
+        }
     }
 }
 

@@ -1,13 +1,12 @@
 //! POP3: the pre-login conversation, the upstream login and the answers to the client.
 
 use mailproxy_crds::mailbox_server::OriginForwarding;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, GOODBYE_TIMEOUT, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext,
-    Settings, UpstreamLogin, send, start_tls,
+    Dialect, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext, Settings,
+    UpstreamLogin, read_before_login, send, start_tls,
 };
 use crate::mail::Limits;
 use crate::mail::pop3::upstream::{
@@ -35,16 +34,9 @@ pub(super) async fn pre_login(
     });
     send(&mut client, &machine.greeting(), deadline).await?;
     let mut buffer = vec![0; PRE_LOGIN_READ];
+    let goodbye = err_response(b"no login in time, closing");
     loop {
-        let read = match tokio::time::timeout_at(deadline, client.read(&mut buffer)).await {
-            Ok(Ok(0) | Err(_)) => return Err(Outcome::ClientGone),
-            Ok(Ok(read)) => read,
-            Err(_) => {
-                let bye = err_response(b"no login in time, closing");
-                let _ = send(&mut client, &bye, Instant::now() + GOODBYE_TIMEOUT).await;
-                return Err(Outcome::Timeout);
-            }
-        };
+        let read = read_before_login(&mut client, &mut buffer, deadline, &goodbye).await?;
         for event in machine.feed(&buffer[..read]) {
             match event {
                 Pop3Event::Reply(bytes) => send(&mut client, &bytes, deadline).await?,

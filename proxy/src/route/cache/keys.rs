@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use md5::{Digest, Md5};
 
-use crate::route::Protocol;
+use crate::route::{LoginContext, Protocol};
 
 /// memcached's key length limit.
 pub const MAX_KEY_LEN: usize = 250;
@@ -47,6 +47,17 @@ pub enum IpScope {
 pub enum AliasScope<'a> {
     ProxyIp(IpAddr),
     VirtualHost(&'a str),
+}
+
+impl<'a> AliasScope<'a> {
+    /// The scope of a login: its virtual host for web logins, else the proxy address.
+    pub fn of(login: &'a LoginContext) -> Option<Self> {
+        match (&login.virtual_host, login.proxy_ip) {
+            (Some(host), _) => Some(AliasScope::VirtualHost(host)),
+            (None, Some(ip)) => Some(AliasScope::ProxyIp(ip)),
+            (None, None) => None,
+        }
+    }
 }
 
 impl CacheKey {

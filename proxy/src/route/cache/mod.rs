@@ -447,12 +447,7 @@ impl RouteCache {
                 login.client_ip,
             )?);
         }
-        let scope = match (&login.virtual_host, login.proxy_ip) {
-            (Some(host), _) => Some(AliasScope::VirtualHost(host)),
-            (None, Some(ip)) => Some(AliasScope::ProxyIp(ip)),
-            (None, None) => None,
-        };
-        if let Some(scope) = scope {
+        if let Some(scope) = AliasScope::of(login) {
             keys.push(CacheKey::alias(&login.user, scope)?);
         }
         let mut first_error = None;
