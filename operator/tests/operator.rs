@@ -93,15 +93,35 @@ fn condition(pool: &ProxyPool, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-async fn events(client: &Client, namespace: &str, regarding: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding))
-        .collect()
+/// The Events about `regarding`, once every reason in `wanted` is among them: the operator
+/// publishes an Event after the write it reports, so a test that saw the write polls for it.
+async fn events_with(
+    client: &Client,
+    namespace: &str,
+    regarding: &str,
+    wanted: &[&str],
+) -> Vec<Event> {
+    eventually(
+        &format!("Events {wanted:?} about {regarding}"),
+        SOON,
+        || async {
+            let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), namespace)
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding))
+                .collect();
+            let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+            if wanted.iter().all(|w| reasons.contains(w)) {
+                Ok(events)
+            } else {
+                Err(format!("{reasons:?}"))
+            }
+        },
+    )
+    .await
 }
 
 async fn tls_secret(client: &Client, namespace: &str, name: &str) {
@@ -347,16 +367,7 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
             .ok_or_else(|| format!("{status:?}"))
     })
     .await;
-    let reasons: Vec<String> = events(&client, &ns, "main")
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(
-        reasons.contains(&"Created".to_string())
-            && reasons.contains(&"RouteTableUpdated".to_string()),
-        "{reasons:?}"
-    );
+    events_with(&client, &ns, "main", &["Created", "RouteTableUpdated"]).await;
 
     // kubectl mailproxy answers from the same table.
     let plugin = |args: &[&str]| {
@@ -520,12 +531,7 @@ async fn the_route_table_follows_mailbox_servers_within_seconds() {
         absent::<MailboxServer>(&client, &ns, "s1")
     })
     .await;
-    let reasons: Vec<String> = events(&client, &ns, "s1")
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(reasons.contains(&"PurgeSkipped".to_string()), "{reasons:?}");
+    events_with(&client, &ns, "s1", &["PurgeSkipped"]).await;
     eprintln!("MailboxServer change to route-table ConfigMap: {latencies:?}");
     for (what, latency) in latencies {
         assert!(latency < Duration::from_secs(5), "{what} took {latency:?}");
@@ -644,15 +650,7 @@ async fn drift_is_corrected_and_dropped_children_are_pruned() {
         t.memcached_servers.is_empty()
     })
     .await;
-    let reasons: Vec<String> = events(&client, &ns, "drift")
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(
-        reasons.contains(&"Deleted".to_string()) && reasons.contains(&"RollingRestart".to_string()),
-        "{reasons:?}"
-    );
+    events_with(&client, &ns, "drift", &["Deleted", "RollingRestart"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,7 +770,7 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
     );
     let message = &invalid.status.unwrap().conditions[0].message;
     assert!(message.contains("spec.mailboxSelector"), "{message}");
-    let events = events(&client, &ns, "st").await;
+    let events = events_with(&client, &ns, "st", &["InvalidSpec"]).await;
     assert!(events.iter().any(
         |e| e.reason.as_deref() == Some("InvalidSpec") && e.type_.as_deref() == Some("Warning")
     ));
