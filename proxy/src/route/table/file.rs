@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use mailproxy_crds::route_table::RouteTable;
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::{TableHandle, TablePublisher};
@@ -39,6 +40,17 @@ fn load(path: &Path) -> Result<RouteTable, FileTableError> {
     })
 }
 
+/// Whether an event in the file's directory can mean new content. Opening and reading are not
+/// changes, and counting them would loop: every reload opens the file, and the open would
+/// trigger the next reload. Closing after a write is (the writer has finished).
+fn may_change_the_file(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Loads the table at `path` and keeps it current: every change in the file's directory
 /// re-reads it. The directory is watched rather than the file because Kubernetes updates a
 /// mounted ConfigMap by swapping a symlink, which a watch on the old file never sees.
@@ -50,8 +62,10 @@ pub fn watch_file(path: impl Into<PathBuf>) -> Result<TableHandle, FileTableErro
     let (publisher, handle) = TablePublisher::new(load(&path)?);
     // Bursts of events (write, chmod, rename) collapse into one pending reload.
     let (wake, mut woken) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = wake.try_send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_err() || event.is_ok_and(|event| may_change_the_file(&event.kind)) {
+            let _ = wake.try_send(());
+        }
     })
     .map_err(|source| FileTableError::Watch {
         path: path.clone(),
@@ -90,4 +104,28 @@ pub fn watch_file(path: impl Into<PathBuf>) -> Result<TableHandle, FileTableErro
         }
     });
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind};
+
+    #[test]
+    fn reading_the_file_is_not_a_change_writing_and_replacing_it_are() {
+        assert!(!may_change_the_file(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!may_change_the_file(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(may_change_the_file(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(may_change_the_file(&EventKind::Create(CreateKind::File)));
+        assert!(may_change_the_file(&EventKind::Remove(RemoveKind::File)));
+        assert!(may_change_the_file(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+    }
 }
