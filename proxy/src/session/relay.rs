@@ -17,9 +17,14 @@ use tokio::time::Instant;
 
 use super::stream::{ReadHalf, Stream, WriteHalf};
 
-/// Buffer of one burst on a plain side: large enough that bulk transfers (a FETCH of a big
-/// message) take few system calls, freed as soon as the burst is over.
+/// First buffer of a burst on a plain side: what most commands and answers fit in.
 const TCP_CHUNK: usize = 16 * 1024;
+
+/// Largest buffer of a burst. A read that fills the buffer means a bulk transfer (a FETCH of a
+/// big message), which then grows the buffer: on loopback and fast links each send costs a
+/// wakeup of the receiver, so fewer, larger sends move more bytes per second. The buffer is
+/// freed as soon as the burst is over, so only sessions moving data hold one.
+const TCP_CHUNK_MAX: usize = 1024 * 1024;
 
 /// Buffer a TLS side keeps for the session.
 const TLS_CHUNK: usize = 4 * 1024;
@@ -193,7 +198,11 @@ async fn pump(
                     Ok(0) => return finish(to).await,
                     Ok(_) => {
                         send(to, &buffer, counter, traffic).await?;
+                        let filled = buffer.len() == buffer.capacity();
                         buffer.clear();
+                        if filled && buffer.capacity() < TCP_CHUNK_MAX {
+                            buffer.reserve_exact((buffer.capacity() * 4).min(TCP_CHUNK_MAX));
+                        }
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                     Err(error) => return Err(error),
