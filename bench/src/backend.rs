@@ -1,8 +1,12 @@
-//! A lightweight IMAP mailbox server for the login and idle-session benchmarks: it answers
-//! CAPABILITY, ID, LOGIN (quoted strings or literals, LITERAL+ too), AUTHENTICATE PLAIN, NOOP and
-//! LOGOUT at once and accepts any password, so that the proxy, not the backend, is measured.
+//! A lightweight IMAP mailbox server for the benchmarks: it answers CAPABILITY, ID, LOGIN
+//! (quoted strings or literals, LITERAL+ too), AUTHENTICATE PLAIN, NOOP and LOGOUT at once and
+//! accepts any password, so that the proxy, not the backend, is measured. Every account's INBOX
+//! holds the same messages, kept in memory: SELECT and `FETCH ... BODY.PEEK[]` (of the whole
+//! mailbox, whatever the set) answer from them, so that a bulk transfer is limited by the proxy
+//! rather than by a real server's disk and parsing.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -14,21 +18,30 @@ const CAPABILITIES: &str = "IMAP4rev1 LITERAL+ ID AUTH=PLAIN";
 /// A command longer than this closes the connection.
 const MAX_COMMAND: usize = 8 * 1024;
 
+/// The INBOX of every account: `messages` copies of one message of `size` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Inbox {
+    pub messages: usize,
+    pub size: usize,
+}
+
 /// Serves `127.0.0.1:port` until the process is stopped.
-pub async fn serve(port: u16) -> anyhow::Result<()> {
+pub async fn serve(port: u16, inbox: Inbox) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let message: Arc<[u8]> = vec![b'x'; inbox.size].into();
     loop {
         let (stream, _) = listener.accept().await?;
+        let message = message.clone();
         tokio::spawn(async move {
             // A client that goes away mid-command is no error for the benchmark backend.
-            let _ = session(stream).await;
+            let _ = session(stream, inbox.messages, &message).await;
         });
     }
 }
 
-async fn session(stream: TcpStream) -> std::io::Result<()> {
+async fn session(stream: TcpStream, messages: usize, message: &[u8]) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::with_capacity(4096, read);
@@ -59,6 +72,18 @@ async fn session(stream: TcpStream) -> std::io::Result<()> {
                 format!("{tag} OK [CAPABILITY {CAPABILITIES}] Logged in\r\n")
             }
             "NOOP" => format!("{tag} OK NOOP completed\r\n"),
+            "SELECT" => format!(
+                "* {messages} EXISTS\r\n* FLAGS ()\r\n{tag} OK [READ-WRITE] SELECT completed\r\n"
+            ),
+            "FETCH" => {
+                for number in 1..=messages {
+                    let head = format!("* {number} FETCH (BODY[] {{{}}}\r\n", message.len());
+                    write.write_all(head.as_bytes()).await?;
+                    write.write_all(message).await?;
+                    write.write_all(b")\r\n").await?;
+                }
+                format!("{tag} OK FETCH completed\r\n")
+            }
             "LOGOUT" => {
                 let bye = format!("* BYE logging out\r\n{tag} OK Logout completed\r\n");
                 write.write_all(bye.as_bytes()).await?;

@@ -129,6 +129,10 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
             "backend",
             "--port",
             &backend_port.to_string(),
+            "--messages",
+            &args.messages.to_string(),
+            "--message-size",
+            &args.message_size.to_string(),
         ]),
         None,
     )?;
@@ -203,30 +207,71 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
             lower_is_better: true,
         });
     }
+
+    // Bulk FETCH from the lightweight backend's in-memory INBOX: the proxy is the bottleneck.
+    bulk_fetch(
+        "bulk FETCH, in-memory backend",
+        args,
+        runtime,
+        &mailproxy,
+        backend_port,
+        &handler,
+        &mut rows,
+    )?;
     drop(handler);
 
     // Bulk FETCH: a real Dovecot with the messages appended beforehand.
     let dovecot = Dovecot::start()?;
-    let user = "bench@example.com";
     eprintln!(
         "seeding {} messages of {} bytes ...",
         args.messages, args.message_size
     );
     runtime.block_on(scenarios::seed(
         dovecot.imap_port(),
-        user,
+        FETCH_USER,
         args.messages,
         args.message_size,
     ))?;
-    let direct = runtime.block_on(scenarios::fetch(
-        dovecot.imap_port(),
-        user,
-        args.fetch_clients,
-        args.messages,
-        args.message_size as u64,
-        duration,
-    ))?;
     let handler = Nginx::handler(dovecot.imap_port())?;
+    bulk_fetch(
+        "bulk FETCH, Dovecot",
+        args,
+        runtime,
+        &mailproxy,
+        dovecot.imap_port(),
+        &handler,
+        &mut rows,
+    )?;
+    print_table(&rows);
+    Ok(())
+}
+
+const FETCH_USER: &str = "bench@example.com";
+
+/// Bulk FETCH straight from the mailbox server on `backend_port` (the ceiling), then through
+/// nginx (default and 1 MiB `proxy_buffer`) and mailproxy (1 and 2 threads).
+#[allow(clippy::too_many_arguments)]
+fn bulk_fetch(
+    scenario: &'static str,
+    args: &CompareArgs,
+    runtime: &Runtime,
+    mailproxy: &Path,
+    backend_port: u16,
+    handler: &Nginx,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.duration);
+    let fetch = |port| {
+        runtime.block_on(scenarios::fetch(
+            port,
+            FETCH_USER,
+            args.fetch_clients,
+            args.messages,
+            args.message_size as u64,
+            duration,
+        ))
+    };
+    let direct = fetch(backend_port)?;
     let mut nginx_fetch = None;
     let fetch_proxies = [
         NGINX_1,
@@ -241,22 +286,14 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
         },
     ];
     for proxy in fetch_proxies {
-        let running = Running::start(proxy, &mailproxy, dovecot.imap_port(), &handler)?;
-        eprintln!("bulk FETCH: {} ...", proxy.label());
-        let rate = runtime
-            .block_on(scenarios::fetch(
-                running.port,
-                user,
-                args.fetch_clients,
-                args.messages,
-                args.message_size as u64,
-                duration,
-            ))
-            .with_context(|| format!("FETCH through {}", proxy.label()))?;
+        let running = Running::start(proxy, mailproxy, backend_port, handler)?;
+        eprintln!("{scenario}: {} ...", proxy.label());
+        let rate =
+            fetch(running.port).with_context(|| format!("{scenario} through {}", proxy.label()))?;
         let baseline = nginx_fetch;
         nginx_fetch.get_or_insert(rate);
         rows.push(Row {
-            scenario: "bulk FETCH",
+            scenario,
             label: proxy.label(),
             value: rate,
             unit: "MiB/s",
@@ -264,16 +301,14 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
             lower_is_better: false,
         });
     }
-
     rows.push(Row {
-        scenario: "bulk FETCH",
+        scenario,
         label: DIRECT.to_string(),
         value: direct,
         unit: "MiB/s",
         baseline: nginx_fetch,
         lower_is_better: false,
     });
-    print_table(&rows);
     Ok(())
 }
 
@@ -498,13 +533,17 @@ impl Nginx {
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    pid: u32,
+    pub(crate) pid: u32,
 }
 
 impl Server {
-    fn spawn(what: &str, command: &mut Command, log: Option<&Path>) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(
+        what: &str,
+        command: &mut Command,
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         command.stdin(Stdio::null());
         if let Some(log) = log {
             let out = std::fs::File::create(log)?;

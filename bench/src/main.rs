@@ -1,10 +1,12 @@
 //! `mailbench`: load generator for mailproxy's benchmarks against stock nginx mail proxy (see
 //! docs/benchmarks.md). The load generator runs on one thread (a current-thread tokio runtime),
-//! so that on a 2-core machine the proxy gets the other core.
+//! so that on a 2-core machine the proxy gets the other core. `mailbench http` compares the web
+//! proxy with nginx as reverse proxy, with wrk as its load generator.
 
 mod backend;
 mod client;
 mod compare;
+mod http;
 mod scenarios;
 
 use std::time::Duration;
@@ -14,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "mailbench",
-    about = "IMAP benchmarks: mailproxy vs stock nginx mail proxy"
+    about = "IMAP and HTTP benchmarks: mailproxy vs stock nginx"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,10 +27,19 @@ struct Cli {
 enum Command {
     /// Run everything (both proxies, all scenarios) and print the table.
     Compare(compare::CompareArgs),
-    /// The lightweight IMAP backend (any password, instant answers).
+    /// The web proxy against stock nginx as reverse proxy (wrk, 1 KiB answers): requests/s and
+    /// p99 latency.
+    Http(http::HttpArgs),
+    /// The lightweight IMAP backend (any password, instant answers, an in-memory INBOX).
     Backend {
         #[arg(long)]
         port: u16,
+        /// Messages in every INBOX.
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        /// Size of each message in bytes.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        message_size: usize,
     },
     /// Logins per second through an IMAP proxy on 127.0.0.1:PORT.
     Logins {
@@ -84,7 +95,18 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Compare(args) => compare::run(&args, &runtime)?,
-        Command::Backend { port } => runtime.block_on(backend::serve(port))?,
+        Command::Http(args) => http::run(&args)?,
+        Command::Backend {
+            port,
+            messages,
+            message_size,
+        } => runtime.block_on(backend::serve(
+            port,
+            backend::Inbox {
+                messages,
+                size: message_size,
+            },
+        ))?,
         Command::Logins {
             port,
             clients,

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::cache::{AliasScope, RouteCache};
-use super::lookup::{AuthMethod, LookupClient, LookupOutcome};
+use super::lookup::{AuthMethod, LookupClient, LookupError, LookupOutcome};
 use super::table::TableHandle;
 use super::{LoginContext, Protocol, Route, Upstream};
 
@@ -188,7 +188,18 @@ impl Resolver {
                 server,
             }));
         }
-        let result = self.flight(login).await;
+        // Without handlers there is nothing to coalesce: the domain entry answers at once.
+        let result = if !self.inner.lookup.has_handlers() {
+            table_domain(
+                login,
+                &table,
+                ResolveError::Unavailable {
+                    reason: LookupError::NoHandlers.to_string(),
+                },
+            )
+        } else {
+            self.flight(login).await
+        };
         match &result {
             Ok(resolved) => {
                 self.count(resolved.clone());
@@ -405,16 +416,7 @@ impl Resolver {
                 reason: error.to_string(),
             },
         };
-        let domain = login.user.rsplit_once('@').map(|(_, domain)| domain);
-        match domain.and_then(|domain| table.pinned_domain(domain)) {
-            Some((name, server)) => Ok(pinned(
-                name,
-                server,
-                login.protocol,
-                RouteSource::TableDomain,
-            )),
-            None => Err(refusal),
-        }
+        table_domain(login, &table, refusal)
     }
 
     /// Caches a learned route for the fleet. A rewritten login (`Auth-User`) is cached as the
@@ -467,6 +469,20 @@ impl Resolver {
         if let Err(error) = written {
             tracing::debug!(%error, "could not cache a learned route");
         }
+    }
+}
+
+/// The route of the login's domain in the table, else `otherwise`.
+fn table_domain(login: &LoginContext, table: &RouteTable, otherwise: ResolveError) -> FlightResult {
+    let domain = login.user.rsplit_once('@').map(|(_, domain)| domain);
+    match domain.and_then(|domain| table.pinned_domain(domain)) {
+        Some((name, server)) => Ok(pinned(
+            name,
+            server,
+            login.protocol,
+            RouteSource::TableDomain,
+        )),
+        None => Err(otherwise),
     }
 }
 

@@ -432,6 +432,11 @@ impl LookupClient {
         Ok(())
     }
 
+    /// Whether any handler is configured (a lookup without one fails at once).
+    pub fn has_handlers(&self) -> bool {
+        !self.lock().handlers.is_empty()
+    }
+
     /// The handlers in rotation order, with their down marks.
     pub fn handlers(&self) -> Vec<HandlerStatus> {
         let now = Instant::now();
