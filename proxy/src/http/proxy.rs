@@ -1,12 +1,19 @@
 //! The web proxy: a hyper server (HTTP/1.1, HTTP/2 by ALPN on TLS or by preface in clear text)
-//! that routes each request to a mailbox server's web port and streams it there through a
-//! pooled keep-alive client.
+//! that routes each request to a mailbox server's web port and streams it there over a
+//! keep-alive connection.
 //!
 //! Per request: [`routing::detect`] names an account (or none); the account's route comes from
 //! the [`Resolver`] (by name, or by id with `Auth-Method: zimbraId`); requests without an account
 //! and those whose lookup fails go to the route table's `webBackends` with client-IP affinity.
 //! Bodies stream both ways (never buffered). Hop-by-hop headers are dropped, `X-Forwarded-For`,
 //! `X-Forwarded-Proto` and `Forwarded` added. WebSocket (HTTP/1.1 `Upgrade`) is passed through.
+//!
+//! An HTTP/1.x client connection sends one request after the other, so it gets a backend
+//! connection of its own, kept between its requests and driven by the client connection's own
+//! task: a request then costs no pool lookup and no wake-ups between tasks (the pooled client
+//! runs each backend connection in a task of its own). The backend connection closes with the
+//! client connection, or when the client moves to another backend. HTTP/2 requests (concurrent
+//! on one connection) and upgrades go through the pooled client.
 //!
 //! Failures answer with a short text body: 503 when there is no backend, 502 when it refuses or
 //! breaks the exchange, 504 when it does not answer in time. A balanced request that is
@@ -15,9 +22,12 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,12 +35,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mailproxy_crds::route_table::RouteTable;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -103,6 +115,29 @@ struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     backend_failures: Family<RouteLabels, Counter>,
+    /// Per entry of [`ROUTE_LABELS`]: its series, taken from the families on first use, so that
+    /// a request costs atomic additions rather than the families' lock and a hash of the labels.
+    series: [RouteSeries; ROUTE_LABELS.len()],
+}
+
+/// The `route` labels of [`routing::WebRoute::label`].
+const ROUTE_LABELS: [&str; 8] = [
+    "rest",
+    "activesync",
+    "ews",
+    "caldav",
+    "auth_token",
+    "admin_auth_token",
+    "jwt",
+    "balanced",
+];
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Default)]
+struct RouteSeries {
+    requests: [OnceLock<Counter>; STATUS_CLASSES.len()],
+    duration: OnceLock<Histogram>,
 }
 
 impl Default for Metrics {
@@ -113,6 +148,36 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.001, 4.0, 10))
             }),
             backend_failures: Family::default(),
+            series: Default::default(),
+        }
+    }
+}
+
+impl Metrics {
+    fn record(&self, route: &'static str, status: StatusCode, elapsed: Duration) {
+        let class = status_index(status);
+        let request_labels = || RequestLabels {
+            route,
+            status: STATUS_CLASSES[class],
+        };
+        let duration_labels = || RouteLabels { route };
+        match ROUTE_LABELS.iter().position(|label| *label == route) {
+            Some(index) => {
+                let series = &self.series[index];
+                series.requests[class]
+                    .get_or_init(|| self.requests.get_or_create(&request_labels()).clone())
+                    .inc();
+                series
+                    .duration
+                    .get_or_init(|| self.duration.get_or_create(&duration_labels()).clone())
+                    .observe(elapsed.as_secs_f64());
+            }
+            None => {
+                self.requests.get_or_create(&request_labels()).inc();
+                self.duration
+                    .get_or_create(&duration_labels())
+                    .observe(elapsed.as_secs_f64());
+            }
         }
     }
 }
@@ -121,7 +186,7 @@ impl Default for Metrics {
 pub struct HttpProxy {
     resolver: Resolver,
     client: Client<HttpConnector, ProxyBody>,
-    down: Mutex<HashMap<Upstream, Instant>>,
+    balancer: Mutex<Balancer>,
     metrics: Metrics,
     settings: HttpSettings,
     /// Turns true when the shutdown grace is over: upgraded tunnels close then.
@@ -181,6 +246,146 @@ impl Failure {
     }
 }
 
+/// The web backends of the route table last seen (parsed once per table) and those that refused
+/// a connection lately, with the time they are skipped until.
+#[derive(Default)]
+struct Balancer {
+    table: Option<Arc<RouteTable>>,
+    backends: Vec<Upstream>,
+    down: HashMap<Upstream, Instant>,
+}
+
+/// Where a request goes.
+struct Target<'a> {
+    upstream: Upstream,
+    /// Chosen by the balancer (not an account's route).
+    balanced: bool,
+    /// The client connection's own backend connection.
+    backend: &'a BackendSlot,
+}
+
+/// Why a backend did not answer.
+enum SendError {
+    /// No connection to it (another balanced backend may be tried).
+    Connect(String),
+    /// The exchange failed after connecting.
+    Broken(String),
+}
+
+/// A backend connection of one HTTP/1.x client connection. Its driver (hyper's connection
+/// future) is polled by whoever uses it: the request's future until the response head, then the
+/// response body; nobody polls it between requests.
+struct OwnConnection {
+    upstream: Upstream,
+    sender: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended.
+    driver: Option<Pin<Box<BackendDriver>>>,
+}
+
+/// hyper's future that runs one backend connection.
+type BackendDriver = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+
+impl OwnConnection {
+    fn poll_driver(&mut self, cx: &mut Context<'_>) {
+        if let Some(driver) = &mut self.driver
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            self.driver = None;
+        }
+    }
+
+    /// Whether a kept connection can take the next request (the backend may have closed it).
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            self.poll_driver(cx);
+            if self.driver.is_none() {
+                return Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|ready| ready.is_ok())
+        })
+        .await
+    }
+
+    async fn send(
+        &mut self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>> {
+        let response = self.sender.try_send_request(request);
+        tokio::pin!(response);
+        poll_fn(|cx| {
+            self.poll_driver(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// A client connection's backend connection between two requests.
+#[derive(Clone, Default)]
+pub struct BackendSlot(Arc<Mutex<Option<OwnConnection>>>);
+
+impl BackendSlot {
+    fn take(&self) -> Option<OwnConnection> {
+        self.0.lock().expect("backend slot lock").take()
+    }
+
+    fn put(&self, own: OwnConnection) {
+        *self.0.lock().expect("backend slot lock") = Some(own);
+    }
+}
+
+/// A response's own backend connection and where it goes back once the body is read.
+type Held = (OwnConnection, BackendSlot);
+
+/// A backend response body on a client connection's own backend connection: polling it drives
+/// the connection, and once it has been read to its end the connection is put back for the
+/// client connection's next request (an unfinished body closes it).
+struct OwnBody {
+    body: Incoming,
+    own: Option<OwnConnection>,
+    slot: BackendSlot,
+    ended: bool,
+}
+
+impl Body for OwnBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(own) = &mut this.own {
+            own.poll_driver(cx);
+        }
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for OwnBody {
+    fn drop(&mut self) {
+        if (self.ended || self.body.is_end_stream())
+            && let Some(own) = self.own.take()
+            && own.driver.is_some()
+        {
+            self.slot.put(own);
+        }
+    }
+}
+
 impl HttpProxy {
     /// A proxy over a resolver; `closing` turning true closes upgraded tunnels.
     pub fn new(resolver: Resolver, settings: HttpSettings, closing: watch::Receiver<bool>) -> Self {
@@ -196,7 +401,7 @@ impl HttpProxy {
         Self {
             resolver,
             client,
-            down: Mutex::new(HashMap::new()),
+            balancer: Mutex::new(Balancer::default()),
             metrics: Metrics::default(),
             settings,
             closing,
@@ -230,17 +435,22 @@ impl HttpProxy {
         request: Request<Incoming>,
         conn: ConnectionInfo,
         guard: &ConnectionGuard,
+        backend: &BackendSlot,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let route = routing::detect(request.uri(), request.headers());
         let host = virtual_host(&request);
         let (upstream, balanced) = self.upstream_for(&route, conn, host.as_deref()).await;
         let method = request.method().clone();
-        let path: String = request.uri().path().chars().take(256).collect();
+        let uri = request.uri().clone();
         let result = match &upstream {
             Some(upstream) => {
-                self.forward(request, upstream.clone(), balanced, conn, host, guard)
-                    .await
+                let target = Target {
+                    upstream: upstream.clone(),
+                    balanced,
+                    backend,
+                };
+                self.forward(request, target, conn, host, guard).await
             }
             None => Err(Failure::NoBackend),
         };
@@ -259,18 +469,8 @@ impl HttpProxy {
             }
         };
         let status = response.status();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: label,
-                status: status_class(status),
-            })
-            .inc();
         let elapsed = started.elapsed();
-        self.metrics
-            .duration
-            .get_or_create(&RouteLabels { route: label })
-            .observe(elapsed.as_secs_f64());
+        self.metrics.record(label, status, elapsed);
         let account = match &route {
             WebRoute::User { name, .. } => name.as_str(),
             WebRoute::AccountId { id, .. } => id.as_str(),
@@ -280,7 +480,7 @@ impl HttpProxy {
         tracing::info!(
             client = %conn.peer.ip(),
             %method,
-            path,
+            path = uri.path().chars().take(256).collect::<String>(),
             status = status.as_u16(),
             route = label,
             account,
@@ -324,42 +524,53 @@ impl HttpProxy {
     /// the same and up. Backends marked down (or excluded) are skipped unless all are down.
     fn pick(&self, client: IpAddr, exclude: &[Upstream]) -> Option<Upstream> {
         let table = self.resolver.table().current();
-        let backends: Vec<Upstream> = table
-            .web_backends
-            .iter()
-            .filter_map(|backend| backend.parse().ok())
-            .filter(|backend| !exclude.contains(backend))
-            .collect();
-        if backends.is_empty() {
+        let mut balancer = self.balancer.lock().expect("balancer lock");
+        if !balancer
+            .table
+            .as_ref()
+            .is_some_and(|parsed| Arc::ptr_eq(parsed, &table))
+        {
+            balancer.backends = table
+                .web_backends
+                .iter()
+                .filter_map(|backend| backend.parse().ok())
+                .collect();
+            balancer.table = Some(table);
+        }
+        let Balancer { backends, down, .. } = &mut *balancer;
+        let candidates = backends.iter().filter(|backend| !exclude.contains(backend));
+        let count = candidates.clone().count();
+        if count == 0 {
             return None;
         }
         let mut hasher = DefaultHasher::new();
         client.hash(&mut hasher);
-        let start = (hasher.finish() % backends.len() as u64) as usize;
-        let now = Instant::now();
-        let mut down = self.down.lock().expect("backend down map lock");
-        down.retain(|_, until| *until > now);
-        let order = (0..backends.len()).map(|i| &backends[(start + i) % backends.len()]);
+        let start = (hasher.finish() % count as u64) as usize;
+        if !down.is_empty() {
+            let now = Instant::now();
+            down.retain(|_, until| *until > now);
+        }
+        let mut order = candidates.cycle().skip(start).take(count);
         order
             .clone()
             .find(|backend| !down.contains_key(*backend))
-            .or_else(|| order.clone().next())
+            .or_else(|| order.next())
             .cloned()
     }
 
     fn mark_down(&self, upstream: &Upstream) {
         let until = Instant::now() + self.settings.backend_down;
-        self.down
+        self.balancer
             .lock()
-            .expect("backend down map lock")
+            .expect("balancer lock")
+            .down
             .insert(upstream.clone(), until);
     }
 
     async fn forward(
         &self,
         mut request: Request<Incoming>,
-        mut upstream: Upstream,
-        balanced: bool,
+        mut target: Target<'_>,
         conn: ConnectionInfo,
         host: Option<String>,
         guard: &ConnectionGuard,
@@ -368,47 +579,119 @@ impl HttpProxy {
             upgrade_protocol(request.headers()).filter(|_| request.version() == Version::HTTP_11);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let retryable =
-            balanced && is_idempotent(request.method()) && request.body().is_end_stream();
-        let headers = upstream_headers(&request, conn, host.as_deref(), upgrade.as_ref());
-        let (parts, body) = request.into_parts();
+            target.balanced && is_idempotent(request.method()) && request.body().is_end_stream();
+        let own_connection = client_upgrade.is_none() && request.version() < Version::HTTP_2;
+        let (mut parts, body) = request.into_parts();
+        forwarding_headers(&mut parts.headers, conn, host.as_deref(), upgrade.as_ref());
         let mut body = Some(body.boxed());
         let mut tried = Vec::new();
         loop {
             let mut outgoing = Request::new(body.take().unwrap_or_else(empty));
             *outgoing.method_mut() = parts.method.clone();
-            *outgoing.uri_mut() = upstream_uri(&upstream, &parts.uri)?;
+            *outgoing.uri_mut() = parts.uri.clone();
             *outgoing.version_mut() = Version::HTTP_11;
-            *outgoing.headers_mut() = headers.clone();
+            *outgoing.headers_mut() = if retryable {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let upstream = &target.upstream;
+            if !outgoing.headers().contains_key(header::HOST)
+                && let Ok(value) = HeaderValue::from_str(&upstream.to_string())
+            {
+                outgoing.headers_mut().insert(header::HOST, value);
+            }
+            let slot = own_connection.then_some(target.backend);
             let sent = tokio::time::timeout(
                 self.settings.upstream_response_timeout,
-                self.client.request(outgoing),
+                self.send(outgoing, upstream, slot),
             )
             .await;
             let error = match sent {
                 Err(_) => return Err(Failure::Timeout),
-                Ok(Ok(response)) => return Ok(self.respond(response, client_upgrade, guard)),
-                Ok(Err(error)) => error,
+                Ok(Ok((response, held))) => {
+                    return Ok(self.respond(response, held, client_upgrade, guard));
+                }
+                Ok(Err(SendError::Broken(error))) => return Err(Failure::Broken(error)),
+                Ok(Err(SendError::Connect(error))) => error,
             };
-            if !error.is_connect() {
-                return Err(Failure::Broken(error_chain(&error)));
-            }
-            if balanced {
-                self.mark_down(&upstream);
+            if target.balanced {
+                self.mark_down(upstream);
             }
             tried.push(upstream.clone());
             match self.pick(conn.peer.ip(), &tried).filter(|_| retryable) {
                 Some(next) => {
                     tracing::info!(from = %upstream, to = %next, "web backend refused the connection; retrying on another");
-                    upstream = next;
+                    target.upstream = next;
                 }
-                None => return Err(Failure::Refused(error_chain(&error))),
+                None => return Err(Failure::Refused(error)),
             }
         }
+    }
+
+    /// Sends a request to `upstream`: on the client connection's own backend connection when
+    /// `slot` is given, else through the pool.
+    async fn send(
+        &self,
+        mut request: Request<ProxyBody>,
+        upstream: &Upstream,
+        slot: Option<&BackendSlot>,
+    ) -> Result<(Response<Incoming>, Option<Held>), SendError> {
+        let Some(slot) = slot else {
+            *request.uri_mut() = upstream_uri(upstream, request.uri())?;
+            return match self.client.request(request).await {
+                Ok(response) => Ok((response, None)),
+                Err(error) if error.is_connect() => Err(SendError::Connect(error_chain(&error))),
+                Err(error) => Err(SendError::Broken(error_chain(&error))),
+            };
+        };
+        let kept = match slot.take().filter(|own| own.upstream == *upstream) {
+            Some(mut own) => own.ready().await.then_some(own),
+            None => None,
+        };
+        let (mut own, reused) = match kept {
+            Some(own) => (own, true),
+            None => (self.connect(upstream).await?, false),
+        };
+        let request = match own.send(request).await {
+            Ok(response) => return Ok((response, Some((own, slot.clone())))),
+            Err(mut error) => match error.take_message() {
+                // The backend closed the kept connection before the request went out.
+                Some(request) if reused => request,
+                _ => return Err(SendError::Broken(error_chain(error.error()))),
+            },
+        };
+        let mut own = self.connect(upstream).await?;
+        match own.send(request).await {
+            Ok(response) => Ok((response, Some((own, slot.clone())))),
+            Err(error) => Err(SendError::Broken(error_chain(error.error()))),
+        }
+    }
+
+    /// A new backend connection of a client connection's own.
+    async fn connect(&self, upstream: &Upstream) -> Result<OwnConnection, SendError> {
+        let connecting = TcpStream::connect((upstream.host.as_str(), upstream.port));
+        let tcp =
+            match tokio::time::timeout(self.settings.upstream_connect_timeout, connecting).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(error)) => return Err(SendError::Connect(error.to_string())),
+                Err(_) => return Err(SendError::Connect("connect timed out".into())),
+            };
+        let _ = tcp.set_nodelay(true);
+        let (sender, driver) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|error| SendError::Broken(error_chain(&error)))?;
+        Ok(OwnConnection {
+            upstream: upstream.clone(),
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
     }
 
     fn respond(
         &self,
         mut response: Response<Incoming>,
+        held: Option<Held>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         guard: &ConnectionGuard,
     ) -> Response<ProxyBody> {
@@ -440,7 +723,18 @@ impl HttpProxy {
             (true, None) => Failure::Broken("an upgrade nobody asked for".into()).response(),
             (false, _) => {
                 strip_hop_by_hop(response.headers_mut(), false);
-                response.map(BodyExt::boxed)
+                match held {
+                    Some((own, slot)) => response.map(|body| {
+                        OwnBody {
+                            body,
+                            own: Some(own),
+                            slot,
+                            ended: false,
+                        }
+                        .boxed()
+                    }),
+                    None => response.map(BodyExt::boxed),
+                }
             }
         }
     }
@@ -542,10 +836,12 @@ async fn serve_io<I>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(60));
+    let backend = BackendSlot::default();
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
         let guard = guard.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request, conn, &guard).await) }
+        let backend = backend.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(request, conn, &guard, &backend).await) }
     });
     let served = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(served);
@@ -582,13 +878,14 @@ fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> 
     response
 }
 
-fn status_class(status: StatusCode) -> &'static str {
+/// The index in [`STATUS_CLASSES`] of a status.
+fn status_index(status: StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -662,19 +959,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn upstream_headers<B>(
-    request: &Request<B>,
+/// Turns a client's request headers into the backend's.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
     conn: ConnectionInfo,
     host: Option<&str>,
     upgrade: Option<&HeaderValue>,
-) -> HeaderMap {
-    let mut headers = request.headers().clone();
-    strip_hop_by_hop(&mut headers, false);
+) {
+    strip_hop_by_hop(headers, false);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
     }
-    if let Some(host) = host.and_then(|host| HeaderValue::from_str(host).ok()) {
+    if !headers.contains_key(header::HOST)
+        && let Some(host) = host.and_then(|host| HeaderValue::from_str(host).ok())
+    {
         headers.insert(header::HOST, host);
     }
     let client = conn.peer.ip();
@@ -706,14 +1005,13 @@ fn upstream_headers<B>(
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.insert(header::FORWARDED, value);
     }
-    headers
 }
 
-fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, Failure> {
+fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, SendError> {
     let path = original.path_and_query().map_or("/", |pq| pq.as_str());
     format!("http://{upstream}{path}")
         .parse()
-        .map_err(|error| Failure::Broken(format!("cannot address {upstream}: {error}")))
+        .map_err(|error| SendError::Broken(format!("cannot address {upstream}: {error}")))
 }
 
 #[cfg(test)]
@@ -741,8 +1039,9 @@ mod tests {
             .header("cookie", "a=b")
             .body(())
             .unwrap();
-        let headers = upstream_headers(
-            &request,
+        let mut headers = request.headers().clone();
+        forwarding_headers(
+            &mut headers,
             conn("192.0.2.7:5555", true),
             Some("mail.example.com"),
             None,
@@ -758,7 +1057,8 @@ mod tests {
         );
         assert_eq!(headers["host"], "mail.example.com");
         assert_eq!(headers["cookie"], "a=b");
-        let v6 = upstream_headers(&request, conn("[2001:db8::1]:1", false), None, None);
+        let mut v6 = request.headers().clone();
+        forwarding_headers(&mut v6, conn("[2001:db8::1]:1", false), None, None);
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";proto=http");
     }
 
@@ -771,8 +1071,9 @@ mod tests {
             .unwrap();
         let protocol = upgrade_protocol(request.headers());
         assert_eq!(protocol.as_ref().unwrap(), "websocket");
-        let headers = upstream_headers(
-            &request,
+        let mut headers = request.headers().clone();
+        forwarding_headers(
+            &mut headers,
             conn("127.0.0.1:1", false),
             None,
             protocol.as_ref(),
@@ -786,10 +1087,141 @@ mod tests {
         assert_eq!(upgrade_protocol(plain.headers()), None);
     }
 
+    /// A backend on a free port that answers each request with its path (`Connection: close`
+    /// for `/close`) and counts the connections it accepted.
+    async fn counting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let path = request.uri().path().to_string();
+                    let mut response = Response::new(Full::new(Bytes::from(path.clone())));
+                    if path == "/close" {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_client_connection_keeps_its_own_backend_connection() {
+        use crate::route::cache::{RouteCache, RouteCacheConfig};
+        use crate::route::lookup::{LookupClient, LookupClientConfig};
+        use crate::route::table::TableHandle;
+
+        let (backend, accepted) = counting_backend().await;
+        let table = RouteTable {
+            web_backends: vec![backend.to_string()],
+            ..RouteTable::default()
+        };
+        let resolver = Resolver::new(
+            TableHandle::fixed(table),
+            RouteCache::new(RouteCacheConfig::default()),
+            Arc::new(LookupClient::new(LookupClientConfig::default()).unwrap()),
+        );
+        let (_stop, stop) = watch::channel(false);
+        let (_closing, closing) = watch::channel(false);
+        let proxy = Arc::new(HttpProxy::new(
+            resolver,
+            HttpSettings::default(),
+            closing.clone(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = Arc::new(Semaphore::new(10));
+        tokio::spawn(serve_listener(listener, None, proxy, limit, stop, closing));
+
+        let connect = || async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (client, connection) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
+            tokio::spawn(connection);
+            client
+        };
+        let get = |client: &mut http1::SendRequest<Empty<Bytes>>, path: &'static str| {
+            let request = Request::get(path)
+                .header(header::HOST, "mail.example.com")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let response = client.send_request(request);
+            async move {
+                let response = response.await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK, "{path}");
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, path.as_bytes());
+            }
+        };
+        let accepted = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let mut first = connect().await;
+        for path in ["/a", "/b", "/close", "/c", "/d"] {
+            get(&mut first, path).await;
+        }
+        // One backend connection until the backend closed it after /close, then a new one.
+        assert_eq!(accepted(), 2);
+        // Another client connection does not share the first one's (idle) backend connection.
+        let mut second = connect().await;
+        get(&mut second, "/e").await;
+        assert_eq!(accepted(), 3);
+        get(&mut first, "/f").await;
+        get(&mut second, "/g").await;
+        assert_eq!(accepted(), 3);
+    }
+
     #[test]
     fn status_classes() {
-        assert_eq!(status_class(StatusCode::SWITCHING_PROTOCOLS), "1xx");
-        assert_eq!(status_class(StatusCode::NOT_FOUND), "4xx");
-        assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+        let class = |status| STATUS_CLASSES[status_index(status)];
+        assert_eq!(class(StatusCode::SWITCHING_PROTOCOLS), "1xx");
+        assert_eq!(class(StatusCode::NOT_FOUND), "4xx");
+        assert_eq!(class(StatusCode::BAD_GATEWAY), "5xx");
+    }
+
+    #[test]
+    fn every_route_label_has_its_series() {
+        let routes = [
+            WebRoute::Balanced,
+            WebRoute::User {
+                name: "a".into(),
+                kind: routing::UserSource::Rest,
+            },
+            WebRoute::User {
+                name: "a".into(),
+                kind: routing::UserSource::ActiveSync,
+            },
+            WebRoute::User {
+                name: "a".into(),
+                kind: routing::UserSource::Ews,
+            },
+            WebRoute::User {
+                name: "a".into(),
+                kind: routing::UserSource::CalDav,
+            },
+            WebRoute::AccountId {
+                id: "a".into(),
+                kind: routing::TokenSource::AuthToken,
+            },
+            WebRoute::AccountId {
+                id: "a".into(),
+                kind: routing::TokenSource::AdminAuthToken,
+            },
+            WebRoute::AccountId {
+                id: "a".into(),
+                kind: routing::TokenSource::Jwt,
+            },
+        ];
+        for route in routes {
+            assert!(ROUTE_LABELS.contains(&route.label()), "{route:?}");
+        }
     }
 }
