@@ -564,3 +564,35 @@ async fn idle_keep_alive_connections_close_and_h2c_works() {
     assert_eq!(answer.backend(), "B");
     assert_eq!(answer.header("x-seen-x-forwarded-proto"), "http");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_account_server_is_forgotten_and_looked_up_again() {
+    let (a, _b) = backends().await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", mailproxy_testkit::free_port())
+        .parse()
+        .unwrap();
+    let handler = Handler::start(
+        [("mover".to_string(), dead)].into_iter().collect(),
+        [("id-moved".to_string(), dead)].into_iter().collect(),
+    )
+    .await;
+    let routes = table(&[("mbs-a", a.addr)], &[a.addr], Some(&handler), &[]);
+    let proxy = Proxy::start(&routes, |_| {}).await;
+    let token = format!("/service/soap?zauthtoken={}", zimbra_token("id-moved"));
+    let asked = |user: &str| {
+        handler
+            .asked()
+            .iter()
+            .filter(|asked| asked.user == user)
+            .count()
+    };
+    for attempt in 1..=2 {
+        let answer = get(client(1), proxy.http, "/home/mover/Inbox", &[]).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+        let answer = get(client(1), proxy.http, &token, &[]).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+        // Had the route stayed cached, the second attempt would not have asked the handler.
+        assert_eq!(asked("mover"), attempt, "lookups of mover");
+        assert_eq!(asked("id-moved"), attempt, "lookups of id-moved");
+    }
+}

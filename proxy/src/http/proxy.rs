@@ -55,7 +55,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::routing::{self, WebRoute};
 use crate::route::resolver::Resolver;
-use crate::route::{LoginContext, Protocol, Upstream};
+use crate::route::{LoginContext, Protocol, Route, Upstream};
 use crate::session::signalled;
 
 /// The body type on both sides of the proxy.
@@ -255,6 +255,14 @@ struct Balancer {
     down: HashMap<Upstream, Instant>,
 }
 
+/// An account's route, for forgetting it when its server cannot be reached.
+struct AccountRoute {
+    login: LoginContext,
+    route: Route,
+    /// Found by account id (an auth token) rather than by name.
+    by_id: bool,
+}
+
 /// Where a request goes.
 struct Target<'a> {
     upstream: Upstream,
@@ -440,7 +448,8 @@ impl HttpProxy {
         let started = Instant::now();
         let route = routing::detect(request.uri(), request.headers());
         let host = virtual_host(&request);
-        let (upstream, balanced) = self.upstream_for(&route, conn, host.as_deref()).await;
+        let (upstream, account) = self.upstream_for(&route, conn, host.as_deref()).await;
+        let balanced = account.is_none();
         let method = request.method().clone();
         let uri = request.uri().clone();
         let result = match &upstream {
@@ -458,6 +467,9 @@ impl HttpProxy {
         let response = match result {
             Ok(response) => response,
             Err(failure) => {
+                if let (Failure::Refused(_), Some(account)) = (&failure, &account) {
+                    self.forget_unreachable(account).await;
+                }
                 if !matches!(failure, Failure::NoBackend) {
                     self.metrics
                         .backend_failures
@@ -497,7 +509,7 @@ impl HttpProxy {
         route: &WebRoute,
         conn: ConnectionInfo,
         host: Option<&str>,
-    ) -> (Option<Upstream>, bool) {
+    ) -> (Option<Upstream>, Option<AccountRoute>) {
         let login = |user: &str| LoginContext {
             user: user.to_string(),
             protocol: Protocol::Http,
@@ -506,17 +518,45 @@ impl HttpProxy {
             virtual_host: host.map(str::to_string),
             attempt: 0,
         };
-        let resolved = match route {
-            WebRoute::User { name, .. } => self.resolver.resolve(&login(name)).await,
-            WebRoute::AccountId { id, .. } => self.resolver.resolve_account_id(&login(id)).await,
-            WebRoute::Balanced => return (self.pick(conn.peer.ip(), &[]), true),
+        let (login, resolved) = match route {
+            WebRoute::User { name, .. } => {
+                let login = login(name);
+                let resolved = self.resolver.resolve(&login).await;
+                (login, resolved)
+            }
+            WebRoute::AccountId { id, .. } => {
+                let login = login(id);
+                let resolved = self.resolver.resolve_account_id(&login).await;
+                (login, resolved)
+            }
+            WebRoute::Balanced => return (self.pick(conn.peer.ip(), &[]), None),
         };
         match resolved {
-            Ok(resolved) => (Some(resolved.route.upstream), false),
+            Ok(resolved) => {
+                let upstream = resolved.route.upstream.clone();
+                let by_id = matches!(route, WebRoute::AccountId { .. });
+                let account = AccountRoute {
+                    login,
+                    route: resolved.route,
+                    by_id,
+                };
+                (Some(upstream), Some(account))
+            }
             Err(error) => {
                 tracing::debug!(route = route.label(), %error, "no route for the account; balancing");
-                (self.pick(conn.peer.ip(), &[]), true)
+                (self.pick(conn.peer.ip(), &[]), None)
             }
+        }
+    }
+
+    /// Forgets what the cache says of an account whose mailbox server refused the connection,
+    /// so that its next request asks the lookup handler again (the account may have moved), as
+    /// a failed mail login does.
+    async fn forget_unreachable(&self, account: &AccountRoute) {
+        if account.by_id {
+            self.resolver.forget_account_id(&account.login).await;
+        } else {
+            self.resolver.forget(&account.login, &account.route).await;
         }
     }
 

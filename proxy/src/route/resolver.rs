@@ -287,6 +287,19 @@ impl Resolver {
         }
     }
 
+    /// Forgets the cached route of an account id (web routing by auth token) after its mailbox
+    /// server could not be reached: the account may have moved.
+    pub async fn forget_account_id(&self, login: &LoginContext) {
+        if let Err(error) = self
+            .inner
+            .cache
+            .delete_route_by_id(login.protocol, &login.user)
+            .await
+        {
+            tracing::warn!(%error, "could not delete the cached route of an unreachable account");
+        }
+    }
+
     /// `mailproxy_route_resolutions_total{source}`, `mailproxy_route_failures_total{reason}` and
     /// `mailproxy_route_coalesced_lookups_total`.
     pub fn register(&self, registry: &mut Registry) {
