@@ -302,6 +302,40 @@ async fn idle_timeout_pipelining_refusals_and_ip_throttling() {
     running.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_half_close_is_passed_on_and_the_server_close_ends_the_session() {
+    let fake = FakeImap::start().await;
+    let pki = Pki::new();
+    let setup = setup(
+        &pki,
+        &routes(&fake, json!({"f.test": "fake"}), json!({})),
+        1,
+    );
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    // The client sends its last command and half-closes: the answer still comes back, then
+    // the end (the backend closed once it saw the client's end).
+    let mut half = Client::logged_in(setup.imap, "half@f.test").await;
+    half.send("b NOOP\r\n").await;
+    half.reader.get_mut().shutdown().await.unwrap();
+    assert_eq!(half.line().await.as_deref(), Some("b OK done"));
+    assert_eq!(half.line().await, None, "closed after the backend's end");
+
+    // The backend closes after LOGOUT while the client keeps its side open: the session ends.
+    let mut open = Client::logged_in(setup.imap, "open@f.test").await;
+    open.send("z LOGOUT\r\n").await;
+    assert_eq!(open.line().await.as_deref(), Some("* BYE fake"));
+    assert_eq!(open.line().await.as_deref(), Some("z OK LOGOUT done"));
+    assert_eq!(open.line().await, None, "closed after the backend's end");
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn http_listeners_are_accepted() {
     // Web listeners are served (proxy/tests/http_*.rs); this configuration fails only on its
