@@ -61,6 +61,41 @@ pub struct ProxyConfig {
     /// Client connections served at once, across listeners; more wait in the kernel's backlog.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Limits and timeouts of the `http` and `https` listeners.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// Limits and timeouts of the web proxy. Every field is optional.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// From the first byte of a request head to its end: a slower client (slowloris) is cut off.
+    pub header_read_timeout_seconds: u64,
+    /// Largest request head; HTTP/1.1 clients get `431` past it, HTTP/2 a header-list limit.
+    pub max_header_bytes: usize,
+    /// The TLS handshake of an `https` listener.
+    pub tls_handshake_timeout_seconds: u64,
+    /// Connecting to a mailbox server's web port.
+    pub upstream_connect_timeout_seconds: u64,
+    /// From sending a request to the backend's response head (`504` past it). Zimbra's web
+    /// client long-polls for minutes, hence the generous default.
+    pub upstream_response_timeout_seconds: u64,
+    /// How long a balanced backend that refused a connection is skipped.
+    pub backend_down_seconds: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_seconds: 30,
+            max_header_bytes: 64 * 1024,
+            tls_handshake_timeout_seconds: 15,
+            upstream_connect_timeout_seconds: 10,
+            upstream_response_timeout_seconds: 600,
+            backend_down_seconds: 10,
+        }
+    }
 }
 
 /// Which client protocol a listener speaks.
@@ -231,6 +266,38 @@ impl ProxyConfig {
                 listener.address, listener.protocol
             )));
         }
+        let http = &config.http;
+        for (name, value) in [
+            (
+                "http.headerReadTimeoutSeconds",
+                http.header_read_timeout_seconds,
+            ),
+            (
+                "http.tlsHandshakeTimeoutSeconds",
+                http.tls_handshake_timeout_seconds,
+            ),
+            (
+                "http.upstreamConnectTimeoutSeconds",
+                http.upstream_connect_timeout_seconds,
+            ),
+            (
+                "http.upstreamResponseTimeoutSeconds",
+                http.upstream_response_timeout_seconds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!(
+                    "{name} is 0, which would time every request out: give it at least 1"
+                )));
+            }
+        }
+        if http.max_header_bytes < 1024 {
+            return Err(invalid(format!(
+                "http.maxHeaderBytes is {}: no browser request head fits; give it at least 1024 \
+                 (the default is 65536)",
+                http.max_header_bytes
+            )));
+        }
         let mut addresses: Vec<&str> = config
             .listeners
             .iter()
@@ -284,6 +351,33 @@ mod tests {
             RouteTableSource::file("/etc/mailproxy/routes.json")
         );
         assert_eq!(parse(&config.to_yaml()).unwrap(), config);
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_refuse_what_cannot_work() {
+        let base = "listeners: [{protocol: http, address: ':80'}]\nrouteTable: {file: r}\n";
+        assert_eq!(parse(base).unwrap().http, HttpConfig::default());
+        let tuned = parse(&format!(
+            "{base}http: {{headerReadTimeoutSeconds: 5, upstreamResponseTimeoutSeconds: 120}}\n"
+        ))
+        .unwrap();
+        assert_eq!(tuned.http.header_read_timeout_seconds, 5);
+        assert_eq!(tuned.http.upstream_response_timeout_seconds, 120);
+        assert_eq!(tuned.http.max_header_bytes, 64 * 1024);
+        assert_eq!(parse(&tuned.to_yaml()).unwrap(), tuned);
+        let zero = parse(&format!(
+            "{base}http: {{upstreamConnectTimeoutSeconds: 0}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            zero.contains("http.upstreamConnectTimeoutSeconds is 0"),
+            "{zero}"
+        );
+        let tiny = parse(&format!("{base}http: {{maxHeaderBytes: 100}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(tiny.contains("http.maxHeaderBytes is 100"), "{tiny}");
     }
 
     #[test]

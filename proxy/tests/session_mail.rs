@@ -13,7 +13,9 @@ use mailproxy::route::Protocol;
 use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
 use mailproxy_testkit::{Dovecot, DovecotOptions, Memcached};
 use serde_json::json;
-use session_support::{CLIENT_IP, ClientRun, Pki, ProxyProcess, Raw, python};
+use session_support::{
+    CLIENT_IP, ClientRun, HTTP_MAX_HEADER_BYTES, Pki, ProxyProcess, Raw, python,
+};
 
 /// Every user of backend A logs in with this password, every user of B with the other: a
 /// login that succeeds proves which backend the route chose.
@@ -481,4 +483,29 @@ async fn hostile_clients_are_cut_off_and_others_are_not_disturbed() {
             "no {outcome} session in:\n{log:.3000}"
         );
     }
+}
+
+#[test]
+fn the_configuration_files_http_limits_apply() {
+    let pki = Pki::new();
+    let proxy = ProxyProcess::start(r#"{"servers": {}}"#, &pki, "warn");
+    let request = |header_bytes: usize| {
+        let mut raw = Raw::connect(proxy.port("http"));
+        let padding = "x".repeat(header_bytes);
+        raw.send(format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nX-Padding: {padding}\r\n\r\n"
+        ))
+        .unwrap();
+        raw.line().unwrap_or_default()
+    };
+    // Under the limit: an answer from the proxy itself (no web backend in this table).
+    assert_eq!(
+        request(HTTP_MAX_HEADER_BYTES / 2),
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    // Over the configured limit, though far under the 64 KiB default.
+    assert_eq!(
+        request(HTTP_MAX_HEADER_BYTES * 2),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
 }

@@ -16,7 +16,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = ProxyConfig::from_file(&args.config)?;
-    let server = Server::bind(&config, ServeOptions::default())
+    let server = Server::bind(&config, ServeOptions::from_config(&config))
         .await
         .context("mailproxy serve cannot start")?;
     server.run(super::shutdown_signal()).await

@@ -42,6 +42,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mailproxy_crds::proxy_config::HttpConfig;
 use mailproxy_crds::route_table::RouteTable;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -79,16 +80,24 @@ pub struct HttpSettings {
     pub backend_down: Duration,
 }
 
+impl From<&HttpConfig> for HttpSettings {
+    fn from(config: &HttpConfig) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+            max_header_bytes: config.max_header_bytes,
+            tls_handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_seconds),
+            upstream_connect_timeout: Duration::from_secs(config.upstream_connect_timeout_seconds),
+            upstream_response_timeout: Duration::from_secs(
+                config.upstream_response_timeout_seconds,
+            ),
+            backend_down: Duration::from_secs(config.backend_down_seconds),
+        }
+    }
+}
+
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 * 1024,
-            tls_handshake_timeout: Duration::from_secs(15),
-            upstream_connect_timeout: Duration::from_secs(10),
-            upstream_response_timeout: Duration::from_secs(600),
-            backend_down: Duration::from_secs(10),
-        }
+        Self::from(&HttpConfig::default())
     }
 }
 

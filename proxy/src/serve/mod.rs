@@ -57,8 +57,19 @@ pub struct ServeOptions {
     pub via: String,
     /// The route cache (its embedded tier is used when the route table names no memcached).
     pub route_cache: RouteCacheConfig,
-    /// Limits and timeouts of the `http`/`https` listeners.
+    /// Limits and timeouts of the `http`/`https` listeners (the configuration's `http` section
+    /// with [`ServeOptions::from_config`]).
     pub http: HttpSettings,
+}
+
+impl ServeOptions {
+    /// The defaults, with what the configuration file sets.
+    pub fn from_config(config: &ProxyConfig) -> Self {
+        Self {
+            http: HttpSettings::from(&config.http),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for ServeOptions {

@@ -88,11 +88,12 @@ pub fn replace(path: &Path, text: &str) {
 }
 
 /// The listeners a test proxy gets.
-pub const ALL_LISTENERS: [ListenerProtocol; 4] = [
+pub const ALL_LISTENERS: [ListenerProtocol; 5] = [
     ListenerProtocol::Imap,
     ListenerProtocol::Imaps,
     ListenerProtocol::Pop3,
     ListenerProtocol::Pop3s,
+    ListenerProtocol::Http,
 ];
 
 fn protocol_name(protocol: ListenerProtocol) -> &'static str {
@@ -105,6 +106,9 @@ fn protocol_name(protocol: ListenerProtocol) -> &'static str {
         ListenerProtocol::Https => "https",
     }
 }
+
+/// The `http.maxHeaderBytes` of [`ProxyProcess`]'s configuration (the default is 64 KiB).
+pub const HTTP_MAX_HEADER_BYTES: usize = 4096;
 
 /// `mailproxy serve` as a user runs it: a config file, a route-table file, stderr captured.
 pub struct ProxyProcess {
@@ -148,7 +152,8 @@ impl ProxyProcess {
         let config = format!(
             "listeners:\n{listeners}tls:\n  certificates:\n    - {{cert: '{}', key: '{}'}}\n\
              routeTable: {{file: '{}'}}\nhealthListen: '127.0.0.1:{health}'\n\
-             upstreamTls: {{caFile: '{}'}}\nshutdownGraceSeconds: 5\n",
+             upstreamTls: {{caFile: '{}'}}\nshutdownGraceSeconds: 5\n\
+             http: {{maxHeaderBytes: {HTTP_MAX_HEADER_BYTES}}}\n",
             pki.cert().display(),
             pki.key().display(),
             routes_path.display(),

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use mailproxy_crds::ProxyPoolSpec;
 use mailproxy_crds::proxy_config::{
-    self, CertificateFiles, ListenerConfig, ListenerProtocol, LookupClientConfig, ProxyConfig,
-    RouteTableSource, TlsConfig, UpstreamTlsConfig,
+    self, CertificateFiles, HttpConfig, ListenerConfig, ListenerProtocol, LookupClientConfig,
+    ProxyConfig, RouteTableSource, TlsConfig, UpstreamTlsConfig,
 };
 
 use super::Pool;
@@ -92,6 +92,7 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
         )
         .unwrap_or(0),
         max_connections: 100_000,
+        http: HttpConfig::default(),
     }
 }
 
