@@ -57,7 +57,7 @@ use tokio_rustls::TlsAcceptor;
 use super::routing::{self, WebRoute};
 use crate::route::resolver::Resolver;
 use crate::route::{LoginContext, Protocol, Route, Upstream};
-use crate::session::signalled;
+use crate::session::{accept_connection, signalled};
 
 /// The body type on both sides of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -800,34 +800,18 @@ pub async fn serve_listener(
     mut stop: watch::Receiver<bool>,
     closing: watch::Receiver<bool>,
 ) {
-    loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = signalled(&mut stop) => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = signalled(&mut stop) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let proxy = proxy.clone();
-                let tls = tls.clone();
-                let stop = stop.clone();
-                let closing = closing.clone();
-                tokio::spawn(async move {
-                    let guard = ConnectionGuard::new(Some(permit));
-                    connection(proxy, tcp, peer, tls, guard, stop, closing).await;
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    let label = if tls.is_some() { "https" } else { "http" };
+    while let Some((permit, tcp, peer)) =
+        accept_connection(&listener, &limit, &mut stop, label).await
+    {
+        let proxy = proxy.clone();
+        let tls = tls.clone();
+        let stop = stop.clone();
+        let closing = closing.clone();
+        tokio::spawn(async move {
+            let guard = ConnectionGuard::new(Some(permit));
+            connection(proxy, tcp, peer, tls, guard, stop, closing).await;
+        });
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use mailproxy_crds::route_table::RouteSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 pub use self::metrics::SessionMetrics;
@@ -114,29 +114,39 @@ pub async fn serve_listener(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
+    while let Some((permit, tcp, peer)) =
+        accept_connection(&listener, &limit, &mut stop, kind.label()).await
+    {
+        let context = context.clone();
+        tokio::spawn(async move {
+            session(&context, kind, tcp, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The next client of a listener, with its place among the connections `limit` allows: waits
+/// for a place, then for a connection. `None` once `stop` is signalled (or the limit closed).
+pub(crate) async fn accept_connection(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+    label: &str,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        permit = limit.clone().acquire_owned() => permit.ok()?,
+        () = signalled(stop) => return None,
+    };
     loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = signalled(&mut stop) => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = signalled(&mut stop) => return,
+            () = signalled(stop) => return None,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let context = context.clone();
-                tokio::spawn(async move {
-                    session(&context, kind, tcp, peer).await;
-                    drop(permit);
-                });
-            }
+            Ok((tcp, peer)) => return Some((permit, tcp, peer)),
             Err(error) => {
                 // Out of descriptors, mostly: give sessions time to end rather than spin.
-                tracing::warn!(%error, listener = kind.label(), "accept failed");
+                tracing::warn!(%error, listener = label, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
