@@ -386,7 +386,6 @@ fn start_mailproxy(
     backend_port: u16,
     handler_port: u16,
 ) -> anyhow::Result<(Server, TempDir)> {
-    let dir = tempfile::tempdir()?;
     let (handlers, domains, cache_ttl) = match route {
         Route::Lookup { cache_ttl } => (
             format!("\"http://127.0.0.1:{handler_port}{LOOKUP_PATH}\""),
@@ -399,11 +398,8 @@ fn start_mailproxy(
             3600,
         ),
     };
-    let routes = dir.path().join("routes.json");
-    std::fs::write(
-        &routes,
-        format!(
-            r#"{{
+    let routes = format!(
+        r#"{{
   "servers": {{"bench": {{"host": "127.0.0.1", "ports": {{"imap": {backend_port}}}}}}},
   "domains": {{{domains}}},
   "lookupHandlers": [{handlers}],
@@ -411,18 +407,32 @@ fn start_mailproxy(
   "settings": {{"starttls": "off", "cacheTtlSeconds": {cache_ttl}}}
 }}
 "#
-        ),
-    )?;
+    );
+    spawn_mailproxy(binary, threads, "imap", port, &routes)
+}
+
+/// `mailproxy serve` with one `protocol` listener on 127.0.0.1:`port`, the route table `routes`
+/// (JSON), `threads` runtime threads and warnings-only logs, in a temporary directory.
+pub(crate) fn spawn_mailproxy(
+    binary: &Path,
+    threads: u32,
+    protocol: &str,
+    port: u16,
+    routes: &str,
+) -> anyhow::Result<(Server, TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let routes_path = dir.path().join("routes.json");
+    std::fs::write(&routes_path, routes)?;
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
         format!(
-            "listeners:\n  - {{protocol: imap, address: \"127.0.0.1:{port}\"}}\n\
+            "listeners:\n  - {{protocol: {protocol}, address: \"127.0.0.1:{port}\"}}\n\
              routeTable: {{file: {}}}\n\
              healthListen: \"127.0.0.1:{}\"\n\
              shutdownGraceSeconds: 0\n\
              maxConnections: 100000\n",
-            routes.display(),
+            routes_path.display(),
             free_port()
         ),
     )?;

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use mailproxy_testkit::{free_port, wait_for_port};
 use tempfile::TempDir;
 
-use crate::compare::Server;
+use crate::compare::{Server, spawn_mailproxy};
 
 const STARTUP: Duration = Duration::from_secs(15);
 
@@ -268,33 +268,8 @@ fn start_mailproxy(
     port: u16,
     backend_port: u16,
 ) -> anyhow::Result<(Server, TempDir)> {
-    let dir = tempfile::tempdir()?;
-    let routes = dir.path().join("routes.json");
-    std::fs::write(
-        &routes,
-        format!("{{\"webBackends\": [\"127.0.0.1:{backend_port}\"]}}\n"),
-    )?;
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listeners:\n  - {{protocol: http, address: \"127.0.0.1:{port}\"}}\n\
-             routeTable: {{file: {}}}\n\
-             healthListen: \"127.0.0.1:{}\"\n\
-             shutdownGraceSeconds: 0\n",
-            routes.display(),
-            free_port()
-        ),
-    )?;
-    let mut command = Command::new(binary);
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env("TOKIO_WORKER_THREADS", threads.to_string())
-        .env("RUST_LOG", "warn");
-    let server = Server::spawn("mailproxy", &mut command, Some(&dir.path().join("out.log")))?;
-    Ok((server, dir))
+    let routes = format!("{{\"webBackends\": [\"127.0.0.1:{backend_port}\"]}}\n");
+    spawn_mailproxy(binary, threads, "http", port, &routes)
 }
 
 /// An nginx master process with its configuration in a temporary directory.
