@@ -83,6 +83,11 @@ pub struct HttpConfig {
     pub upstream_response_timeout_seconds: u64,
     /// How long a balanced backend that refused a connection is skipped.
     pub backend_down_seconds: u64,
+    /// The longest a request or response body may stall (no byte moved) before the exchange is
+    /// given up.
+    pub body_idle_timeout_seconds: u64,
+    /// The longest an upgraded connection (WebSocket) may carry nothing either way.
+    pub tunnel_idle_timeout_seconds: u64,
 }
 
 impl Default for HttpConfig {
@@ -94,6 +99,8 @@ impl Default for HttpConfig {
             upstream_connect_timeout_seconds: 10,
             upstream_response_timeout_seconds: 600,
             backend_down_seconds: 10,
+            body_idle_timeout_seconds: 300,
+            tunnel_idle_timeout_seconds: 3600,
         }
     }
 }
@@ -284,6 +291,14 @@ impl ProxyConfig {
                 "http.upstreamResponseTimeoutSeconds",
                 http.upstream_response_timeout_seconds,
             ),
+            (
+                "http.bodyIdleTimeoutSeconds",
+                http.body_idle_timeout_seconds,
+            ),
+            (
+                "http.tunnelIdleTimeoutSeconds",
+                http.tunnel_idle_timeout_seconds,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(format!(
@@ -373,6 +388,13 @@ mod tests {
         assert!(
             zero.contains("http.upstreamConnectTimeoutSeconds is 0"),
             "{zero}"
+        );
+        let idle = parse(&format!("{base}http: {{tunnelIdleTimeoutSeconds: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            idle.contains("http.tunnelIdleTimeoutSeconds is 0"),
+            "{idle}"
         );
         let tiny = parse(&format!("{base}http: {{maxHeaderBytes: 100}}\n"))
             .unwrap_err()

@@ -3,8 +3,11 @@
 //!
 //! - [`routing`]: which account a request head belongs to (pure code).
 //! - [`token`]: account ids out of Zimbra auth tokens and JWTs (routing only, no verification).
-//! - [`proxy`]: the hyper server, route resolution and the pooled backend client.
+//! - [`proxy`]: the listeners, route resolution, metrics and access log, and HTTP/2 (hyper
+//!   server, pooled backend client).
+//! - [`h1`]: HTTP/1.x, relayed by the proxy itself.
 
+pub mod h1;
 pub mod proxy;
 pub mod routing;
 pub mod token;

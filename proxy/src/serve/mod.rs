@@ -161,11 +161,7 @@ impl Server {
         metrics.register(&mut registry);
 
         let (closing, closing_receiver) = watch::channel(false);
-        let web = Arc::new(HttpProxy::new(
-            resolver.clone(),
-            options.http.clone(),
-            closing_receiver.clone(),
-        ));
+        let web = Arc::new(HttpProxy::new(resolver.clone(), options.http.clone()));
         web.register(&mut registry);
         let context = Arc::new(SessionContext {
             resolver,

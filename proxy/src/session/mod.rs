@@ -13,8 +13,8 @@ mod imap;
 mod metrics;
 mod pop3;
 mod proxy_protocol;
-mod relay;
-mod stream;
+pub(crate) mod relay;
+pub(crate) mod stream;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

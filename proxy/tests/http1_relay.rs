@@ -1,0 +1,155 @@
+//! HTTP/1.x as a relay must handle it, byte for byte on real sockets: pipelined requests,
+//! `Expect: 100-continue`, `HEAD`, chunked uploads with trailers, an HTTP/1.0 client getting a
+//! chunked response, and a request that frames its body two ways (request smuggling). One real
+//! hyper backend behind `mailproxy serve` (in-process).
+
+mod http_support;
+
+use std::time::Duration;
+
+use http_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn setup() -> (Backend, Proxy) {
+    let backend = Backend::start("A").await;
+    let routes = table(&[], &[backend.addr], None, &[]);
+    let proxy = Proxy::start(&routes, |_| {}).await;
+    (backend, proxy)
+}
+
+/// Everything the proxy sends until it closes the connection.
+async fn read_all(tcp: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Reads until `needle` has arrived; returns everything read.
+async fn read_until(tcp: &mut TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            read > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (_backend, proxy) = setup().await;
+    let mut tcp = connect_from(client(1), proxy.http).await;
+    tcp.write_all(
+        b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let all = read_all(&mut tcp).await;
+    let positions: Vec<usize> = ["A GET /one", "A GET /two", "A GET /three"]
+        .iter()
+        .map(|body| {
+            all.find(body)
+                .unwrap_or_else(|| panic!("{body} missing: {all}"))
+        })
+        .collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{all}");
+    assert_eq!(all.matches("HTTP/1.1 200").count(), 3, "{all}");
+    assert!(all.ends_with("A GET /three"), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_head_and_chunked_uploads() {
+    let (_backend, proxy) = setup().await;
+    let mut tcp = connect_from(client(1), proxy.http).await;
+    // The proxy answers 100 Continue itself, then relays the body.
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let interim = read_until(&mut tcp, "\r\n\r\n").await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    tcp.write_all(b"0123456789").await.unwrap();
+    let answer = read_until(&mut tcp, "\r\n\r\n10").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // HEAD: a head without a body, then the connection serves the next request.
+    tcp.write_all(b"HEAD /stream/5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut tcp, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "no body after a HEAD's head: {head:?}"
+    );
+
+    // A chunked upload with an extension and a trailer reaches the backend whole.
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n\
+          4;note=first\r\nabcd\r\n6\r\nefghij\r\n0\r\nX-Checksum: 1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let all = read_all(&mut tcp).await;
+    assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+    assert!(all.ends_with("\r\n\r\n10"), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_gets_a_chunked_response_without_its_coding() {
+    let (_backend, proxy) = setup().await;
+    let mut tcp = connect_from(client(1), proxy.http).await;
+    tcp.write_all(b"GET /stream/100000 HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("closed after the body")
+        .unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let body = &answer[split..];
+    assert_eq!(body.len(), 100_000);
+    assert!(body.iter().all(|byte| *byte == b'z'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_framed_two_ways_is_refused_and_the_connection_closed() {
+    let (_backend, proxy) = setup().await;
+    for smuggling in [
+        &b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
+           Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ] {
+        let mut tcp = connect_from(client(1), proxy.http).await;
+        tcp.write_all(smuggling).await.unwrap();
+        let all = read_all(&mut tcp).await;
+        assert!(
+            all.starts_with("HTTP/1.1 400"),
+            "{all:?} for {:?}",
+            String::from_utf8_lossy(smuggling)
+        );
+        assert!(!all.contains("smuggled"), "{all}");
+    }
+}
