@@ -52,7 +52,8 @@ pub struct ProxyConfig {
     /// Route Lookup Handler client settings.
     #[serde(default)]
     pub lookup: LookupClientConfig,
-    /// Connections to mailbox servers over TLS (IMAPS, POP3S, HTTPS backends).
+    /// Connections to mailbox servers over TLS (IMAPS, POP3S; the web backends trust
+    /// `http.upstreamCaFile`).
     #[serde(default)]
     pub upstream_tls: UpstreamTlsConfig,
     /// On SIGTERM, how long live sessions may continue before they are closed.
@@ -83,6 +84,10 @@ pub struct HttpConfig {
     pub upstream_response_timeout_seconds: u64,
     /// How long a balanced backend that refused a connection is skipped.
     pub backend_down_seconds: u64,
+    /// Extra CA certificates (PEM) trusted for the web backends' certificates, besides the
+    /// system's, when the route table sets `webUpstreamTls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -94,6 +99,7 @@ impl Default for HttpConfig {
             upstream_connect_timeout_seconds: 10,
             upstream_response_timeout_seconds: 600,
             backend_down_seconds: 10,
+            upstream_ca_file: None,
         }
     }
 }
@@ -291,6 +297,17 @@ impl ProxyConfig {
                 )));
             }
         }
+        if http
+            .upstream_ca_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "http.upstreamCaFile is empty: give the path of a PEM file of CA certificates, \
+                 or leave it out to trust only the system's CAs"
+                    .into(),
+            ));
+        }
         if http.max_header_bytes < 1024 {
             return Err(invalid(format!(
                 "http.maxHeaderBytes is {}: no browser request head fits; give it at least 1024 \
@@ -378,6 +395,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(tiny.contains("http.maxHeaderBytes is 100"), "{tiny}");
+    }
+
+    #[test]
+    fn the_web_backends_ca_file_is_optional_and_never_empty() {
+        let base = "listeners: [{protocol: http, address: ':80'}]\nrouteTable: {file: r}\n";
+        assert_eq!(parse(base).unwrap().http.upstream_ca_file, None);
+        let with = parse(&format!(
+            "{base}http: {{upstreamCaFile: /etc/mailproxy/web-ca.pem}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            with.http.upstream_ca_file.as_deref(),
+            Some(Path::new("/etc/mailproxy/web-ca.pem"))
+        );
+        assert_eq!(parse(&with.to_yaml()).unwrap(), with);
+        let empty = parse(&format!("{base}http: {{upstreamCaFile: ''}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(empty.contains("http.upstreamCaFile is empty"), "{empty}");
     }
 
     #[test]

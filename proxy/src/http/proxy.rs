@@ -39,7 +39,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mailproxy_crds::proxy_config::HttpConfig;
@@ -55,6 +54,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::routing::{self, WebRoute};
+use super::upstream::{UpstreamStream, WebConnector, is_handshake_failure};
 use crate::route::resolver::Resolver;
 use crate::route::{LoginContext, Protocol, Route, Upstream};
 use crate::session::{accept_connection, signalled};
@@ -194,7 +194,8 @@ impl Metrics {
 /// The web proxy shared by every HTTP connection.
 pub struct HttpProxy {
     resolver: Resolver,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<WebConnector, ProxyBody>,
+    connector: WebConnector,
     balancer: Mutex<Balancer>,
     metrics: Metrics,
     settings: HttpSettings,
@@ -277,6 +278,8 @@ struct Target<'a> {
     upstream: Upstream,
     /// Chosen by the balancer (not an account's route).
     balanced: bool,
+    /// Over TLS (the route table's `webUpstreamTls`).
+    tls: bool,
     /// The client connection's own backend connection.
     backend: &'a BackendSlot,
 }
@@ -294,13 +297,14 @@ enum SendError {
 /// response body; nobody polls it between requests.
 struct OwnConnection {
     upstream: Upstream,
+    tls: bool,
     sender: http1::SendRequest<ProxyBody>,
     /// `None` once the connection has ended.
     driver: Option<Pin<Box<BackendDriver>>>,
 }
 
 /// hyper's future that runs one backend connection.
-type BackendDriver = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+type BackendDriver = http1::Connection<TokioIo<UpstreamStream>, ProxyBody>;
 
 impl OwnConnection {
     fn poll_driver(&mut self, cx: &mut Context<'_>) {
@@ -404,20 +408,24 @@ impl Drop for OwnBody {
 }
 
 impl HttpProxy {
-    /// A proxy over a resolver; `closing` turning true closes upgraded tunnels.
-    pub fn new(resolver: Resolver, settings: HttpSettings, closing: watch::Receiver<bool>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.upstream_connect_timeout));
+    /// A proxy over a resolver, reaching backends through `connector`; `closing` turning true
+    /// closes upgraded tunnels.
+    pub fn new(
+        resolver: Resolver,
+        settings: HttpSettings,
+        connector: WebConnector,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(connector.clone());
         Self {
             resolver,
             client,
+            connector,
             balancer: Mutex::new(Balancer::default()),
             metrics: Metrics::default(),
             settings,
@@ -457,7 +465,8 @@ impl HttpProxy {
         let started = Instant::now();
         let route = routing::detect(request.uri(), request.headers());
         let host = virtual_host(&request);
-        let (upstream, account) = self.upstream_for(&route, conn, host.as_deref()).await;
+        let tls = self.resolver.table().current().settings.web_upstream_tls;
+        let (upstream, account) = self.upstream_for(&route, conn, host.as_deref(), tls).await;
         let balanced = account.is_none();
         let method = request.method().clone();
         let uri = request.uri().clone();
@@ -466,6 +475,7 @@ impl HttpProxy {
                 let target = Target {
                     upstream: upstream.clone(),
                     balanced,
+                    tls,
                     backend,
                 };
                 self.forward(request, target, conn, host, guard).await
@@ -512,16 +522,22 @@ impl HttpProxy {
         response
     }
 
-    /// The backend of a route; `true` when it was chosen by the balancer.
+    /// The backend of a route; `true` when it was chosen by the balancer. Routes to backends
+    /// over TLS are looked up and cached as `httpssl`, and point at the servers' https ports.
     async fn upstream_for(
         &self,
         route: &WebRoute,
         conn: ConnectionInfo,
         host: Option<&str>,
+        tls: bool,
     ) -> (Option<Upstream>, Option<AccountRoute>) {
         let login = |user: &str| LoginContext {
             user: user.to_string(),
-            protocol: Protocol::Http,
+            protocol: if tls {
+                Protocol::HttpSsl
+            } else {
+                Protocol::Http
+            },
             client_ip: conn.peer.ip(),
             proxy_ip: Some(conn.local.ip()),
             virtual_host: host.map(str::to_string),
@@ -653,7 +669,7 @@ impl HttpProxy {
             let slot = own_connection.then_some(target.backend);
             let sent = tokio::time::timeout(
                 self.settings.upstream_response_timeout,
-                self.send(outgoing, upstream, slot),
+                self.send(outgoing, upstream, target.tls, slot),
             )
             .await;
             let error = match sent {
@@ -684,23 +700,29 @@ impl HttpProxy {
         &self,
         mut request: Request<ProxyBody>,
         upstream: &Upstream,
+        tls: bool,
         slot: Option<&BackendSlot>,
     ) -> Result<(Response<Incoming>, Option<Held>), SendError> {
         let Some(slot) = slot else {
-            *request.uri_mut() = upstream_uri(upstream, request.uri())?;
+            *request.uri_mut() = upstream_uri(upstream, tls, request.uri())?;
             return match self.client.request(request).await {
                 Ok(response) => Ok((response, None)),
-                Err(error) if error.is_connect() => Err(SendError::Connect(error_chain(&error))),
+                Err(error) if error.is_connect() && !is_handshake_failure(&error) => {
+                    Err(SendError::Connect(error_chain(&error)))
+                }
                 Err(error) => Err(SendError::Broken(error_chain(&error))),
             };
         };
-        let kept = match slot.take().filter(|own| own.upstream == *upstream) {
+        let kept = match slot
+            .take()
+            .filter(|own| own.upstream == *upstream && own.tls == tls)
+        {
             Some(mut own) => own.ready().await.then_some(own),
             None => None,
         };
         let (mut own, reused) = match kept {
             Some(own) => (own, true),
-            None => (self.connect(upstream).await?, false),
+            None => (self.connect(upstream, tls).await?, false),
         };
         let request = match own.send(request).await {
             Ok(response) => return Ok((response, Some((own, slot.clone())))),
@@ -710,7 +732,7 @@ impl HttpProxy {
                 _ => return Err(SendError::Broken(error_chain(error.error()))),
             },
         };
-        let mut own = self.connect(upstream).await?;
+        let mut own = self.connect(upstream, tls).await?;
         match own.send(request).await {
             Ok(response) => Ok((response, Some((own, slot.clone())))),
             Err(error) => Err(SendError::Broken(error_chain(error.error()))),
@@ -718,20 +740,18 @@ impl HttpProxy {
     }
 
     /// A new backend connection of a client connection's own.
-    async fn connect(&self, upstream: &Upstream) -> Result<OwnConnection, SendError> {
-        let connecting = TcpStream::connect((upstream.host.as_str(), upstream.port));
-        let tcp =
-            match tokio::time::timeout(self.settings.upstream_connect_timeout, connecting).await {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(error)) => return Err(SendError::Connect(error.to_string())),
-                Err(_) => return Err(SendError::Connect("connect timed out".into())),
-            };
-        let _ = tcp.set_nodelay(true);
-        let (sender, driver) = http1::handshake(TokioIo::new(tcp))
+    async fn connect(&self, upstream: &Upstream, tls: bool) -> Result<OwnConnection, SendError> {
+        let stream = match self.connector.connect(upstream, tls).await {
+            Ok(stream) => stream,
+            Err(error) if error.unreachable() => return Err(SendError::Connect(error.to_string())),
+            Err(error) => return Err(SendError::Broken(error.to_string())),
+        };
+        let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Broken(error_chain(&error)))?;
         Ok(OwnConnection {
             upstream: upstream.clone(),
+            tls,
             sender,
             driver: Some(Box::pin(driver)),
         })
@@ -1040,9 +1060,10 @@ fn forwarding_headers(
     }
 }
 
-fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, SendError> {
+fn upstream_uri(upstream: &Upstream, tls: bool, original: &Uri) -> Result<Uri, SendError> {
     let path = original.path_and_query().map_or("/", |pq| pq.as_str());
-    format!("http://{upstream}{path}")
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{upstream}{path}")
         .parse()
         .map_err(|error| SendError::Broken(format!("cannot address {upstream}: {error}")))
 }
@@ -1167,9 +1188,12 @@ mod tests {
         );
         let (_stop, stop) = watch::channel(false);
         let (_closing, closing) = watch::channel(false);
+        let settings = HttpSettings::default();
+        let connector = WebConnector::new(None, settings.upstream_connect_timeout).unwrap();
         let proxy = Arc::new(HttpProxy::new(
             resolver,
-            HttpSettings::default(),
+            settings,
+            connector,
             closing.clone(),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
