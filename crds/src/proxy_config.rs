@@ -52,7 +52,8 @@ pub struct ProxyConfig {
     /// Route Lookup Handler client settings.
     #[serde(default)]
     pub lookup: LookupClientConfig,
-    /// Connections to mailbox servers over TLS (IMAPS, POP3S, HTTPS backends).
+    /// Connections to mailbox servers over TLS (IMAPS, POP3S; the web backends trust
+    /// `http.upstreamCaFile`).
     #[serde(default)]
     pub upstream_tls: UpstreamTlsConfig,
     /// On SIGTERM, how long live sessions may continue before they are closed.
@@ -88,6 +89,10 @@ pub struct HttpConfig {
     pub body_idle_timeout_seconds: u64,
     /// The longest an upgraded connection (WebSocket) may carry nothing either way.
     pub tunnel_idle_timeout_seconds: u64,
+    /// Extra CA certificates (PEM) trusted for the web backends' certificates, besides the
+    /// system's, when the route table sets `webUpstreamTls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -101,6 +106,7 @@ impl Default for HttpConfig {
             backend_down_seconds: 10,
             body_idle_timeout_seconds: 300,
             tunnel_idle_timeout_seconds: 3600,
+            upstream_ca_file: None,
         }
     }
 }
@@ -306,6 +312,17 @@ impl ProxyConfig {
                 )));
             }
         }
+        if http
+            .upstream_ca_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "http.upstreamCaFile is empty: give the path of a PEM file of CA certificates, \
+                 or leave it out to trust only the system's CAs"
+                    .into(),
+            ));
+        }
         if http.max_header_bytes < 1024 {
             return Err(invalid(format!(
                 "http.maxHeaderBytes is {}: no browser request head fits; give it at least 1024 \
@@ -400,6 +417,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(tiny.contains("http.maxHeaderBytes is 100"), "{tiny}");
+    }
+
+    #[test]
+    fn the_web_backends_ca_file_is_optional_and_never_empty() {
+        let base = "listeners: [{protocol: http, address: ':80'}]\nrouteTable: {file: r}\n";
+        assert_eq!(parse(base).unwrap().http.upstream_ca_file, None);
+        let with = parse(&format!(
+            "{base}http: {{upstreamCaFile: /etc/mailproxy/web-ca.pem}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            with.http.upstream_ca_file.as_deref(),
+            Some(Path::new("/etc/mailproxy/web-ca.pem"))
+        );
+        assert_eq!(parse(&with.to_yaml()).unwrap(), with);
+        let empty = parse(&format!("{base}http: {{upstreamCaFile: ''}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(empty.contains("http.upstreamCaFile is empty"), "{empty}");
     }
 
     #[test]

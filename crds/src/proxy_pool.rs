@@ -69,6 +69,11 @@ pub struct ProxyPoolSpec {
     #[serde(default)]
     pub starttls: StartTlsMode,
 
+    /// Connect to the mailbox servers' web ports over TLS (their https port), verifying their
+    /// certificates (Zimbra's zimbraReverseProxySSLToUpstreamEnabled). Off by default.
+    #[serde(default)]
+    pub web_upstream_tls: bool,
+
     /// The pool's memcached route cache.
     #[serde(default)]
     pub memcached: MemcachedSpec,

@@ -100,6 +100,11 @@ pub struct RouteSettings {
     pub login_limits: LoginLimits,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Connect to the web backends over TLS: account routes are looked up and cached as
+    /// `httpssl` and point at the servers' https ports, and `webBackends` list the https ports
+    /// (Zimbra's `zimbraReverseProxySSLToUpstreamEnabled`).
+    #[serde(default)]
+    pub web_upstream_tls: bool,
 }
 
 impl Default for RouteSettings {
@@ -111,6 +116,7 @@ impl Default for RouteSettings {
             starttls: StartTlsMode::default(),
             login_limits: LoginLimits::default(),
             timeouts: Timeouts::default(),
+            web_upstream_tls: false,
         }
     }
 }
@@ -140,7 +146,8 @@ impl RouteTable {
     /// Compiles the table from the MailboxServers a pool selects. Draining servers stay in
     /// `servers` (sessions may still be relayed to them) but get no pinned accounts or domains, no
     /// lookups and no web traffic. When two servers claim the same account or domain, the first
-    /// by name wins, so the result does not depend on list order.
+    /// by name wins, so the result does not depend on list order. Web backends are listed with
+    /// their https port when the settings ask for TLS to them, else their http port (as garpb).
     pub fn compile(
         servers: &[ServerSource<'_>],
         settings: RouteSettings,
@@ -188,9 +195,12 @@ impl RouteTable {
                 ));
             }
             if spec.web_backend {
-                table
-                    .web_backends
-                    .push(format!("{host}:{}", spec.ports.http));
+                let port = if table.settings.web_upstream_tls {
+                    spec.ports.https
+                } else {
+                    spec.ports.http
+                };
+                table.web_backends.push(format!("{host}:{port}"));
             }
             if spec.mta_auth_target {
                 table.mta_auth_urls.push(format!(
@@ -345,6 +355,26 @@ mod tests {
         );
         assert_eq!(table.gamau(), "https://10.0.0.2:7073/service/admin/soap/");
         assert_eq!(table.gamcs(), "pool-memcached-0.pool-memcached:11211");
+    }
+
+    #[test]
+    fn web_upstream_tls_lists_the_https_ports_and_travels_in_the_json() {
+        let a = spec(&[], &[]);
+        let settings = RouteSettings {
+            web_upstream_tls: true,
+            ..RouteSettings::default()
+        };
+        let table = RouteTable::compile(&[source("a", "10.0.0.1", &a)], settings, vec![]);
+        assert_eq!(table.web_backends, vec!["10.0.0.1:8443".to_string()]);
+        assert_eq!(table.garpb(), "    server 10.0.0.1:8443;\n");
+        let json: serde_json::Value = serde_json::from_str(&table.to_json()).unwrap();
+        assert_eq!(json["settings"]["webUpstreamTls"], true);
+        assert_eq!(RouteTable::from_json(&table.to_json()).unwrap(), table);
+        let older = RouteTable::from_json(r#"{"settings": {"cacheTtlSeconds": 60}}"#).unwrap();
+        assert!(
+            !older.settings.web_upstream_tls,
+            "off unless a table says so"
+        );
     }
 
     #[test]

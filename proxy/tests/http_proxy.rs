@@ -596,3 +596,257 @@ async fn an_unreachable_account_server_is_forgotten_and_looked_up_again() {
         assert_eq!(asked("id-moved"), attempt, "lookups of id-moved");
     }
 }
+
+/// A WebSocket client connected through the proxy at `to`, with extra request headers; and the
+/// backend that answered the handshake.
+async fn websocket(
+    to: std::net::SocketAddr,
+    headers: &[(&'static str, String)],
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    String,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = "ws://mail.example.com/ws".into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    let tcp = connect_from(client(1), to).await;
+    let (ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("a WebSocket handshake through the proxy");
+    let backend = response
+        .headers()
+        .get("x-backend")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (ws, backend)
+}
+
+/// Sends text, a 1 MiB binary message and a ping, checks the echoes and the pong, then closes
+/// and checks that the close handshake completes.
+async fn echo_and_close(mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let binary: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let ping = bytes::Bytes::from_static(b"are you there");
+    for (sent, expected) in [
+        (
+            Message::text("hello, backend"),
+            Message::text("hello, backend"),
+        ),
+        (Message::binary(binary.clone()), Message::binary(binary)),
+        (Message::Ping(ping.clone()), Message::Pong(ping)),
+    ] {
+        ws.send(sent).await.expect("send through the proxy");
+        let answer = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("the connection stays open")
+            .expect("a valid message");
+        assert!(
+            answer == expected,
+            "expected {expected:.40?}, got {answer:.40?}"
+        );
+    }
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    })))
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the close reply in time");
+    match reply {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the backend's close frame, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the connection ends in time");
+    assert!(end.is_none(), "the close handshake is complete: {end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_websocket_session_passes_through_balanced_and_token_routes() {
+    let balanced = WsBackend::start("ws-balanced").await;
+    let by_token = WsBackend::start("ws-token").await;
+    let handler = Handler::start(
+        HashMap::new(),
+        [("id-ws".to_string(), by_token.addr)].into_iter().collect(),
+    )
+    .await;
+    let routes = table(
+        &[("mbs-ws", by_token.addr)],
+        &[balanced.addr],
+        Some(&handler),
+        &[],
+    );
+    let proxy = Proxy::start(&routes, |_| {}).await;
+
+    let (ws, backend) = websocket(proxy.http, &[]).await;
+    assert_eq!(backend, "ws-balanced");
+    echo_and_close(ws).await;
+
+    let cookie = format!("ZM_AUTH_TOKEN={}", zimbra_token("id-ws"));
+    let (ws, backend) = websocket(proxy.http, &[("cookie", cookie)]).await;
+    assert_eq!(backend, "ws-token", "routed by the token's account id");
+    echo_and_close(ws).await;
+    let asked = handler.asked();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(
+        (asked[0].method.as_str(), asked[0].user.as_str()),
+        ("zimbraId", "id-ws")
+    );
+    proxy.stop().await;
+}
+
+/// With `webUpstreamTls`, every web backend is reached over TLS on its https port and its
+/// certificate is verified against `http.upstreamCaFile`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_backends_over_tls_are_verified_and_looked_up_as_httpssl() {
+    let trusted = Pki::new();
+    let untrusted = Pki::new();
+    let good = Backend::start_tls("TLS", &trusted).await;
+    let bad = Backend::start_tls("UNTRUSTED", &untrusted).await;
+    // The servers' plain http port: a route that used it would answer "PLAIN".
+    let plain = Backend::start("PLAIN").await;
+    let handler = Handler::start(
+        [
+            ("alice".to_string(), good.addr),
+            ("mallory".to_string(), bad.addr),
+        ]
+        .into_iter()
+        .collect(),
+        [("id-a".to_string(), good.addr)].into_iter().collect(),
+    )
+    .await;
+    let server = |https: std::net::SocketAddr| {
+        serde_json::json!({
+            "host": "127.0.0.1",
+            "ports": {"http": plain.addr.port(), "https": https.port()},
+        })
+    };
+    let routes = serde_json::json!({
+        "servers": {"mbs-good": server(good.addr), "mbs-bad": server(bad.addr)},
+        "accounts": {"pinned@example.com": "mbs-good", "victim@example.com": "mbs-bad"},
+        "lookupHandlers": [handler.url()],
+        "webBackends": [good.addr.to_string()],
+        "settings": {"lookupTimeoutSeconds": 2, "webUpstreamTls": true},
+    })
+    .to_string();
+    let config = format!("http: {{upstreamCaFile: '{}'}}\n", trusted.ca().display());
+    let proxy = Proxy::start_with(&routes, &config, |_| {}).await;
+
+    // HTTP/1.1: each request on its client connection's own backend connection.
+    let token = format!("ZM_AUTH_TOKEN={}", zimbra_token("id-a"));
+    for (uri, headers) in [
+        ("/", vec![]),
+        ("/home/alice/Inbox", vec![]),
+        ("/home/pinned@example.com/Inbox", vec![]),
+        ("/home/~/Inbox", vec![("cookie", token.as_str())]),
+    ] {
+        let answer = get(client(1), proxy.http, uri, &headers).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}: {answer:?}");
+        assert_eq!(answer.backend(), "TLS", "{uri}: {answer:?}");
+        assert!(answer.body.ends_with(uri), "{uri}: {}", answer.body);
+    }
+    for uri in ["/home/mallory/Inbox", "/home/victim@example.com/Inbox"] {
+        let answer = get(client(1), proxy.http, uri, &[]).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{uri}: {answer:?}");
+        assert_eq!(answer.body, "the backend failed\n", "{uri}");
+    }
+
+    // HTTP/2: through the pooled client.
+    let tcp = connect_from(client(1), proxy.http).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    for (path, status, backend) in [
+        ("/home/alice/h2", StatusCode::OK, "TLS"),
+        ("/h2", StatusCode::OK, "TLS"),
+        ("/home/mallory/h2", StatusCode::BAD_GATEWAY, ""),
+    ] {
+        let request = Request::get(format!("http://mail.example.com{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = read(sender.send_request(request).await.unwrap()).await;
+        assert_eq!(answer.status, status, "{path}: {answer:?}");
+        assert_eq!(answer.backend(), backend, "{path}: {answer:?}");
+        if status == StatusCode::BAD_GATEWAY {
+            assert_eq!(answer.body, "the backend failed\n", "{path}");
+        }
+    }
+    // Once more after the pooled client's failure: the route must still be cached.
+    let again = get(client(1), proxy.http, "/home/mallory/again", &[]).await;
+    assert_eq!(again.status, StatusCode::BAD_GATEWAY, "{again:?}");
+
+    // The proxy refused the untrusted certificate: the backend saw its alert, once per request
+    // (a certificate problem is not retried)...
+    // The backend records a failure after the proxy has answered: wait for the last one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let failures = loop {
+        let failures = bad.tls_failures.lock().unwrap().clone();
+        if failures.len() >= 4 || Instant::now() > deadline {
+            break failures;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(failures.len(), 4, "{failures:?}");
+    assert!(
+        failures.iter().all(|f| f.contains("received fatal alert")),
+        "{failures:?}"
+    );
+    // ... and took it for a certificate problem, not for a server that moved: the route stayed
+    // cached (a refused connection would have made it ask the handler again).
+    let asked = handler.asked();
+    assert_eq!(
+        asked.iter().filter(|q| q.user == "mallory").count(),
+        1,
+        "{asked:?}"
+    );
+    for question in &asked {
+        assert_eq!(question.protocol, "httpssl", "{question:?}");
+    }
+    assert!(
+        asked
+            .iter()
+            .any(|q| q.method == "zimbraId" && q.user == "id-a"),
+        "{asked:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_web_backend_ca_file_stops_the_proxy_at_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let routes = dir.path().join("routes.json");
+    std::fs::write(&routes, table(&[], &[], None, &[])).unwrap();
+    let yaml = format!(
+        "listeners: [{{protocol: http, address: '127.0.0.1:{}'}}]\n\
+         routeTable: {{file: '{}'}}\n\
+         healthListen: '127.0.0.1:{}'\n\
+         http: {{upstreamCaFile: '{}'}}\n",
+        mailproxy_testkit::free_port(),
+        routes.display(),
+        mailproxy_testkit::free_port(),
+        missing.display(),
+    );
+    let config =
+        mailproxy_crds::proxy_config::ProxyConfig::parse(&yaml, std::path::Path::new("t.yaml"))
+            .unwrap();
+    let error = match mailproxy::serve::Server::bind(&config, Default::default()).await {
+        Ok(_) => panic!("the proxy started without its web backends' CA file"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("http.upstreamCaFile"), "{error}");
+    assert!(error.contains(&missing.display().to_string()), "{error}");
+}

@@ -1,6 +1,8 @@
 //! Route resolution end to end, against a real memcached and real `mailproxy lookupd` handlers:
 //! the resolution order, the fleet-wide cache, TTL, purge, memcached failure and coalescing.
+//! Lookups by account id go to the web tests' handler (lookupd answers by name only).
 
+mod http_support;
 mod lookup_support;
 
 use std::sync::Arc;
@@ -230,6 +232,43 @@ async fn a_thousand_concurrent_logins_of_a_cold_account_send_one_lookup() {
             "1,000 concurrent logins of one cold account made one handler request (memcached: {})",
             memcached.is_some()
         );
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_resolves_of_a_cold_account_id_send_one_lookup() {
+    let backend: std::net::SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    for memcached in [None, Some(Memcached::start().unwrap())] {
+        let id = format!("id-storm-{}", memcached.is_some());
+        let handler = http_support::Handler::start(
+            Default::default(),
+            [(id.clone(), backend)].into_iter().collect(),
+        )
+        .await;
+        let servers: Vec<String> = memcached.iter().map(Memcached::addr).collect();
+        let resolver = proxy(proxy_table(&[handler.url()], &servers, 3600));
+
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let resolver = resolver.clone();
+                let login = login(&id, Protocol::Http);
+                tokio::spawn(async move { resolver.resolve_account_id(&login).await })
+            })
+            .collect();
+        for task in tasks {
+            let resolved = task.await.unwrap().unwrap();
+            assert_eq!(resolved.route.upstream, Upstream::new("127.0.0.1", 8443));
+        }
+        let asked = handler.asked();
+        assert_eq!(
+            asked.len(),
+            1,
+            "1,000 concurrent resolves of one cold account id made one handler request \
+             (memcached: {})",
+            memcached.is_some()
+        );
+        assert_eq!(asked[0].method, "zimbraId");
+        assert_eq!(asked[0].user, id);
     }
 }
 

@@ -6,8 +6,10 @@
 //! - [`proxy`]: the listeners, route resolution, metrics and access log, and HTTP/2 (hyper
 //!   server, pooled backend client).
 //! - [`h1`]: HTTP/1.x, relayed by the proxy itself.
+//! - [`upstream`]: connections to the backends, plain or TLS (`webUpstreamTls`).
 
 pub mod h1;
 pub mod proxy;
 pub mod routing;
 pub mod token;
+pub mod upstream;

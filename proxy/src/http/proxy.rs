@@ -36,7 +36,6 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mailproxy_crds::proxy_config::HttpConfig;
 use mailproxy_crds::route_table::RouteTable;
@@ -54,6 +53,7 @@ use super::h1;
 use super::h1::connection::Ended;
 use super::h1::rewind::Rewind;
 use super::routing::{self, WebRoute};
+use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
 use crate::route::resolver::Resolver;
 use crate::route::{LoginContext, Protocol, Route, Upstream};
 use crate::session::relay::Traffic;
@@ -208,7 +208,8 @@ impl Metrics {
 /// The web proxy shared by every HTTP connection.
 pub struct HttpProxy {
     resolver: Resolver,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<WebConnector, ProxyBody>,
+    connector: WebConnector,
     balancer: Mutex<Balancer>,
     metrics: Metrics,
     settings: HttpSettings,
@@ -281,6 +282,8 @@ pub(super) struct Routed {
     pub upstream: Option<Upstream>,
     /// The account's route; `None` when the balancer chose the backend.
     account: Option<AccountRoute>,
+    /// The backend is reached over TLS (the route table's `webUpstreamTls`).
+    pub tls: bool,
 }
 
 impl Routed {
@@ -291,20 +294,18 @@ impl Routed {
 }
 
 impl HttpProxy {
-    /// A proxy over a resolver.
-    pub fn new(resolver: Resolver, settings: HttpSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.upstream_connect_timeout));
+    /// A proxy over a resolver, reaching backends through `connector`.
+    pub fn new(resolver: Resolver, settings: HttpSettings, connector: WebConnector) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(connector.clone());
         Self {
             resolver,
             client,
+            connector,
             balancer: Mutex::new(Balancer::default()),
             metrics: Metrics::default(),
             settings,
@@ -402,9 +403,16 @@ impl HttpProxy {
         host: Option<&str>,
     ) -> Routed {
         let route = routing::detect(uri, headers);
+        let tls = self.resolver.table().current().settings.web_upstream_tls;
+        // Routes to backends over TLS are looked up and cached as `httpssl` and point at the
+        // servers' https ports.
         let login = |user: &str| LoginContext {
             user: user.to_string(),
-            protocol: Protocol::Http,
+            protocol: if tls {
+                Protocol::HttpSsl
+            } else {
+                Protocol::Http
+            },
             client_ip: conn.peer.ip(),
             proxy_ip: Some(conn.local.ip()),
             virtual_host: host.map(str::to_string),
@@ -427,6 +435,7 @@ impl HttpProxy {
                     route,
                     upstream,
                     account: None,
+                    tls,
                 };
             }
         };
@@ -442,6 +451,7 @@ impl HttpProxy {
                         route: resolved.route,
                         by_id,
                     }),
+                    tls,
                 }
             }
             Err(error) => {
@@ -451,6 +461,7 @@ impl HttpProxy {
                     route,
                     upstream,
                     account: None,
+                    tls,
                 }
             }
         }
@@ -612,7 +623,7 @@ impl HttpProxy {
             {
                 outgoing.headers_mut().insert(header::HOST, value);
             }
-            match upstream_uri(&upstream, &parts.uri) {
+            match upstream_uri(&upstream, routed.tls, &parts.uri) {
                 Ok(uri) => *outgoing.uri_mut() = uri,
                 Err(failure) => return (Err(failure), Some(upstream)),
             }
@@ -627,7 +638,9 @@ impl HttpProxy {
                     strip_hop_by_hop(response.headers_mut());
                     return (Ok(response.map(BodyExt::boxed)), Some(upstream));
                 }
-                Ok(Err(error)) if error.is_connect() => error_chain(&error),
+                Ok(Err(error)) if error.is_connect() && !is_handshake_failure(&error) => {
+                    error_chain(&error)
+                }
                 Ok(Err(error)) => {
                     return (Err(Failure::Broken(error_chain(&error))), Some(upstream));
                 }
@@ -642,17 +655,14 @@ impl HttpProxy {
         }
     }
 
-    /// A new connection to a backend's web port (an HTTP/1.x client connection's own).
-    pub(super) async fn connect(&self, upstream: &Upstream) -> Result<Stream, String> {
-        let connecting = TcpStream::connect((upstream.host.as_str(), upstream.port));
-        match tokio::time::timeout(self.settings.upstream_connect_timeout, connecting).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(Stream::Plain(tcp))
-            }
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("connect timed out".into()),
-        }
+    /// A new connection to a backend's web port (an HTTP/1.x client connection's own), over
+    /// TLS when `tls`.
+    pub(super) async fn connect(
+        &self,
+        upstream: &Upstream,
+        tls: bool,
+    ) -> Result<Stream, ConnectError> {
+        self.connector.connect(upstream, tls).await
     }
 }
 
@@ -879,9 +889,10 @@ fn forwarding_headers(headers: &mut HeaderMap, conn: ConnectionInfo, host: Optio
     }
 }
 
-fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, Failure> {
+fn upstream_uri(upstream: &Upstream, tls: bool, original: &Uri) -> Result<Uri, Failure> {
     let path = original.path_and_query().map_or("/", |pq| pq.as_str());
-    format!("http://{upstream}{path}")
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{upstream}{path}")
         .parse()
         .map_err(|error| Failure::Broken(format!("cannot address {upstream}: {error}")))
 }
@@ -980,7 +991,9 @@ mod tests {
         );
         let (_stop, stop) = watch::channel(false);
         let (_closing, closing) = watch::channel(false);
-        let proxy = Arc::new(HttpProxy::new(resolver, HttpSettings::default()));
+        let settings = HttpSettings::default();
+        let connector = WebConnector::new(None, settings.upstream_connect_timeout).unwrap();
+        let proxy = Arc::new(HttpProxy::new(resolver, settings, connector));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limit = Arc::new(Semaphore::new(10));

@@ -72,23 +72,36 @@ pub enum ResolveError {
 type FlightResult = Result<Resolved, ResolveError>;
 type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
-/// Concurrent misses share a lookup when they would send the same request: same protocol, same
-/// login (compared case-insensitively, as account names are), and for unqualified logins the
-/// same client address (the key Zimbra caches them under).
+/// Concurrent misses share a lookup when they would send the same request: same method, same
+/// protocol, same login (account names compared case-insensitively; account ids as they are,
+/// since they are cached as they are), and for unqualified names the same client address (the
+/// key Zimbra caches them under).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FlightKey {
+    method: AuthMethod,
     protocol: Protocol,
     user: String,
     client_ip: Option<IpAddr>,
 }
 
 impl FlightKey {
-    fn of(login: &LoginContext) -> Self {
-        let qualified = login.user.contains('@');
-        Self {
-            protocol: login.protocol,
-            user: login.user.to_lowercase(),
-            client_ip: (!qualified).then_some(login.client_ip),
+    fn of(login: &LoginContext, method: AuthMethod) -> Self {
+        match method {
+            AuthMethod::Username => {
+                let qualified = login.user.contains('@');
+                Self {
+                    method,
+                    protocol: login.protocol,
+                    user: login.user.to_lowercase(),
+                    client_ip: (!qualified).then_some(login.client_ip),
+                }
+            }
+            AuthMethod::ZimbraId => Self {
+                method,
+                protocol: login.protocol,
+                user: login.user.clone(),
+                client_ip: None,
+            },
         }
     }
 }
@@ -198,80 +211,42 @@ impl Resolver {
                 },
             )
         } else {
-            self.flight(login).await
+            self.flight(login, AuthMethod::Username).await
         };
         match &result {
             Ok(resolved) => {
                 self.count(resolved.clone());
             }
-            Err(error) => {
-                let reason = match error {
-                    ResolveError::Refused { .. } => "refused",
-                    ResolveError::Unavailable { .. } => "unavailable",
-                };
-                self.inner
-                    .metrics
-                    .failed
-                    .get_or_create(&FailureLabels { reason })
-                    .inc();
-            }
+            Err(error) => self.count_failure(error),
         }
         result
     }
 
     /// Finds the route of an account id (web routing by auth token, `Auth-Method: zimbraId`):
     /// the route cache (`route:proto=<proto>;id=<id>`), then a live lookup whose answer is
-    /// cached. `login.user` is the account id. Not coalesced: tokens come from logged-in web
-    /// clients, whose first request has usually cached the route already.
+    /// cached. `login.user` is the account id. Concurrent misses of one id share the lookup: a
+    /// web client opens several connections at once, each carrying the same token.
     pub async fn resolve_account_id(&self, login: &LoginContext) -> Result<Resolved, ResolveError> {
         let table = self.inner.table.current();
-        let cache = &self.inner.cache;
-        match cache.get_route_by_id(login.protocol, &login.user).await {
-            Ok(Some(upstream)) => {
-                let server = server_at(&table, &upstream);
-                return Ok(self.count(Resolved {
-                    route: Route {
-                        upstream,
-                        account: None,
-                    },
-                    source: RouteSource::Cache,
-                    server,
-                }));
-            }
-            Ok(None) => {}
-            Err(error) => tracing::debug!(%error, "route cache read failed; treating it as a miss"),
+        if let Some(upstream) = self.cached_by_id(login).await {
+            let server = server_at(&table, &upstream);
+            return Ok(self.count(Resolved {
+                route: Route {
+                    upstream,
+                    account: None,
+                },
+                source: RouteSource::Cache,
+                server,
+            }));
         }
-        let error = match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
-            Ok(LookupOutcome::Found { route, .. }) => {
-                let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
-                if let Err(error) = cache
-                    .put_route_by_id(login.protocol, &login.user, &route.upstream, ttl)
-                    .await
-                {
-                    tracing::debug!(%error, "could not cache a learned route");
-                }
-                let server = server_at(&table, &route.upstream);
-                return Ok(self.count(Resolved {
-                    route,
-                    source: RouteSource::Lookup,
-                    server,
-                }));
+        let result = self.flight(login, AuthMethod::ZimbraId).await;
+        match &result {
+            Ok(resolved) => {
+                self.count(resolved.clone());
             }
-            Ok(LookupOutcome::Refused { message, wait }) => ResolveError::Refused { message, wait },
-            Err(error) => ResolveError::Unavailable {
-                reason: error.to_string(),
-            },
-        };
-        let reason = match error {
-            ResolveError::Refused { .. } => "refused",
-            ResolveError::Unavailable { .. } => "unavailable",
-        };
-        self.inner
-            .metrics
-            .failed
-            .get_or_create(&FailureLabels { reason })
-            .inc();
-        Err(error)
+            Err(error) => self.count_failure(error),
+        }
+        result
     }
 
     /// Forgets what the cache knows of a login after the mailbox server refused it (the account
@@ -331,6 +306,34 @@ impl Resolver {
         resolved
     }
 
+    fn count_failure(&self, error: &ResolveError) {
+        let reason = match error {
+            ResolveError::Refused { .. } => "refused",
+            ResolveError::Unavailable { .. } => "unavailable",
+        };
+        self.inner
+            .metrics
+            .failed
+            .get_or_create(&FailureLabels { reason })
+            .inc();
+    }
+
+    /// The cached route of an account id. A cache error is a miss.
+    async fn cached_by_id(&self, login: &LoginContext) -> Option<Upstream> {
+        match self
+            .inner
+            .cache
+            .get_route_by_id(login.protocol, &login.user)
+            .await
+        {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::debug!(%error, "route cache read failed; treating it as a miss");
+                None
+            }
+        }
+    }
+
     /// The cached route: the login's own key, else through the alias the handler allowed us to
     /// cache. A cache error is a miss.
     async fn cached(&self, login: &LoginContext) -> Option<Route> {
@@ -363,8 +366,8 @@ impl Resolver {
         })
     }
 
-    async fn flight(&self, login: &LoginContext) -> FlightResult {
-        let key = FlightKey::of(login);
+    async fn flight(&self, login: &LoginContext, method: AuthMethod) -> FlightResult {
+        let key = FlightKey::of(login, method);
         let flight = {
             let mut flights = self.inner.flights.lock().expect("flight map lock");
             if let Some(flight) = flights.get(&key) {
@@ -375,7 +378,10 @@ impl Resolver {
                 let login = login.clone();
                 let task_key = key.clone();
                 let task = tokio::spawn(async move {
-                    let result = resolver.lookup_and_cache(&login).await;
+                    let result = match method {
+                        AuthMethod::Username => resolver.lookup_and_cache(&login).await,
+                        AuthMethod::ZimbraId => resolver.lookup_id_and_cache(&login).await,
+                    };
                     resolver
                         .inner
                         .flights
@@ -430,6 +436,47 @@ impl Resolver {
             },
         };
         table_domain(login, &table, refusal)
+    }
+
+    async fn lookup_id_and_cache(&self, login: &LoginContext) -> FlightResult {
+        let table = self.inner.table.current();
+        // As in `lookup_and_cache`: a flight that just ended may have cached the route.
+        if let Some(upstream) = self.cached_by_id(login).await {
+            let server = server_at(&table, &upstream);
+            return Ok(Resolved {
+                route: Route {
+                    upstream,
+                    account: None,
+                },
+                source: RouteSource::Cache,
+                server,
+            });
+        }
+        match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
+            Ok(LookupOutcome::Found { route, .. }) => {
+                let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
+                if let Err(error) = self
+                    .inner
+                    .cache
+                    .put_route_by_id(login.protocol, &login.user, &route.upstream, ttl)
+                    .await
+                {
+                    tracing::debug!(%error, "could not cache a learned route");
+                }
+                let server = server_at(&table, &route.upstream);
+                Ok(Resolved {
+                    route,
+                    source: RouteSource::Lookup,
+                    server,
+                })
+            }
+            Ok(LookupOutcome::Refused { message, wait }) => {
+                Err(ResolveError::Refused { message, wait })
+            }
+            Err(error) => Err(ResolveError::Unavailable {
+                reason: error.to_string(),
+            }),
+        }
     }
 
     /// Caches a learned route for the fleet. A rewritten login (`Auth-User`) is cached as the

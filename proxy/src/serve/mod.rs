@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::http::proxy::{HttpProxy, HttpSettings};
+use crate::http::upstream::WebConnector;
 use crate::route::cache::{RouteCache, RouteCacheConfig};
 use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_pem};
 use crate::route::resolver::Resolver;
@@ -133,6 +134,11 @@ impl Server {
         };
         let upstream_tls = UpstreamConnector::new(config.upstream_tls.ca_file.as_deref())
             .context("cannot set up TLS to the mailbox servers")?;
+        let web_connector = WebConnector::new(
+            config.http.upstream_ca_file.as_deref(),
+            options.http.upstream_connect_timeout,
+        )
+        .context("cannot set up TLS to the web backends (http.upstreamCaFile)")?;
         let table = route_table(config).await?;
         let current = table.current();
         let plain_mail_listener = kinds
@@ -161,7 +167,11 @@ impl Server {
         metrics.register(&mut registry);
 
         let (closing, closing_receiver) = watch::channel(false);
-        let web = Arc::new(HttpProxy::new(resolver.clone(), options.http.clone()));
+        let web = Arc::new(HttpProxy::new(
+            resolver.clone(),
+            options.http.clone(),
+            web_connector,
+        ));
         web.register(&mut registry);
         let context = Arc::new(SessionContext {
             resolver,

@@ -14,7 +14,7 @@ mod metrics;
 mod pop3;
 mod proxy_protocol;
 pub(crate) mod relay;
-pub(crate) mod stream;
+pub mod stream;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

@@ -11,7 +11,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_rustls::TlsStream;
 
 /// A client or upstream connection.
-pub(crate) enum Stream {
+pub enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS connection's state is ~1 KiB and most sessions are plain.
     Tls(Box<TlsStream<TcpStream>>),

@@ -6,7 +6,8 @@
 //! - [`server_config`]: TLS 1.2 and 1.3 only, with ring's default suites (ECDHE with AES-GCM
 //!   or ChaCha20-Poly1305).
 //! - [`UpstreamConnector`]: TLS to IMAPS and POP3S backends, trusting the system's CAs plus
-//!   `upstreamTls.caFile`.
+//!   `upstreamTls.caFile`; [`client_config`] is its trust, shared with the web backends'
+//!   connector (`http.upstreamCaFile`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -227,6 +228,32 @@ pub fn server_config(store: Arc<CertificateStore>) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(config))
 }
 
+/// A TLS client configuration for mailbox servers (mail and web) that trusts the system's CAs
+/// and, when given, those of `ca_file`. A system store that cannot be read is not fatal when a CA
+/// file is given: backends commonly use a private CA.
+pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "a system CA certificate could not be read");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        for certificate in certificates(path, &read(path)?)? {
+            roots
+                .add(certificate)
+                .map_err(|error| TlsError::BadCertificate {
+                    path: path.to_path_buf(),
+                    reason: error.to_string(),
+                })?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// TLS client for IMAPS and POP3S backends.
 #[derive(Clone)]
 pub struct UpstreamConnector {
@@ -240,31 +267,10 @@ impl fmt::Debug for UpstreamConnector {
 }
 
 impl UpstreamConnector {
-    /// Trusts the system's CAs and, when given, those of `ca_file`. A system store that cannot
-    /// be read is not fatal when a CA file is given: backends commonly use a private CA.
+    /// Trusts what [`client_config`] trusts.
     pub fn new(ca_file: Option<&Path>) -> Result<Self, TlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::debug!(%error, "a system CA certificate could not be read");
-        }
-        roots.add_parsable_certificates(native.certs);
-        if let Some(path) = ca_file {
-            for certificate in certificates(path, &read(path)?)? {
-                roots
-                    .add(certificate)
-                    .map_err(|error| TlsError::BadCertificate {
-                        path: path.to_path_buf(),
-                        reason: error.to_string(),
-                    })?;
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         Ok(Self {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_file)?)),
         })
     }
 

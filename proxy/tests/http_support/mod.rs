@@ -1,7 +1,7 @@
-//! Shared by the web proxy tests: real hyper backends, a hand-written Route Lookup Handler that
-//! answers by name and by zimbraId and records what it was asked, an in-process
-//! `mailproxy serve` with `http` and `https` listeners, and clients bound to chosen loopback
-//! addresses (so that the proxy sees distinct client IPs).
+//! Shared by the web proxy tests: real hyper backends (plain or TLS), a real WebSocket echo
+//! backend, a hand-written Route Lookup Handler that answers by name and by zimbraId and records
+//! what it was asked, an in-process `mailproxy serve` with `http` and `https` listeners, and
+//! clients bound to chosen loopback addresses (so that the proxy sees distinct client IPs).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -26,6 +26,11 @@ use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request as WsRequest, Response as WsResponse,
+};
 
 #[path = "../session_support/mod.rs"]
 mod session_support;
@@ -69,6 +74,8 @@ pub fn zeros(n: u64) -> TestBody {
 pub struct Backend {
     pub name: &'static str,
     pub addr: SocketAddr,
+    /// Why TLS handshakes with a TLS backend failed, as the backend saw it.
+    pub tls_failures: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -80,23 +87,132 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &'static str) -> Self {
+        Self::serve(name, None).await
+    }
+
+    /// A backend that speaks only TLS, with the certificate of `pki` (for localhost and
+    /// 127.0.0.1, issued by `pki.ca()`).
+    pub async fn start_tls(name: &'static str, pki: &Pki) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(pki.cert())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(pki.key()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Self::serve(name, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(name: &'static str, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let tls_failures = Arc::new(Mutex::new(Vec::new()));
+        let failures = tls_failures.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                let tls = tls.clone();
+                let failures = failures.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| backend_answer(name, request));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(stream) => {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .with_upgrades()
+                                    .await;
+                            }
+                            Err(error) => failures.lock().unwrap().push(error.to_string()),
+                        },
+                    }
                 });
             }
         });
-        Self { name, addr, task }
+        Self {
+            name,
+            addr,
+            tls_failures,
+            task,
+        }
+    }
+}
+
+/// A WebSocket backend (tokio-tungstenite): echoes text and binary messages, answers pings and
+/// completes close handshakes; its handshake response names it (`x-backend`).
+pub struct WsBackend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WsBackend {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(ws_echo(name, tcp));
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+/// Names the WebSocket backend in its handshake response.
+struct Tag(&'static str);
+
+impl Callback for Tag {
+    fn on_request(
+        self,
+        _: &WsRequest,
+        mut response: WsResponse,
+    ) -> Result<WsResponse, ErrorResponse> {
+        response
+            .headers_mut()
+            .insert("x-backend", self.0.parse().unwrap());
+        Ok(response)
+    }
+}
+
+async fn ws_echo(name: &'static str, tcp: TcpStream) {
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, Tag(name)).await else {
+        return;
+    };
+    // Ends when the client's close has been answered (tungstenite replies by itself) or the
+    // connection breaks.
+    while let Some(Ok(message)) = ws.next().await {
+        let sent = match message {
+            Message::Text(_) | Message::Binary(_) => ws.send(message).await,
+            // tungstenite has queued the pong; flushing sends it now.
+            Message::Ping(_) => ws.flush().await,
+            Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
+        };
+        if sent.is_err() {
+            return;
+        }
     }
 }
 
@@ -311,6 +427,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(routes: &str, configure: impl FnOnce(&mut ServeOptions)) -> Self {
+        Self::start_with(routes, "", configure).await
+    }
+
+    /// A proxy whose configuration file also holds `extra` (YAML lines, such as an `http:`
+    /// section).
+    pub async fn start_with(
+        routes: &str,
+        extra: &str,
+        configure: impl FnOnce(&mut ServeOptions),
+    ) -> Self {
         let pki = Pki::new();
         let dir = tempfile::tempdir().unwrap();
         let table = dir.path().join("routes.json");
@@ -322,13 +448,15 @@ impl Proxy {
              tls:\n  certificates: [{{cert: '{}', key: '{}'}}]\n\
              routeTable: {{file: '{}'}}\n\
              healthListen: '127.0.0.1:{}'\n\
-             shutdownGraceSeconds: 1\n",
+             shutdownGraceSeconds: 1\n\
+             {}",
             free_port(),
             free_port(),
             pki.cert().display(),
             pki.key().display(),
             table.display(),
             free_port(),
+            extra,
         );
         let config = ProxyConfig::parse(&yaml, Path::new("test.yaml")).unwrap();
         let mut options = ServeOptions::default();

@@ -36,6 +36,7 @@ pub fn route_settings(spec: &ProxyPoolSpec) -> RouteSettings {
         starttls: spec.starttls,
         login_limits: spec.login_limits.clone(),
         timeouts: spec.timeouts.clone(),
+        web_upstream_tls: spec.web_upstream_tls,
     }
 }
 
@@ -129,10 +130,24 @@ mod tests {
         assert_eq!(table.settings.starttls, StartTlsMode::Off);
         assert_eq!(table.settings.login_limits.ip_limit, 100);
         assert_eq!(table.settings.timeouts.idle_seconds, 600);
+        assert!(!table.settings.web_upstream_tls);
         assert_eq!(
             table.gamcs(),
             "main-memcached-0.main-memcached.mail.svc:11211"
         );
+    }
+
+    #[test]
+    fn web_upstream_tls_travels_to_the_table_with_the_https_ports() {
+        let spec = spec(json!({"webUpstreamTls": true}));
+        let pool = pool(&spec);
+        let servers = [server(
+            "mbs",
+            json!({"host": "10.0.0.9", "ports": {"http": 8080, "https": 9443}}),
+        )];
+        let table = route_table(&pool, &servers);
+        assert!(table.settings.web_upstream_tls);
+        assert_eq!(table.web_backends, vec!["10.0.0.9:9443".to_string()]);
     }
 
     #[test]

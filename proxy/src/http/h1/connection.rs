@@ -20,6 +20,7 @@ use super::head::{
     self, ClientSide, Forwarding, RequestHead, ResponseHead, parse_request, parse_response,
 };
 use crate::http::proxy::{ConnectionInfo, Failure, HttpProxy, Routed};
+use crate::http::upstream::ConnectError;
 use crate::route::Upstream;
 use crate::session::relay::relay;
 use crate::session::signalled;
@@ -52,6 +53,8 @@ struct Client {
 /// A client connection's own backend connection.
 struct Backend {
     upstream: Upstream,
+    /// Over TLS.
+    tls: bool,
     io: Stream,
     buffer: ReadBuffer,
     /// Served an earlier request (the backend may have closed it since).
@@ -235,8 +238,15 @@ impl Exchange<'_> {
             routed.balanced() && is_idempotent(&head.method) && head.framing == Framing::Empty;
         let mut tried = Vec::new();
         let mut backend = loop {
-            match take_or_connect(proxy, kept, &upstream).await {
+            match take_or_connect(proxy, kept, &upstream, routed.tls).await {
                 Ok(backend) => break backend,
+                Err(error) if !error.unreachable() => {
+                    client.buffer.consume(head.length);
+                    let failure = Failure::Broken(error.to_string());
+                    return self
+                        .fail(client, &routed, Some(&upstream), failure, out)
+                        .await;
+                }
                 Err(error) => {
                     match proxy.next_backend(
                         &routed,
@@ -256,7 +266,7 @@ impl Exchange<'_> {
                                     client,
                                     &routed,
                                     Some(&upstream),
-                                    Failure::Refused(error),
+                                    Failure::Refused(error.to_string()),
                                     out,
                                 )
                                 .await;
@@ -448,17 +458,20 @@ async fn take_or_connect(
     proxy: &HttpProxy,
     kept: &mut Option<Backend>,
     upstream: &Upstream,
-) -> Result<Backend, String> {
+    tls: bool,
+) -> Result<Backend, ConnectError> {
     if let Some(mut backend) = kept.take()
         && backend.upstream == *upstream
+        && backend.tls == tls
         && is_open(&mut backend.io)
     {
         backend.reused = true;
         return Ok(backend);
     }
-    let io = proxy.connect(upstream).await?;
+    let io = proxy.connect(upstream, tls).await?;
     Ok(Backend {
         upstream: upstream.clone(),
+        tls,
         io,
         buffer: ReadBuffer::new(BACKEND_BUFFER),
         reused: false,
@@ -511,9 +524,9 @@ async fn send_without_body(
             Ok(head) => return Ok((head, true)),
             Err(Failure::Broken(_)) if backend.reused && backend.buffer.is_empty() => {
                 let io = proxy
-                    .connect(&backend.upstream)
+                    .connect(&backend.upstream, backend.tls)
                     .await
-                    .map_err(|error| Sent::Backend(Failure::Refused(error)))?;
+                    .map_err(|error| Sent::Backend(Failure::Broken(error.to_string())))?;
                 backend.io = io;
                 backend.reused = false;
             }
