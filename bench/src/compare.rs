@@ -11,6 +11,7 @@ use mailproxy_testkit::{Dovecot, free_port, wait_for_port};
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
+use crate::cpu;
 use crate::scenarios;
 
 const MAIL_MODULE: &str = "/usr/lib/nginx/modules/ngx_mail_module.so";
@@ -161,12 +162,18 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
     ];
     let direct = runtime.block_on(scenarios::logins(backend_port, args.clients, duration))?;
     let mut nginx_logins = None;
+    let mut nginx_cpu = None;
+    let mut cpu_rows = Vec::new();
     for proxy in login_proxies {
         let running = Running::start(proxy, &mailproxy, backend_port, &handler)?;
         eprintln!("logins: {} ...", proxy.label());
+        let cpu_pids = running.cpu_pids(&handler)?;
+        let cpu_before = cpu::cpu_seconds(&cpu_pids)?;
         let rate = runtime
             .block_on(scenarios::logins(running.port, args.clients, duration))
             .with_context(|| format!("logins through {}", proxy.label()))?;
+        let cpu_spent = cpu::cpu_seconds(&cpu_pids)? - cpu_before;
+        let per_login = cpu_spent / (rate * duration.as_secs_f64()) * 1e6;
         let baseline = nginx_logins;
         nginx_logins.get_or_insert(rate);
         rows.push(Row {
@@ -176,6 +183,16 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
             unit: "logins/s",
             baseline,
             lower_is_better: false,
+        });
+        let baseline = nginx_cpu;
+        nginx_cpu.get_or_insert(per_login);
+        cpu_rows.push(Row {
+            scenario: "CPU per login (proxy + route handler)",
+            label: proxy.label(),
+            value: per_login,
+            unit: "µs",
+            baseline,
+            lower_is_better: true,
         });
     }
 
@@ -187,6 +204,7 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
         baseline: nginx_logins,
         lower_is_better: false,
     });
+    rows.append(&mut cpu_rows);
 
     let mut nginx_idle = None;
     for proxy in [NGINX_1, MAILPROXY_1] {
@@ -368,6 +386,16 @@ impl Running {
         Ok(running)
     }
 
+    /// The processes that do the work of a login: the proxy and its route handler (stock
+    /// nginx answers its `auth_http` in its own worker; mailproxy asks `handler`).
+    fn cpu_pids(&self, handler: &Nginx) -> anyhow::Result<Vec<u32>> {
+        let mut pids = self.pids()?;
+        if self.mailproxy.is_some() {
+            pids.extend(handler.pids()?);
+        }
+        Ok(pids)
+    }
+
     /// The processes whose memory holds the sessions.
     fn pids(&self) -> anyhow::Result<Vec<u32>> {
         match (&self.nginx, &self.mailproxy) {
@@ -527,14 +555,8 @@ impl Nginx {
 
     /// The master and its workers.
     fn pids(&self) -> anyhow::Result<Vec<u32>> {
-        let output = Command::new("pgrep")
-            .args(["-P", &self.server.pid.to_string()])
-            .output()
-            .context("cannot run pgrep")?;
         let mut pids = vec![self.server.pid];
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            pids.push(line.trim().parse()?);
-        }
+        pids.extend(cpu::children(self.server.pid)?);
         if pids.len() < 2 {
             bail!("nginx has no worker processes");
         }

@@ -18,6 +18,7 @@ use mailproxy_testkit::{free_port, wait_for_port};
 use tempfile::TempDir;
 
 use crate::compare::{Server, spawn_mailproxy};
+use crate::cpu;
 
 const STARTUP: Duration = Duration::from_secs(15);
 
@@ -73,6 +74,8 @@ impl Target {
 struct Measured {
     requests_per_second: f64,
     p99_ms: f64,
+    /// CPU time the proxy's processes spent per request (no proxy: `None`).
+    cpu_per_request_us: Option<f64>,
 }
 
 pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
@@ -105,8 +108,13 @@ pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
             wrk(args, running.port, args.warmup)
                 .with_context(|| format!("warm-up through {label}"))?;
         }
-        let measured = wrk(args, running.port, args.duration)
+        let pids = running.pids()?;
+        let cpu_before = cpu::cpu_seconds(&pids)?;
+        let mut measured = wrk(args, running.port, args.duration)
             .with_context(|| format!("wrk through {label}"))?;
+        let cpu_spent = cpu::cpu_seconds(&pids)? - cpu_before;
+        let requests = measured.requests_per_second * args.duration as f64;
+        measured.cpu_per_request_us = (!pids.is_empty()).then(|| cpu_spent / requests * 1e6);
         rows.push((label, measured));
     }
     print_table(&rows);
@@ -116,22 +124,34 @@ pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
 fn print_table(rows: &[(String, Measured)]) {
     let baseline = rows.first().map(|(_, measured)| *measured);
     println!(
-        "| proxy | requests/s | p99 latency | requests/s vs nginx 1 worker | p99 vs nginx 1 worker |"
+        "| proxy | requests/s | p99 latency | proxy CPU per request | requests/s vs nginx 1 \
+         worker | p99 vs nginx 1 worker | CPU per request vs nginx 1 worker |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (index, (label, measured)) in rows.iter().enumerate() {
-        let (rps, p99) = match baseline {
+        let cpu = measured
+            .cpu_per_request_us
+            .map_or("-".to_string(), |us| format!("{us:.1} µs"));
+        let (rps, p99, cpu_ratio) = match baseline {
             Some(base) if index > 0 => (
                 format!(
                     "{:.2}x",
                     measured.requests_per_second / base.requests_per_second
                 ),
                 format!("{:.2}x", measured.p99_ms / base.p99_ms),
+                match (measured.cpu_per_request_us, base.cpu_per_request_us) {
+                    (Some(us), Some(base)) => format!("{:.2}x", us / base),
+                    _ => "-".to_string(),
+                },
             ),
-            _ => ("baseline".to_string(), "baseline".to_string()),
+            _ => (
+                "baseline".to_string(),
+                "baseline".to_string(),
+                "baseline".to_string(),
+            ),
         };
         println!(
-            "| {label} | {:.0} | {:.2} ms | {rps} | {p99} |",
+            "| {label} | {:.0} | {:.2} ms | {cpu} | {rps} | {p99} | {cpu_ratio} |",
             measured.requests_per_second, measured.p99_ms
         );
     }
@@ -184,6 +204,7 @@ fn parse_wrk(text: &str) -> anyhow::Result<Measured> {
     Ok(Measured {
         requests_per_second,
         p99_ms: milliseconds(p99.trim())?,
+        cpu_per_request_us: None,
     })
 }
 
@@ -227,24 +248,37 @@ fn check(port: u16, body_size: usize) -> anyhow::Result<()> {
 /// A target started for one measurement, stopped when dropped.
 struct Running {
     port: u16,
-    _nginx: Option<Nginx>,
-    _mailproxy: Option<(Server, TempDir)>,
+    nginx: Option<Nginx>,
+    mailproxy: Option<(Server, TempDir)>,
 }
 
 impl Running {
+    /// The proxy's processes (none without a proxy).
+    fn pids(&self) -> anyhow::Result<Vec<u32>> {
+        match (&self.nginx, &self.mailproxy) {
+            (Some(nginx), _) => {
+                let mut pids = vec![nginx.server.pid];
+                pids.extend(cpu::children(nginx.server.pid)?);
+                Ok(pids)
+            }
+            (None, Some((server, _))) => Ok(vec![server.pid]),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
     fn start(target: Target, mailproxy: &Path, backend_port: u16) -> anyhow::Result<Self> {
         let running = match target {
             Target::Direct => Running {
                 port: backend_port,
-                _nginx: None,
-                _mailproxy: None,
+                nginx: None,
+                mailproxy: None,
             },
             Target::Nginx { workers } => {
                 let nginx = Nginx::reverse_proxy(workers, backend_port)?;
                 Running {
                     port: nginx.port,
-                    _nginx: Some(nginx),
-                    _mailproxy: None,
+                    nginx: Some(nginx),
+                    mailproxy: None,
                 }
             }
             Target::Mailproxy { threads } => {
@@ -252,8 +286,8 @@ impl Running {
                 let server = start_mailproxy(mailproxy, threads, port, backend_port)?;
                 Running {
                     port,
-                    _nginx: None,
-                    _mailproxy: Some(server),
+                    nginx: None,
+                    mailproxy: Some(server),
                 }
             }
         };
@@ -274,7 +308,7 @@ fn start_mailproxy(
 
 /// An nginx master process with its configuration in a temporary directory.
 struct Nginx {
-    _server: Server,
+    server: Server,
     port: u16,
     _dir: TempDir,
 }
@@ -338,7 +372,7 @@ impl Nginx {
             format!("nginx did not start: {errors}")
         })?;
         Ok(Self {
-            _server: server,
+            server,
             port,
             _dir: dir,
         })

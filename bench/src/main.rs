@@ -6,6 +6,7 @@
 mod backend;
 mod client;
 mod compare;
+mod cpu;
 mod http;
 mod scenarios;
 

@@ -6,7 +6,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use mailproxy::http::h1::framing::{ChunkedDecoder, Framing};
-use mailproxy::http::h1::head::{Forwarding, parse_request, write_upstream_request};
+use mailproxy::http::h1::head::{
+    ClientAddress, Forwarding, parse_request, write_upstream_request,
+};
 
 /// Where the body ends when `data` arrives in pieces of `piece` bytes.
 fn body_end(data: &[u8], piece: usize) -> Option<usize> {
@@ -34,11 +36,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(head)) = parse_request(data, 8192) {
         assert!(head.length <= data.len());
         let mut out = Vec::new();
+        let client = ClientAddress::new("192.0.2.1".parse().unwrap());
         let forwarding = Forwarding {
-            client: "192.0.2.1".parse().unwrap(),
+            client: &client,
             tls: piece & 1 == 1,
             host: None,
-            upstream: "10.0.0.1:8080",
+            upstream: &"10.0.0.1:8080",
         };
         write_upstream_request(data, &head, &forwarding, &mut out);
         let again = parse_request(&out, usize::MAX)

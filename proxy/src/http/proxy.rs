@@ -688,6 +688,7 @@ pub async fn serve_listener(
         tokio::spawn(async move {
             let _permit = permit;
             tokio::select! {
+                biased;
                 () = connection(proxy, tcp, peer, tls, stop) => {}
                 () = signalled(&mut closing) => {}
             }

@@ -2,6 +2,7 @@
 //! backend over the client connection's own backend connection, which is kept between requests
 //! while the backend stays the same. Everything runs in the client connection's task.
 
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -17,7 +18,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 use super::buffer::ReadBuffer;
 use super::framing::{ChunkedDecoder, ChunkedError, Framing};
 use super::head::{
-    self, ClientSide, Forwarding, RequestHead, ResponseHead, parse_request, parse_response,
+    self, ClientAddress, ClientSide, Forwarding, RequestHead, ResponseHead, parse_request,
+    parse_response,
 };
 use crate::http::proxy::{ConnectionInfo, Failure, HttpProxy, Routed};
 use crate::http::upstream::ConnectError;
@@ -75,13 +77,17 @@ pub(crate) async fn serve(
     };
     let mut backend = None;
     let mut out = Vec::with_capacity(1024);
+    let address = ClientAddress::new(conn.peer.ip());
     let mut first = true;
+    let mut stop_watch = stop.clone();
+    let stopping = signalled(&mut stop_watch);
+    tokio::pin!(stopping);
     loop {
         let head = match read_request_head(
             proxy,
             conn.peer.ip(),
             &mut client,
-            stop,
+            stopping.as_mut(),
             first,
             &mut out,
         )
@@ -97,6 +103,7 @@ pub(crate) async fn serve(
         let exchange = Exchange {
             proxy,
             conn,
+            address: &address,
             started: Instant::now(),
             head,
         };
@@ -120,7 +127,7 @@ async fn read_request_head(
     proxy: &HttpProxy,
     peer: IpAddr,
     client: &mut Client,
-    stop: &mut watch::Receiver<bool>,
+    mut stopping: Pin<&mut impl Future<Output = ()>>,
     first: bool,
     out: &mut Vec<u8>,
 ) -> Option<Result<RequestHead, ()>> {
@@ -159,7 +166,7 @@ async fn read_request_head(
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
                 Ok(Ok(_)) => {}
             },
-            () = signalled(stop), if idle => return None,
+            () = stopping.as_mut(), if idle => return None,
         }
     }
 }
@@ -168,6 +175,7 @@ async fn read_request_head(
 struct Exchange<'a> {
     proxy: &'a HttpProxy,
     conn: ConnectionInfo,
+    address: &'a ClientAddress,
     started: Instant,
     head: RequestHead,
 }
@@ -220,15 +228,10 @@ impl Exchange<'_> {
         let head = &self.head;
         let buffer = client.buffer.filled();
         let host = virtual_host(buffer, head);
-        let routed = proxy
-            .route(
-                &head.uri,
-                &routing_headers(buffer, head),
-                self.conn,
-                host.as_deref(),
-            )
+        let mut routed = proxy
+            .route(&head.uri, &routing_headers(buffer, head), self.conn, host)
             .await;
-        let Some(mut upstream) = routed.upstream.clone() else {
+        let Some(mut upstream) = routed.upstream.take() else {
             client.buffer.consume(head.length);
             return self
                 .fail(client, &routed, None, Failure::NoBackend, out)
@@ -277,12 +280,11 @@ impl Exchange<'_> {
         };
 
         out.clear();
-        let upstream_name = upstream.to_string();
         let forwarding = Forwarding {
-            client: self.conn.peer.ip(),
+            client: self.address,
             tls: self.conn.tls,
-            host: host.as_deref(),
-            upstream: &upstream_name,
+            host,
+            upstream: &upstream,
         };
         head::write_upstream_request(client.buffer.filled(), head, &forwarding, out);
         client.buffer.consume(head.length);
@@ -703,7 +705,18 @@ async fn write_all<W: AsyncWrite + Unpin>(
     if bytes.is_empty() {
         return Ok(());
     }
-    match timeout(idle, destination.write_all(bytes)).await {
+    // A write nearly always fits in the socket's buffer at once: the idle timer is armed only
+    // for what does not.
+    let first = poll_fn(|cx| Poll::Ready(Pin::new(&mut *destination).poll_write(cx, bytes))).await;
+    let written = match first {
+        Poll::Ready(Ok(written)) => written,
+        Poll::Ready(Err(error)) => return Err(RelayError::Destination(error)),
+        Poll::Pending => 0,
+    };
+    if written == bytes.len() {
+        return Ok(());
+    }
+    match timeout(idle, destination.write_all(&bytes[written..])).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(RelayError::Destination(error)),
         Err(_) => Err(RelayError::Idle),
@@ -747,11 +760,10 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The Host of a request: the header, else the target's authority.
-fn virtual_host(buffer: &[u8], head: &RequestHead) -> Option<String> {
+fn virtual_host<'a>(buffer: &'a [u8], head: &'a RequestHead) -> Option<&'a str> {
     head::header_value(buffer, &head.headers, "host")
         .and_then(|value| std::str::from_utf8(value).ok())
-        .map(str::to_string)
-        .or_else(|| head.uri.authority().map(|a| a.as_str().to_string()))
+        .or_else(|| head.uri.authority().map(|a| a.as_str()))
         .filter(|host| !host.is_empty() && host.len() <= 255)
 }
 

@@ -216,14 +216,36 @@ fn head_length(
 }
 
 /// What the backend is told about the client.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Forwarding<'a> {
-    pub client: IpAddr,
+    /// The client's address as `X-Forwarded-For` lists it ([`ClientAddress`]).
+    pub client: &'a ClientAddress,
     pub tls: bool,
     /// The client's `Host` (or the target's authority), for `Forwarded: host=`.
     pub host: Option<&'a str>,
     /// The `Host` to send when the client sent none: the backend's address.
-    pub upstream: &'a str,
+    pub upstream: &'a (dyn std::fmt::Display + Sync),
+}
+
+/// A client's address, written out once per connection for every request's forwarding
+/// headers.
+#[derive(Clone, Debug)]
+pub struct ClientAddress {
+    /// For `X-Forwarded-For`: `192.0.2.7`, `2001:db8::1`.
+    list: String,
+    /// For `Forwarded: for=`: `192.0.2.7`, `"[2001:db8::1]"` (RFC 7239 §6).
+    node: String,
+}
+
+impl ClientAddress {
+    pub fn new(ip: IpAddr) -> Self {
+        let list = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => list.clone(),
+            IpAddr::V6(_) => format!("\"[{list}]\""),
+        };
+        Self { list, node }
+    }
 }
 
 /// Writes the head of the request sent to the backend: HTTP/1.1, origin-form target, the
@@ -248,11 +270,12 @@ pub fn write_upstream_request(
         (Some(_), None) => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let named = fields.connection_tokens();
     let mut has_host = false;
     for header in &head.headers {
         let name = &buffer[header.name.clone()];
         if is_hop_by_hop(name)
-            || fields.connection_names(name)
+            || is_named(&named, name)
             || name.eq_ignore_ascii_case(b"expect")
             || is_forwarding(name)
         {
@@ -271,20 +294,22 @@ pub fn write_upstream_request(
         write_header(out, b"upgrade", &buffer[upgrade.clone()]);
     }
     if !has_host {
-        let host = forwarding.host.unwrap_or(forwarding.upstream);
-        write_header(out, b"host", host.as_bytes());
+        match forwarding.host {
+            Some(host) => write_header(out, b"host", host.as_bytes()),
+            None => {
+                let upstream = forwarding.upstream.to_string();
+                write_header(out, b"host", upstream.as_bytes());
+            }
+        }
     }
     let proto: &[u8] = if forwarding.tls { b"https" } else { b"http" };
     write_list_header(out, &fields, b"x-forwarded-for", |out| {
-        out.extend_from_slice(forwarding.client.to_string().as_bytes());
+        out.extend_from_slice(forwarding.client.list.as_bytes());
     });
     write_header(out, b"x-forwarded-proto", proto);
     write_list_header(out, &fields, b"forwarded", |out| {
         out.extend_from_slice(b"for=");
-        match forwarding.client {
-            IpAddr::V4(ip) => out.extend_from_slice(ip.to_string().as_bytes()),
-            IpAddr::V6(ip) => out.extend_from_slice(format!("\"[{ip}]\"").as_bytes()),
-        }
+        out.extend_from_slice(forwarding.client.node.as_bytes());
         out.extend_from_slice(b";proto=");
         out.extend_from_slice(proto);
         if let Some(host) = forwarding
@@ -323,11 +348,17 @@ pub fn write_client_response(
         headers: &head.headers,
     };
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(head.status.to_string().as_bytes());
+    let status = head.status;
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
     out.push(b' ');
     out.extend_from_slice(&buffer[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     let switching = head.status == 101;
+    let named = fields.connection_tokens();
     for header in &head.headers {
         let name = &buffer[header.name.clone()];
         let keep = if name.eq_ignore_ascii_case(b"upgrade") {
@@ -337,7 +368,7 @@ pub fn write_client_response(
         } else if name.eq_ignore_ascii_case(b"content-length") {
             head.framing != Framing::Chunked
         } else {
-            !is_hop_by_hop(name) && !fields.connection_names(name)
+            !is_hop_by_hop(name) && !is_named(&named, name)
         };
         if keep {
             write_header(out, name, &buffer[header.value.clone()]);
@@ -388,6 +419,10 @@ const HOP_BY_HOP: [&[u8]; 9] = [
 
 fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+fn is_named(named: &[&[u8]], name: &[u8]) -> bool {
+    named.iter().any(|token| token.eq_ignore_ascii_case(name))
 }
 
 fn is_forwarding(name: &[u8]) -> bool {
@@ -472,10 +507,9 @@ impl<'a> Fields<'a> {
             .any(|found| found.eq_ignore_ascii_case(token.as_bytes()))
     }
 
-    /// Whether `Connection` names this header (making it hop-by-hop).
-    fn connection_names(&self, name: &[u8]) -> bool {
-        self.tokens("connection")
-            .any(|found| found.eq_ignore_ascii_case(name))
+    /// The headers `Connection` names (making them hop-by-hop), and its options.
+    fn connection_tokens(&self) -> Vec<&'a [u8]> {
+        self.tokens("connection").collect()
     }
 
     fn keeps_alive(&self, minor: u8) -> bool {
@@ -529,11 +563,12 @@ mod tests {
     fn forwarded(text: &str, tls: bool) -> String {
         let head = request(text).unwrap().unwrap();
         let mut out = Vec::new();
+        let client = ClientAddress::new("192.0.2.7".parse().unwrap());
         let forwarding = Forwarding {
-            client: "192.0.2.7".parse().unwrap(),
+            client: &client,
             tls,
             host: Some("mail.example.com"),
-            upstream: "10.0.0.1:8080",
+            upstream: &"10.0.0.1:8080",
         };
         write_upstream_request(text.as_bytes(), &head, &forwarding, &mut out);
         String::from_utf8(out).unwrap()
@@ -669,6 +704,26 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("forwarded: for=192.0.2.7;proto=http;host=\"mail.example.com\"\r\n"));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_quoted_in_forwarded_and_the_backend_is_the_last_resort_host() {
+        let text = "GET / HTTP/1.1\r\n\r\n";
+        let head = request(text).unwrap().unwrap();
+        let client = ClientAddress::new("2001:db8::1".parse().unwrap());
+        let forwarding = Forwarding {
+            client: &client,
+            tls: false,
+            host: None,
+            upstream: &"10.0.0.1:8080",
+        };
+        let mut out = Vec::new();
+        write_upstream_request(text.as_bytes(), &head, &forwarding, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-forwarded-for: 2001:db8::1\r\n\
+             x-forwarded-proto: http\r\nforwarded: for=\"[2001:db8::1]\";proto=http\r\n\r\n"
+        );
     }
 
     fn response(text: &str, to_head: bool) -> ResponseHead {
