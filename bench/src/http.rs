@@ -46,6 +46,10 @@ pub struct HttpArgs {
     /// Only the one-core rows (nginx 1 worker, mailproxy 1 thread) and the no-proxy row.
     #[arg(long)]
     pub one_core: bool,
+    /// Rounds of measurements, each running every target once in turn; the table shows each
+    /// target's median. On a shared 2-core machine single runs vary by ±20 %.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// What wrk talks to.
@@ -96,29 +100,88 @@ pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
     }
     targets.push(Target::Direct);
 
-    let mut rows = Vec::new();
-    for target in targets {
-        let label = target.label();
-        let running = Running::start(target, &mailproxy, backend.port)
-            .with_context(|| format!("cannot start {label}"))?;
-        check(running.port, args.body_size)
-            .with_context(|| format!("{label} does not relay the backend's answer"))?;
-        eprintln!("http: {label} ...");
-        if args.warmup > 0 {
-            wrk(args, running.port, args.warmup)
-                .with_context(|| format!("warm-up through {label}"))?;
+    let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); targets.len()];
+    for round in 1..=args.rounds {
+        for (target, runs) in targets.iter().zip(&mut runs) {
+            let label = target.label();
+            eprintln!("http: round {round}/{}: {label} ...", args.rounds);
+            runs.push(measure(args, *target, &mailproxy, backend.port)?);
         }
-        let pids = running.pids()?;
-        let cpu_before = cpu::cpu_seconds(&pids)?;
-        let mut measured = wrk(args, running.port, args.duration)
-            .with_context(|| format!("wrk through {label}"))?;
-        let cpu_spent = cpu::cpu_seconds(&pids)? - cpu_before;
-        let requests = measured.requests_per_second * args.duration as f64;
-        measured.cpu_per_request_us = (!pids.is_empty()).then(|| cpu_spent / requests * 1e6);
-        rows.push((label, measured));
     }
+    let rows: Vec<(String, Measured)> = targets
+        .iter()
+        .zip(&runs)
+        .map(|(target, runs)| (target.label(), median(runs)))
+        .collect();
     print_table(&rows);
+    if args.rounds > 1 {
+        print_rounds(&targets, &runs);
+    }
     Ok(())
+}
+
+/// Starts `target`, warms it up, and runs wrk through it, counting its processes' CPU time.
+fn measure(
+    args: &HttpArgs,
+    target: Target,
+    mailproxy: &Path,
+    backend_port: u16,
+) -> anyhow::Result<Measured> {
+    let label = target.label();
+    let running = Running::start(target, mailproxy, backend_port)
+        .with_context(|| format!("cannot start {label}"))?;
+    check(running.port, args.body_size)
+        .with_context(|| format!("{label} does not relay the backend's answer"))?;
+    if args.warmup > 0 {
+        wrk(args, running.port, args.warmup).with_context(|| format!("warm-up through {label}"))?;
+    }
+    let pids = running.pids()?;
+    let cpu_before = cpu::cpu_seconds(&pids)?;
+    let mut measured =
+        wrk(args, running.port, args.duration).with_context(|| format!("wrk through {label}"))?;
+    let cpu_spent = cpu::cpu_seconds(&pids)? - cpu_before;
+    let requests = measured.requests_per_second * args.duration as f64;
+    measured.cpu_per_request_us = (!pids.is_empty()).then(|| cpu_spent / requests * 1e6);
+    Ok(measured)
+}
+
+/// Each figure's median over the rounds (taken separately: the median requests/s and the
+/// median p99 may come from different rounds).
+fn median(runs: &[Measured]) -> Measured {
+    let middle = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Measured {
+        requests_per_second: middle(runs.iter().map(|run| run.requests_per_second).collect()),
+        p99_ms: middle(runs.iter().map(|run| run.p99_ms).collect()),
+        cpu_per_request_us: runs
+            .iter()
+            .map(|run| run.cpu_per_request_us)
+            .collect::<Option<Vec<f64>>>()
+            .map(middle),
+    }
+}
+
+/// Every round's figures, for the spread behind the medians.
+fn print_rounds(targets: &[Target], runs: &[Vec<Measured>]) {
+    println!();
+    println!("| proxy | round | requests/s | p99 latency | proxy CPU per request |");
+    println!("|---|---:|---:|---:|---:|");
+    for (target, runs) in targets.iter().zip(runs) {
+        for (round, run) in runs.iter().enumerate() {
+            let cpu = run
+                .cpu_per_request_us
+                .map_or("-".to_string(), |us| format!("{us:.1} µs"));
+            println!(
+                "| {} | {} | {:.0} | {:.2} ms | {cpu} |",
+                target.label(),
+                round + 1,
+                run.requests_per_second,
+                run.p99_ms
+            );
+        }
+    }
 }
 
 fn print_table(rows: &[(String, Measured)]) {
@@ -403,6 +466,28 @@ Transfer/sec:     33.68MB
         let measured = parse_wrk(OUTPUT).unwrap();
         assert_eq!(measured.requests_per_second, 27770.35);
         assert!((measured.p99_ms - 0.8125).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_median_is_taken_figure_by_figure() {
+        let run = |rps, p99, cpu| Measured {
+            requests_per_second: rps,
+            p99_ms: p99,
+            cpu_per_request_us: cpu,
+        };
+        let runs = [
+            run(100.0, 9.0, Some(3.0)),
+            run(300.0, 1.0, Some(1.0)),
+            run(200.0, 5.0, Some(2.0)),
+        ];
+        let median = median(&runs);
+        assert_eq!(median.requests_per_second, 200.0);
+        assert_eq!(median.p99_ms, 5.0);
+        assert_eq!(median.cpu_per_request_us, Some(2.0));
+        assert_eq!(
+            super::median(&[run(1.0, 1.0, None)]).cpu_per_request_us,
+            None
+        );
     }
 
     #[test]
