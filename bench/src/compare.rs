@@ -469,7 +469,7 @@ pub(crate) fn spawn_mailproxy(
         .arg("serve")
         .arg("--config")
         .arg(&config)
-        .env("TOKIO_WORKER_THREADS", threads.to_string())
+        .env("MAILPROXY_THREADS", threads.to_string())
         .env("RUST_LOG", "warn");
     let server = Server::spawn("mailproxy", &mut command, Some(&dir.path().join("out.log")))?;
     Ok((server, dir))

@@ -24,6 +24,11 @@ pub struct Cli {
         env = "MAILPROXY_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Runtime threads; default: one per CPU the process may use (its cgroup quota included).
+    /// With one, every connection runs on a single-threaded runtime: no work stealing, tasks run
+    /// in the order they woke, which keeps tail latency low on one core.
+    #[arg(long, global = true, env = "MAILPROXY_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }
