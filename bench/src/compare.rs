@@ -44,6 +44,10 @@ pub struct CompareArgs {
     /// Idle logged-in sessions held open for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     pub sessions: usize,
+    /// Rounds of every measurement; the table shows each row's median. On a shared 2-core
+    /// machine single runs vary by ±15 %.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// A proxy under test.
@@ -103,6 +107,7 @@ const MAILPROXY_1: Proxy = Proxy::Mailproxy {
 };
 
 /// One measured row.
+#[derive(Clone, Debug)]
 struct Row {
     scenario: &'static str,
     label: String,
@@ -115,11 +120,47 @@ struct Row {
 }
 
 pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
-    let duration = Duration::from_secs(args.duration);
     let mailproxy = args
         .mailproxy
         .canonicalize()
         .with_context(|| format!("{} is missing: build it first", args.mailproxy.display()))?;
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        eprintln!("round {round}/{}", args.rounds);
+        rounds.push(one_round(args, runtime, &mailproxy)?);
+    }
+    print_table(&medians(&rounds));
+    Ok(())
+}
+
+/// Each row's median value over the rounds (which list the same rows in the same order), the
+/// ratios taken between medians.
+fn medians(rounds: &[Vec<Row>]) -> Vec<Row> {
+    let mut rows: Vec<Row> = rounds[0].clone();
+    for (index, row) in rows.iter_mut().enumerate() {
+        let mut values: Vec<f64> = rounds.iter().map(|round| round[index].value).collect();
+        values.sort_by(f64::total_cmp);
+        row.value = values[values.len() / 2];
+    }
+    let baselines: Vec<(&'static str, f64)> = rows
+        .iter()
+        .filter(|row| row.baseline.is_none())
+        .map(|row| (row.scenario, row.value))
+        .collect();
+    for row in &mut rows {
+        if row.baseline.is_some() {
+            row.baseline = baselines
+                .iter()
+                .find(|(scenario, _)| *scenario == row.scenario)
+                .map(|(_, value)| *value);
+        }
+    }
+    rows
+}
+
+/// Every scenario through every proxy once.
+fn one_round(args: &CompareArgs, runtime: &Runtime, mailproxy: &Path) -> anyhow::Result<Vec<Row>> {
+    let duration = Duration::from_secs(args.duration);
     let mut rows = Vec::new();
 
     // Logins and idle sessions: the lightweight backend, nginx's http block as route handler.
@@ -165,7 +206,7 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
     let mut nginx_cpu = None;
     let mut cpu_rows = Vec::new();
     for proxy in login_proxies {
-        let running = Running::start(proxy, &mailproxy, backend_port, &handler)?;
+        let running = Running::start(proxy, mailproxy, backend_port, &handler)?;
         eprintln!("logins: {} ...", proxy.label());
         let cpu_pids = running.cpu_pids(&handler)?;
         let cpu_before = cpu::cpu_seconds(&cpu_pids)?;
@@ -208,7 +249,7 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
 
     let mut nginx_idle = None;
     for proxy in [NGINX_1, MAILPROXY_1] {
-        let running = Running::start(proxy, &mailproxy, backend_port, &handler)?;
+        let running = Running::start(proxy, mailproxy, backend_port, &handler)?;
         eprintln!("idle sessions: {} ...", proxy.label());
         let pids = running.pids()?;
         let per_session = runtime
@@ -231,7 +272,7 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
         "bulk FETCH, in-memory backend",
         args,
         runtime,
-        &mailproxy,
+        mailproxy,
         backend_port,
         &handler,
         &mut rows,
@@ -255,13 +296,12 @@ pub fn run(args: &CompareArgs, runtime: &Runtime) -> anyhow::Result<()> {
         "bulk FETCH, Dovecot",
         args,
         runtime,
-        &mailproxy,
+        mailproxy,
         dovecot.imap_port(),
         &handler,
         &mut rows,
     )?;
-    print_table(&rows);
-    Ok(())
+    Ok(rows)
 }
 
 const FETCH_USER: &str = "bench@example.com";
@@ -603,5 +643,44 @@ impl Drop for Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(label: &str, value: f64, baseline: Option<f64>) -> Row {
+        Row {
+            scenario: "logins/s",
+            label: label.to_string(),
+            value,
+            unit: "logins/s",
+            baseline,
+            lower_is_better: false,
+        }
+    }
+
+    #[test]
+    fn medians_are_taken_row_by_row_and_ratios_between_medians() {
+        let rounds = vec![
+            vec![
+                row("nginx", 100.0, None),
+                row("mailproxy", 150.0, Some(100.0)),
+            ],
+            vec![
+                row("nginx", 120.0, None),
+                row("mailproxy", 130.0, Some(120.0)),
+            ],
+            vec![
+                row("nginx", 80.0, None),
+                row("mailproxy", 170.0, Some(80.0)),
+            ],
+        ];
+        let rows = medians(&rounds);
+        assert_eq!(rows[0].value, 100.0);
+        assert_eq!(rows[0].baseline, None);
+        assert_eq!(rows[1].value, 150.0);
+        assert_eq!(rows[1].baseline, Some(100.0));
     }
 }

@@ -26,6 +26,13 @@ const TCP_CHUNK: usize = 16 * 1024;
 /// freed as soon as the burst is over, so only sessions moving data hold one.
 const TCP_CHUNK_MAX: usize = 1024 * 1024;
 
+/// The kernel send buffer of both sides of a relay (the kernel doubles it). A burst is written
+/// while the next one is read only if it fits in the destination's send buffer; the kernel grows
+/// that buffer on its own (`tcp_wmem`), but from 16 KiB and in steps, so a bulk transfer (a
+/// FETCH of large messages) would run at a fraction of its speed meanwhile. What this costs an
+/// idle session is nothing: the kernel holds only the bytes queued.
+const RELAY_SEND_BUFFER: usize = 2 * 1024 * 1024;
+
 /// Buffer a TLS side keeps for the session.
 const TLS_CHUNK: usize = 4 * 1024;
 
@@ -121,6 +128,9 @@ pub(crate) async fn relay(
     idle: Duration,
     traffic: &Traffic,
 ) -> RelayEnd {
+    for stream in [&client, &upstream] {
+        let _ = socket2::SockRef::from(stream.tcp()).set_send_buffer_size(RELAY_SEND_BUFFER);
+    }
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     traffic.touch();
@@ -190,25 +200,29 @@ async fn pump(
     traffic: &Traffic,
 ) -> io::Result<()> {
     match from {
-        ReadHalf::Tcp(source) => loop {
-            source.readable().await?;
-            let mut buffer = Vec::with_capacity(TCP_CHUNK);
+        ReadHalf::Tcp(source) => {
+            // The size of the next burst's buffer: a bulk transfer drains the socket now and
+            // then (the proxy reads faster than the sender writes), and should not start over
+            // from small reads each time it does.
+            let mut chunk = TCP_CHUNK;
             loop {
-                match source.try_read_buf(&mut buffer) {
-                    Ok(0) => return finish(to).await,
-                    Ok(_) => {
-                        send(to, &buffer, counter, traffic).await?;
-                        let filled = buffer.len() == buffer.capacity();
-                        buffer.clear();
-                        if filled && buffer.capacity() < TCP_CHUNK_MAX {
-                            buffer.reserve_exact((buffer.capacity() * 4).min(TCP_CHUNK_MAX));
+                source.readable().await?;
+                let mut buffer = Vec::with_capacity(chunk);
+                loop {
+                    match source.try_read_buf(&mut buffer) {
+                        Ok(0) => return finish(to).await,
+                        Ok(read) => {
+                            send(to, &buffer, counter, traffic).await?;
+                            chunk = next_chunk(chunk, read);
+                            buffer.clear();
+                            buffer.reserve_exact(chunk);
                         }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(error) => return Err(error),
                     }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(error) => return Err(error),
                 }
             }
-        },
+        }
         ReadHalf::Tls(source) => {
             let mut buffer = vec![0; TLS_CHUNK];
             loop {
@@ -219,6 +233,18 @@ async fn pump(
                 send(to, &buffer[..read], counter, traffic).await?;
             }
         }
+    }
+}
+
+/// The next read's buffer size after a read of `read` bytes into `chunk`: four times larger
+/// when it filled the buffer, four times smaller when it used less than a quarter of it.
+fn next_chunk(chunk: usize, read: usize) -> usize {
+    if read == chunk {
+        (chunk * 4).min(TCP_CHUNK_MAX)
+    } else if read < chunk / 4 {
+        (chunk / 4).max(TCP_CHUNK)
+    } else {
+        chunk
     }
 }
 
@@ -240,4 +266,18 @@ async fn send(
 async fn finish(to: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
     let _ = to.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_grow_while_reads_fill_the_buffer_and_shrink_when_they_do_not() {
+        assert_eq!(next_chunk(TCP_CHUNK, TCP_CHUNK), 4 * TCP_CHUNK);
+        assert_eq!(next_chunk(TCP_CHUNK_MAX, TCP_CHUNK_MAX), TCP_CHUNK_MAX);
+        assert_eq!(next_chunk(4 * TCP_CHUNK, 3 * TCP_CHUNK), 4 * TCP_CHUNK);
+        assert_eq!(next_chunk(TCP_CHUNK_MAX, 100), TCP_CHUNK_MAX / 4);
+        assert_eq!(next_chunk(TCP_CHUNK, 1), TCP_CHUNK);
+    }
 }

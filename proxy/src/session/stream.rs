@@ -18,6 +18,14 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// The TCP connection under it.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+
     /// Whether the bytes on the wire are encrypted.
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
