@@ -93,6 +93,12 @@ pub struct HttpConfig {
     /// system's, when the route table sets `webUpstreamTls`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// Plain `http` listeners answer every request with a permanent redirect to the same URL
+    /// over https (Zimbra's `zimbraReverseProxyMailMode: redirect`).
+    pub redirect_to_https: bool,
+    /// The port the redirects name (443 when unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_https_port: Option<u16>,
 }
 
 impl Default for HttpConfig {
@@ -107,6 +113,8 @@ impl Default for HttpConfig {
             body_idle_timeout_seconds: 300,
             tunnel_idle_timeout_seconds: 3600,
             upstream_ca_file: None,
+            redirect_to_https: false,
+            redirect_https_port: None,
         }
     }
 }
@@ -323,6 +331,13 @@ impl ProxyConfig {
                     .into(),
             ));
         }
+        if http.redirect_https_port == Some(0) {
+            return Err(invalid(
+                "http.redirectHttpsPort is 0: give the port clients reach https on, or leave it \
+                 out for 443"
+                    .into(),
+            ));
+        }
         if http.max_header_bytes < 1024 {
             return Err(invalid(format!(
                 "http.maxHeaderBytes is {}: no browser request head fits; give it at least 1024 \
@@ -413,6 +428,17 @@ mod tests {
             idle.contains("http.tunnelIdleTimeoutSeconds is 0"),
             "{idle}"
         );
+        let redirect = parse(&format!(
+            "{base}http: {{redirectToHttps: true, redirectHttpsPort: 8443}}\n"
+        ))
+        .unwrap();
+        assert!(redirect.http.redirect_to_https);
+        assert_eq!(redirect.http.redirect_https_port, Some(8443));
+        assert_eq!(parse(&redirect.to_yaml()).unwrap(), redirect);
+        let port = parse(&format!("{base}http: {{redirectHttpsPort: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(port.contains("http.redirectHttpsPort is 0"), "{port}");
         let tiny = parse(&format!("{base}http: {{maxHeaderBytes: 100}}\n"))
             .unwrap_err()
             .to_string();

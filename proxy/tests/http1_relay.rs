@@ -1,7 +1,8 @@
 //! HTTP/1.x as a relay must handle it, byte for byte on real sockets: pipelined requests,
 //! `Expect: 100-continue`, `HEAD`, chunked uploads with trailers, an HTTP/1.0 client getting a
-//! chunked response, and a request that frames its body two ways (request smuggling). One real
-//! hyper backend behind `mailproxy serve` (in-process).
+//! chunked response, a request that frames its body two ways (request smuggling), and the
+//! redirect of plain http to https. One real hyper backend behind `mailproxy serve`
+//! (in-process).
 
 mod http_support;
 
@@ -152,4 +153,51 @@ async fn a_body_framed_two_ways_is_refused_and_the_connection_closed() {
         );
         assert!(!all.contains("smuggled"), "{all}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_redirected_to_https_when_configured_and_https_is_served() {
+    let backend = Backend::start("A").await;
+    let routes = table(&[], &[backend.addr], None, &[]);
+    let proxy = Proxy::start(&routes, |options| {
+        options.http.redirect_to_https = Some(8443);
+    })
+    .await;
+    let mut tcp = connect_from(client(1), proxy.http).await;
+    tcp.write_all(b"GET /zimbra/?app=mail HTTP/1.1\r\nHost: mail.example.com:80\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_until(&mut tcp, "\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 301"), "{first}");
+    assert!(
+        first.contains("location: https://mail.example.com:8443/zimbra/?app=mail\r\n"),
+        "{first}"
+    );
+    // The connection stays open for the next request; a request without a usable Host gets 400.
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_all(&mut tcp).await;
+    assert!(second.starts_with("HTTP/1.1 400"), "{second}");
+
+    let https = format!("https://localhost:{}/home/alice/x", proxy.https.port());
+    let resolve = format!("localhost:{}:127.0.0.1", proxy.https.port());
+    let ca = proxy.pki.ca();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "-i", "--http1.1", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &resolve, &https])
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 200"),
+        "{answer} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(answer.contains("x-backend: a"), "{answer}");
 }

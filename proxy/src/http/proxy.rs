@@ -51,6 +51,7 @@ use tokio_rustls::{TlsAcceptor, TlsStream};
 
 use super::h1;
 use super::h1::connection::Ended;
+use super::h1::head::https_location;
 use super::h1::rewind::Rewind;
 use super::routing::{self, WebRoute};
 use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
@@ -83,6 +84,8 @@ pub struct HttpSettings {
     pub body_idle_timeout: Duration,
     /// The longest an upgraded connection may carry nothing either way.
     pub tunnel_idle_timeout: Duration,
+    /// Plain `http` requests are redirected to https on this port.
+    pub redirect_to_https: Option<u16>,
 }
 
 impl From<&HttpConfig> for HttpSettings {
@@ -98,6 +101,9 @@ impl From<&HttpConfig> for HttpSettings {
             backend_down: Duration::from_secs(config.backend_down_seconds),
             body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds),
             tunnel_idle_timeout: Duration::from_secs(config.tunnel_idle_timeout_seconds),
+            redirect_to_https: config
+                .redirect_to_https
+                .then(|| config.redirect_https_port.unwrap_or(443)),
         }
     }
 }
@@ -363,6 +369,20 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let host = virtual_host(&request);
+        if let Some(port) = self.settings.redirect_to_https.filter(|_| !conn.tls) {
+            let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            return match https_location(host.as_deref(), target, port) {
+                Some(location) => {
+                    let mut response = Response::new(empty());
+                    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                    if let Ok(location) = HeaderValue::from_str(&location) {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    response
+                }
+                None => text_response(StatusCode::BAD_REQUEST, "no usable Host to redirect to\n"),
+            };
+        }
         let routed = self
             .route(request.uri(), request.headers(), conn, host.as_deref())
             .await;

@@ -100,6 +100,12 @@ pub(crate) async fn serve(
             None => return Ended::Closed,
         };
         first = false;
+        if let Some(port) = proxy.settings().redirect_to_https.filter(|_| !conn.tls) {
+            if !redirect(proxy, &mut client, &head, port, &mut out).await {
+                return Ended::Closed;
+            }
+            continue;
+        }
         let exchange = Exchange {
             proxy,
             conn,
@@ -119,6 +125,37 @@ pub(crate) async fn serve(
             }
         }
     }
+}
+
+/// Answers a plain-http request with a redirect to https; `true` when the connection goes on.
+async fn redirect(
+    proxy: &HttpProxy,
+    client: &mut Client,
+    head: &RequestHead,
+    port: u16,
+    out: &mut Vec<u8>,
+) -> bool {
+    let buffer = client.buffer.filled();
+    let target = match head.uri.authority() {
+        Some(_) => head.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        None => std::str::from_utf8(&buffer[head.target.clone()]).unwrap_or("/"),
+    };
+    let location = head::https_location(virtual_host(buffer, head), target, port);
+    let keep = head.keep_alive && head.framing == Framing::Empty && location.is_some();
+    out.clear();
+    match location {
+        Some(location) => head::write_redirect(&location, !keep, out),
+        None => head::write_answer(
+            400,
+            "Bad Request",
+            "no usable Host to redirect to\n",
+            true,
+            out,
+        ),
+    }
+    client.buffer.consume(head.length);
+    let written = write_all(&mut client.io, out, proxy.settings().body_idle_timeout).await;
+    keep && written.is_ok()
 }
 
 /// The next request head: `None` when the connection should close (the client left, was too

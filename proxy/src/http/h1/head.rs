@@ -12,15 +12,23 @@ use http::{Method, Uri};
 
 use super::framing::Framing;
 
-/// Most header lines in one head (hyper's default too).
+/// Most header lines in a head the proxy sends (hyper's default limit too, so a backend or
+/// client on hyper takes every head the proxy writes).
 pub const MAX_HEADERS: usize = 100;
+
+/// Most header lines taken from a client: the proxy adds up to six to a request (`Host`, three
+/// forwarding headers, `Connection` and `Upgrade`).
+const MAX_REQUEST_HEADERS: usize = MAX_HEADERS - 6;
+
+/// Most header lines taken from a backend: the proxy adds `Connection` to a response.
+const MAX_RESPONSE_HEADERS: usize = MAX_HEADERS - 1;
 
 /// A head the proxy will not relay, with the answer it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
     #[error("the head is larger than the limit")]
     TooLarge,
-    #[error("the head has more than {MAX_HEADERS} header lines")]
+    #[error("the head has too many header lines")]
     TooManyHeaders,
     #[error("the head is malformed")]
     Malformed,
@@ -121,6 +129,9 @@ pub fn parse_request(buffer: &[u8], max_bytes: usize) -> Result<Option<RequestHe
     }
     let uri = Uri::try_from(target).map_err(|_| HeadError::Malformed)?;
     let target = range_of(buffer, target.as_bytes());
+    if request.headers.len() > MAX_REQUEST_HEADERS {
+        return Err(HeadError::TooManyHeaders);
+    }
     let headers = spans(buffer, request.headers);
     let fields = Fields {
         buffer,
@@ -170,19 +181,21 @@ pub fn parse_response(
         return Err(HeadError::Malformed);
     };
     let reason = range_of(buffer, response.reason.unwrap_or("").as_bytes());
+    if response.headers.len() > MAX_RESPONSE_HEADERS {
+        return Err(HeadError::TooManyHeaders);
+    }
     let headers = spans(buffer, response.headers);
     let fields = Fields {
         buffer,
         headers: &headers,
     };
+    // Checked even where no body follows: the client gets the header as it is.
+    let content_length = fields.content_length()?;
     let no_body = to_head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::Empty
     } else {
-        match (
-            fields.chunked_last("transfer-encoding"),
-            fields.content_length()?,
-        ) {
+        match (fields.chunked_last("transfer-encoding"), content_length) {
             (Some(true), _) => Framing::Chunked,
             (Some(false), _) => Framing::UntilClose,
             (None, Some(length)) => Framing::Length(length),
@@ -395,6 +408,32 @@ pub fn write_answer(status: u16, reason: &str, text: &str, close: bool, out: &mu
         )
         .as_bytes(),
     );
+}
+
+/// Where a plain-http request is redirected: `https://<host>[:port]<target>`. `None` when the
+/// request names no usable host (a `Host` must be a bare authority: no path, no credentials).
+pub fn https_location(host: Option<&str>, target: &str, port: u16) -> Option<String> {
+    let authority: http::uri::Authority = host?.parse().ok()?;
+    if authority.as_str().contains('@') || !target.starts_with('/') {
+        return None;
+    }
+    let host = authority.host();
+    Some(if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    })
+}
+
+/// Writes a `301` to `location`.
+pub fn write_redirect(location: &str, close: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 301 Moved Permanently\r\nlocation: ");
+    out.extend_from_slice(location.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The value of a header of a parsed head (the first one of that name).
@@ -644,7 +683,24 @@ mod tests {
             request(&big[..LIMIT + 10]).unwrap_err(),
             HeadError::TooLarge
         );
-        let many: String = (0..=MAX_HEADERS).map(|n| format!("X-{n}: a\r\n")).collect();
+        let lines = |count| {
+            (0..count)
+                .map(|n| format!("X-{n}: a\r\n"))
+                .collect::<String>()
+        };
+        let most = lines(MAX_REQUEST_HEADERS);
+        assert!(request(&format!("GET / HTTP/1.1\r\n{most}\r\n")).is_ok());
+        let response_lines = lines(MAX_RESPONSE_HEADERS + 1);
+        assert_eq!(
+            parse_response(
+                format!("HTTP/1.1 200 OK\r\n{response_lines}\r\n").as_bytes(),
+                LIMIT,
+                false
+            )
+            .unwrap_err(),
+            HeadError::TooManyHeaders
+        );
+        let many = lines(MAX_REQUEST_HEADERS + 1);
         assert_eq!(
             request(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
             HeadError::TooManyHeaders
@@ -758,15 +814,15 @@ mod tests {
         assert!(response("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n", false).keep_alive);
         assert!(response("HTTP/1.1 100 Continue\r\n\r\n", false).is_interim());
         assert!(!response("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).is_interim());
-        assert_eq!(
-            parse_response(
-                b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-                LIMIT,
-                false
-            )
-            .unwrap_err(),
-            HeadError::Framing
-        );
+        for to_head in [false, true] {
+            let head = b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n";
+            let error = parse_response(head, LIMIT, to_head).unwrap_err();
+            assert_eq!(
+                error,
+                HeadError::Framing,
+                "a HEAD's response too: {to_head}"
+            );
+        }
     }
 
     #[test]
@@ -805,6 +861,34 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn redirects_name_the_host_without_its_port_and_keep_the_target() {
+        assert_eq!(
+            https_location(Some("mail.example.com:80"), "/zimbra/?a=1", 443).as_deref(),
+            Some("https://mail.example.com/zimbra/?a=1")
+        );
+        assert_eq!(
+            https_location(Some("[2001:db8::1]"), "/", 8443).as_deref(),
+            Some("https://[2001:db8::1]:8443/")
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("a b"),
+            Some("user@evil.example"),
+            Some("h/x"),
+        ] {
+            assert_eq!(https_location(bad, "/", 443), None, "{bad:?}");
+        }
+        assert_eq!(https_location(Some("h"), "*", 443), None);
+        let mut out = Vec::new();
+        write_redirect("https://h/", false, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 301 Moved Permanently\r\nlocation: https://h/\r\ncontent-length: 0\r\n\r\n"
         );
     }
 
