@@ -595,8 +595,7 @@ impl Nginx {
 
     /// The master and its workers.
     fn pids(&self) -> anyhow::Result<Vec<u32>> {
-        let mut pids = vec![self.server.pid];
-        pids.extend(cpu::children(self.server.pid)?);
+        let pids = cpu::process_tree(self.server.pid)?;
         if pids.len() < 2 {
             bail!("nginx has no worker processes");
         }

@@ -41,15 +41,18 @@ fn clock_ticks() -> anyhow::Result<f64> {
         .context("getconf CLK_TCK did not print a number")
 }
 
-/// The children of `pid` (nginx's workers under its master).
-pub fn children(pid: u32) -> anyhow::Result<Vec<u32>> {
+/// `pid` and its children (nginx's master and its workers).
+pub fn process_tree(pid: u32) -> anyhow::Result<Vec<u32>> {
     let output = Command::new("pgrep")
         .args(["-P", &pid.to_string()])
         .output()
         .context("cannot run pgrep")?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| line.trim().parse().context("pgrep printed a non-number"))
+    std::iter::once(Ok(pid))
+        .chain(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(|line| line.trim().parse().context("pgrep printed a non-number")),
+        )
         .collect()
 }
 

@@ -319,11 +319,7 @@ impl Running {
     /// The proxy's processes (none without a proxy).
     fn pids(&self) -> anyhow::Result<Vec<u32>> {
         match (&self.nginx, &self.mailproxy) {
-            (Some(nginx), _) => {
-                let mut pids = vec![nginx.server.pid];
-                pids.extend(cpu::children(nginx.server.pid)?);
-                Ok(pids)
-            }
+            (Some(nginx), _) => cpu::process_tree(nginx.server.pid),
             (None, Some((server, _))) => Ok(vec![server.pid]),
             (None, None) => Ok(Vec::new()),
         }

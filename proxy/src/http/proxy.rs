@@ -51,7 +51,7 @@ use tokio_rustls::{TlsAcceptor, TlsStream};
 
 use super::h1;
 use super::h1::connection::Ended;
-use super::h1::head::https_location;
+use super::h1::head::{ClientAddress, https_location, is_hop_by_hop, proto};
 use super::h1::rewind::Rewind;
 use super::routing::{self, WebRoute};
 use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
@@ -827,7 +827,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn is_idempotent(method: &Method) -> bool {
+/// Whether a request may be sent again to another backend (RFC 9110 §9.2.2).
+pub(super) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -842,20 +843,13 @@ fn virtual_host<B>(request: &Request<B>) -> Option<String> {
         .and_then(|value| value.to_str().ok())
         .map(str::to_string)
         .or_else(|| request.uri().authority().map(|a| a.as_str().to_string()))
-        .filter(|host| !host.is_empty() && host.len() <= 255)
+        .filter(|host| is_usable_host(host))
 }
 
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// A Host worth passing to routing and lookups: present, and no longer than a DNS name.
+pub(super) fn is_usable_host(host: &str) -> bool {
+    !host.is_empty() && host.len() <= 255
+}
 
 /// Removes the hop-by-hop headers, those `Connection` names included.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -865,8 +859,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .chain(
+            headers
+                .keys()
+                .filter(|name| is_hop_by_hop(name.as_str().as_bytes()))
+                .cloned(),
+        )
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
 }
@@ -879,33 +879,27 @@ fn forwarding_headers(headers: &mut HeaderMap, conn: ConnectionInfo, host: Optio
     {
         headers.insert(header::HOST, host);
     }
-    let client = conn.peer.ip();
-    let proto = if conn.tls { "https" } else { "http" };
+    let client = ClientAddress::new(conn.peer.ip());
     let forwarded_for = match headers
         .get("x-forwarded-for")
         .and_then(|value| value.to_str().ok())
     {
-        Some(previous) => format!("{previous}, {client}"),
-        None => client.to_string(),
+        Some(previous) => format!("{previous}, {}", client.listed()),
+        None => client.listed().to_string(),
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(proto(conn.tls)),
+    );
+    let mut forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(previous) => [previous.as_bytes(), b", "].concat(),
+        None => Vec::new(),
     };
-    let mut element = format!("for={node};proto={proto}");
-    if let Some(host) = host.filter(|host| host.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
-    {
-        element.push_str(&format!(";host=\"{host}\""));
-    }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {element}"),
-        None => element,
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+    client.write_forwarded_element(conn.tls, host, &mut forwarded);
+    if let Ok(value) = HeaderValue::from_bytes(&forwarded) {
         headers.insert(header::FORWARDED, value);
     }
 }

@@ -21,7 +21,9 @@ use super::head::{
     self, ClientAddress, ClientSide, Forwarding, RequestHead, ResponseHead, parse_request,
     parse_response,
 };
-use crate::http::proxy::{ConnectionInfo, Failure, HttpProxy, Routed};
+use crate::http::proxy::{
+    ConnectionInfo, Failure, HttpProxy, Routed, is_idempotent, is_usable_host,
+};
 use crate::http::upstream::ConnectError;
 use crate::route::Upstream;
 use crate::session::relay::relay;
@@ -269,9 +271,8 @@ impl Exchange<'_> {
             .route(&head.uri, &routing_headers(buffer, head), self.conn, host)
             .await;
         let Some(mut upstream) = routed.upstream.take() else {
-            client.buffer.consume(head.length);
             return self
-                .fail(client, &routed, None, Failure::NoBackend, out)
+                .fail_unsent(client, &routed, None, Failure::NoBackend, out)
                 .await;
         };
         let retryable =
@@ -281,10 +282,9 @@ impl Exchange<'_> {
             match take_or_connect(proxy, kept, &upstream, routed.tls).await {
                 Ok(backend) => break backend,
                 Err(error) if !error.unreachable() => {
-                    client.buffer.consume(head.length);
                     let failure = Failure::Broken(error.to_string());
                     return self
-                        .fail(client, &routed, Some(&upstream), failure, out)
+                        .fail_unsent(client, &routed, Some(&upstream), failure, out)
                         .await;
                 }
                 Err(error) => {
@@ -300,9 +300,8 @@ impl Exchange<'_> {
                             upstream = next;
                         }
                         None => {
-                            client.buffer.consume(head.length);
                             return self
-                                .fail(
+                                .fail_unsent(
                                     client,
                                     &routed,
                                     Some(&upstream),
@@ -380,7 +379,7 @@ impl Exchange<'_> {
                 &mut backend.io,
                 &mut backend.buffer,
                 to_head,
-                settings.upstream_response_timeout,
+                Some(settings.upstream_response_timeout),
             )
             .await
             {
@@ -453,7 +452,20 @@ impl Exchange<'_> {
         }
     }
 
-    /// Answers a request the proxy could not relay; `true` when the connection goes on.
+    /// Answers a request that never left the proxy: its head is still in the client's buffer.
+    async fn fail_unsent(
+        &self,
+        client: &mut Client,
+        routed: &Routed,
+        upstream: Option<&Upstream>,
+        failure: Failure,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        client.buffer.consume(self.head.length);
+        self.fail(client, routed, upstream, failure, out).await
+    }
+
+    /// Answers a request the proxy could not relay.
     async fn fail(
         &self,
         client: &mut Client,
@@ -553,7 +565,7 @@ async fn send_without_body(
                     &mut backend.io,
                     &mut backend.buffer,
                     to_head,
-                    settings.upstream_response_timeout,
+                    Some(settings.upstream_response_timeout),
                 )
                 .await
             }
@@ -596,7 +608,7 @@ async fn send_with_body(
         false,
         settings.body_idle_timeout,
     );
-    let response = read_response_head(&mut reader, buffer, to_head, Duration::MAX);
+    let response = read_response_head(&mut reader, buffer, to_head, None);
     tokio::pin!(send, response);
     let answer_by = tokio::time::sleep(Duration::from_secs(86400 * 365));
     tokio::pin!(answer_by);
@@ -628,14 +640,15 @@ async fn send_with_body(
     }
 }
 
-/// Reads a backend's response head into `buffer` (left unconsumed), within `wait`.
+/// Reads a backend's response head into `buffer` (left unconsumed), within `wait` (`None`: the
+/// caller bounds the wait).
 async fn read_response_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buffer: &mut ReadBuffer,
     to_head: bool,
-    wait: Duration,
+    wait: Option<Duration>,
 ) -> Result<ResponseHead, Failure> {
-    let deadline = Instant::now().checked_add(wait);
+    let deadline = wait.map(|wait| Instant::now() + wait);
     loop {
         if !buffer.is_empty() {
             match parse_response(buffer.filled(), MAX_RESPONSE_HEAD, to_head) {
@@ -789,19 +802,12 @@ async fn upgraded(proxy: &HttpProxy, client: Client, backend: Backend, mut to_cl
     );
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// The Host of a request: the header, else the target's authority.
 fn virtual_host<'a>(buffer: &'a [u8], head: &'a RequestHead) -> Option<&'a str> {
     head::header_value(buffer, &head.headers, "host")
         .and_then(|value| std::str::from_utf8(value).ok())
         .or_else(|| head.uri.authority().map(|a| a.as_str()))
-        .filter(|host| !host.is_empty() && host.len() <= 255)
+        .filter(|host| is_usable_host(host))
 }
 
 /// The headers routing reads (credentials), in the form [`crate::http::routing::detect`] takes.

@@ -259,6 +259,32 @@ impl ClientAddress {
         };
         Self { list, node }
     }
+
+    /// As `X-Forwarded-For` lists it.
+    pub fn listed(&self) -> &str {
+        &self.list
+    }
+
+    /// Writes its `Forwarded` element: `for=<node>;proto=<http|https>[;host="<host>"]` (a host
+    /// that cannot be quoted is left out).
+    pub fn write_forwarded_element(&self, tls: bool, host: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"for=");
+        out.extend_from_slice(self.node.as_bytes());
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(proto(tls).as_bytes());
+        if let Some(host) =
+            host.filter(|host| host.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
+        {
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host.as_bytes());
+            out.push(b'"');
+        }
+    }
+}
+
+/// The `X-Forwarded-Proto` of a client connection.
+pub fn proto(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
 }
 
 /// Writes the head of the request sent to the backend: HTTP/1.1, origin-form target, the
@@ -315,24 +341,14 @@ pub fn write_upstream_request(
             }
         }
     }
-    let proto: &[u8] = if forwarding.tls { b"https" } else { b"http" };
     write_list_header(out, &fields, b"x-forwarded-for", |out| {
         out.extend_from_slice(forwarding.client.list.as_bytes());
     });
-    write_header(out, b"x-forwarded-proto", proto);
+    write_header(out, b"x-forwarded-proto", proto(forwarding.tls).as_bytes());
     write_list_header(out, &fields, b"forwarded", |out| {
-        out.extend_from_slice(b"for=");
-        out.extend_from_slice(forwarding.client.node.as_bytes());
-        out.extend_from_slice(b";proto=");
-        out.extend_from_slice(proto);
-        if let Some(host) = forwarding
-            .host
-            .filter(|host| host.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
-        {
-            out.extend_from_slice(b";host=\"");
-            out.extend_from_slice(host.as_bytes());
-            out.push(b'"');
-        }
+        forwarding
+            .client
+            .write_forwarded_element(forwarding.tls, forwarding.host, out);
     });
     out.extend_from_slice(b"\r\n");
 }
@@ -456,7 +472,8 @@ const HOP_BY_HOP: [&[u8]; 9] = [
     b"upgrade",
 ];
 
-fn is_hop_by_hop(name: &[u8]) -> bool {
+/// Whether a header belongs to one connection only (RFC 9110 §7.6.1), `Upgrade` included.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop))
 }
 
