@@ -11,7 +11,12 @@ K8S_VERSION="${K8S_VERSION:-1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.5}"
 out="${MAILPROXY_K8S_BIN:-$HOME/.cache/mailproxy/k8s-v$K8S_VERSION}"
 
-if [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/etcd" ]; then
+# The version the API server reports (/version, which helm checks against a chart's kubeVersion)
+# is stamped at link time, as Kubernetes' own build does; binaries built before the stamp was
+# added report v0.0.0 and are rebuilt (a relink when Go's build cache is warm).
+stamp="k8s v$K8S_VERSION, etcd v$ETCD_VERSION, version stamped"
+if [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/etcd" ] &&
+  [ "$(cat "$out/BUILD" 2>/dev/null)" = "$stamp" ]; then
   echo "$out"
   exit 0
 fi
@@ -48,13 +53,18 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 )
 GO
+version_flags=""
+for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  version_flags+=" -X $package.gitVersion=v$K8S_VERSION -X $package.gitMajor=1 -X $package.gitMinor=$minor"
+  version_flags+=" -X $package.gitTreeState=clean"
+done
 (
   cd "$work/k8s"
   echo "resolving k8s.io/kubernetes v$K8S_VERSION modules..." >&2
   GOFLAGS=-mod=mod go mod tidy -e >&2
   for binary in kube-apiserver kube-controller-manager; do
     echo "building $binary v$K8S_VERSION (several minutes the first time)..." >&2
-    CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/$binary" "k8s.io/kubernetes/cmd/$binary" >&2
+    CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w $version_flags" -o "$out/$binary" "k8s.io/kubernetes/cmd/$binary" >&2
   done
 )
 (
@@ -71,4 +81,5 @@ GO
   GOFLAGS=-mod=mod go mod tidy -e >&2
   CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3 >&2
 )
+echo "$stamp" > "$out/BUILD"
 echo "$out"

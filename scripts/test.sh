@@ -19,6 +19,11 @@ step "Kubernetes control-plane binaries"
 MAILPROXY_K8S_BIN="$(scripts/control-plane-binaries.sh)"
 export MAILPROXY_K8S_BIN
 
+# helm for the chart's tests (lint, template, install into that control plane), also cached.
+step "helm"
+MAILPROXY_HELM="$(scripts/helm-binary.sh)"
+export MAILPROXY_HELM
+
 if cargo fmt --version >/dev/null 2>&1; then
   step "cargo fmt --check"
   cargo fmt --all -- --check

@@ -167,6 +167,20 @@ impl ControlPlane {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<Client> {
+        let path = self
+            .service_account_kubeconfig(namespace, service_account)
+            .await?;
+        client_from_kubeconfig(&path).await
+    }
+
+    /// A kubeconfig file that authenticates as a ServiceAccount with a token from the
+    /// TokenRequest API, for a process that runs as that ServiceAccount (an operator or proxy
+    /// binary under the permissions its pod would have).
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<PathBuf> {
         let admin = self.client().await?;
         let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
         let request = TokenRequest {
@@ -194,7 +208,7 @@ impl ControlPlane {
             &path,
             kubeconfig_yaml(&self.url(), &self.ca_pem, User::Token(&token)),
         )?;
-        client_from_kubeconfig(&path).await
+        Ok(path)
     }
 
     /// Stops kube-apiserver (etcd keeps the data); [`ControlPlane::restart_apiserver`] brings it

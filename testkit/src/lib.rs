@@ -8,6 +8,7 @@ mod control_plane;
 mod dovecot;
 mod memcached;
 mod nginx;
+mod poll;
 mod process;
 pub mod wire;
 
@@ -15,4 +16,5 @@ pub use control_plane::{ControlPlane, ControlPlaneOptions, KUBERNETES_VERSION};
 pub use dovecot::{Dovecot, DovecotOptions};
 pub use memcached::Memcached;
 pub use nginx::Nginx;
-pub use process::{free_port, wait_for_port};
+pub use poll::eventually;
+pub use process::{Guard, free_port, wait_for_port};

@@ -53,7 +53,7 @@ pub(crate) fn spawn(mut command: Command, package: &str, log: &Path) -> anyhow::
 
 /// A child process killed and reaped on drop.
 #[derive(Debug)]
-pub(crate) struct Guard(pub Option<Child>);
+pub struct Guard(pub Option<Child>);
 
 impl Guard {
     /// SIGTERM first, so that servers such as Dovecot stop their children too; SIGKILL if the

@@ -3,15 +3,15 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use mailproxy_operator::{Metrics, Operator, Settings};
+pub use mailproxy_testkit::eventually;
 use mailproxy_testkit::{ControlPlane, ControlPlaneOptions};
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, oneshot};
@@ -119,25 +119,6 @@ pub fn start_operator(client: Client, settings: Settings) -> RunningOperator {
         metrics,
         shutdown: Some(shutdown),
         task: Some(task),
-    }
-}
-
-/// Polls `check` every 50 ms until it returns `Ok`, or panics after `timeout` with the last
-/// observation.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not within {timeout:?}; last observation: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
     }
 }
 
