@@ -33,6 +33,7 @@ use crate::settings::{LoginLimits, StartTlsMode, Timeouts};
 )]
 #[x_kube(
     validation = Rule::new("self.starttls != 'only' || has(self.tls)").message("spec.starttls: only needs spec.tls.secretName (a TLS Secret for STARTTLS)"),
+    validation = Rule::new("!has(self.web) || !self.web.redirectToHttps || (has(self.tls) && self.listeners.https.enabled)").message("spec.web.redirectToHttps needs spec.tls and the https listener (spec.listeners.https.enabled): the redirects would lead nowhere"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyPoolSpec {
@@ -105,6 +106,82 @@ pub struct ProxyPoolSpec {
     /// PodDisruptionBudget for the proxy pods.
     #[serde(default)]
     pub disruption_budget: DisruptionBudgetSpec,
+
+    /// The web proxy on the http and https listeners.
+    #[serde(default)]
+    pub web: WebSpec,
+}
+
+/// The web proxy's behaviour and limits. These are settings of `mailproxy serve` (its
+/// `config.yaml`), not of the route table: changing them rolls the proxies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebSpec {
+    /// Answer every request on the http listener with a permanent redirect to the same URL on
+    /// the https listener (Zimbra's zimbraReverseProxyMailMode: redirect). Needs spec.tls and
+    /// the https listener.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// Largest request head in bytes: HTTP/1.1 clients get 431 past it.
+    #[serde(default = "web::max_header_bytes")]
+    #[x_kube(validation = Rule::new("self >= 1024 && self <= 1048576").message("spec.web.maxHeaderBytes must be between 1024 and 1048576"))]
+    pub max_header_bytes: i64,
+    /// Seconds a client has to send a whole request head (a slowloris guard).
+    #[serde(default = "web::header_read_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    pub header_read_timeout_seconds: i64,
+    /// Seconds from sending a request to the mailbox server's response head (504 past it).
+    /// Zimbra's web client long-polls for minutes, hence the generous default.
+    #[serde(default = "web::upstream_response_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    pub upstream_response_timeout_seconds: i64,
+    /// Seconds a request or response body may stall (no byte moved) before the exchange is
+    /// given up.
+    #[serde(default = "web::body_idle_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    pub body_idle_timeout_seconds: i64,
+    /// Seconds an upgraded connection (WebSocket) may carry nothing either way.
+    #[serde(default = "web::tunnel_idle_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    pub tunnel_idle_timeout_seconds: i64,
+}
+
+impl Default for WebSpec {
+    fn default() -> Self {
+        Self {
+            redirect_to_https: false,
+            max_header_bytes: web::max_header_bytes(),
+            header_read_timeout_seconds: web::header_read_timeout_seconds(),
+            upstream_response_timeout_seconds: web::upstream_response_timeout_seconds(),
+            body_idle_timeout_seconds: web::body_idle_timeout_seconds(),
+            tunnel_idle_timeout_seconds: web::tunnel_idle_timeout_seconds(),
+        }
+    }
+}
+
+/// The proxy's own defaults (`HttpConfig`), so that a pool without `spec.web` runs its proxies
+/// exactly as a standalone proxy without an `http` section.
+mod web {
+    use crate::proxy_config::HttpConfig;
+
+    fn signed(value: u64) -> i64 {
+        i64::try_from(value).unwrap_or(i64::MAX)
+    }
+    pub fn max_header_bytes() -> i64 {
+        signed(HttpConfig::default().max_header_bytes as u64)
+    }
+    pub fn header_read_timeout_seconds() -> i64 {
+        signed(HttpConfig::default().header_read_timeout_seconds)
+    }
+    pub fn upstream_response_timeout_seconds() -> i64 {
+        signed(HttpConfig::default().upstream_response_timeout_seconds)
+    }
+    pub fn body_idle_timeout_seconds() -> i64 {
+        signed(HttpConfig::default().body_idle_timeout_seconds)
+    }
+    pub fn tunnel_idle_timeout_seconds() -> i64 {
+        signed(HttpConfig::default().tunnel_idle_timeout_seconds)
+    }
 }
 
 /// Client-facing listeners (Zimbra proxy defaults).

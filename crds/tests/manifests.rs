@@ -280,6 +280,30 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
         json!({"mailboxSelector": selector, "loginLimits": {"ipLimit": -5}}),
         "must not be negative",
     );
+    reject(
+        json!({"mailboxSelector": selector, "web": {"redirectToHttps": true}}),
+        "spec.web.redirectToHttps needs spec.tls and the https listener",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "web": {"redirectToHttps": true},
+               "tls": {"secretName": "proxy-tls"}, "listeners": {"https": {"enabled": false}}}),
+        "spec.web.redirectToHttps needs spec.tls and the https listener",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "web": {"maxHeaderBytes": 100}}),
+        "spec.web.maxHeaderBytes must be between 1024 and 1048576",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "web": {"tunnelIdleTimeoutSeconds": 0}}),
+        "spec.web timeouts must be at least 1 second",
+    );
+    admit(
+        "proxypools",
+        "ProxyPool",
+        json!({"mailboxSelector": selector, "web": {"redirectToHttps": true},
+               "tls": {"secretName": "proxy-tls"}}),
+    )
+    .unwrap();
     // The same port is fine when one of the two listeners is disabled.
     admit(
         "proxypools",

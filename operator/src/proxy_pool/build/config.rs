@@ -92,7 +92,28 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
         )
         .unwrap_or(0),
         max_connections: 100_000,
-        http: HttpConfig::default(),
+        http: http_config(spec),
+    }
+}
+
+/// `spec.web` in the proxy's terms. The redirects name the https listener's port unless it is
+/// 443; the Service exposes the listeners on their own ports.
+fn http_config(spec: &ProxyPoolSpec) -> HttpConfig {
+    let web = &spec.web;
+    let seconds = |value: i64| u64::try_from(value).unwrap_or(1);
+    let https_port = spec.listeners.https.port;
+    HttpConfig {
+        max_header_bytes: usize::try_from(web.max_header_bytes)
+            .unwrap_or(HttpConfig::default().max_header_bytes),
+        header_read_timeout_seconds: seconds(web.header_read_timeout_seconds),
+        upstream_response_timeout_seconds: seconds(web.upstream_response_timeout_seconds),
+        body_idle_timeout_seconds: seconds(web.body_idle_timeout_seconds),
+        tunnel_idle_timeout_seconds: seconds(web.tunnel_idle_timeout_seconds),
+        redirect_to_https: web.redirect_to_https,
+        redirect_https_port: (https_port != 443)
+            .then(|| u16::try_from(https_port).ok())
+            .flatten(),
+        ..HttpConfig::default()
     }
 }
 
@@ -109,6 +130,33 @@ mod tests {
     use super::super::fixtures::{pool, spec};
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_pool_without_web_settings_runs_the_proxys_http_defaults() {
+        let spec = spec(json!({}));
+        assert_eq!(proxy_config(&pool(&spec)).http, HttpConfig::default());
+    }
+
+    #[test]
+    fn web_settings_reach_the_proxy_and_redirects_name_a_nonstandard_https_port() {
+        let on_8443 = spec(json!({
+            "tls": {"secretName": "mail-tls"},
+            "listeners": {"https": {"enabled": true, "port": 8443}},
+            "web": {"redirectToHttps": true, "maxHeaderBytes": 8192, "tunnelIdleTimeoutSeconds": 60},
+        }));
+        let http = proxy_config(&pool(&on_8443)).http;
+        assert!(http.redirect_to_https);
+        assert_eq!(http.redirect_https_port, Some(8443));
+        assert_eq!(http.max_header_bytes, 8192);
+        assert_eq!(http.tunnel_idle_timeout_seconds, 60);
+        assert_eq!(
+            http.body_idle_timeout_seconds,
+            HttpConfig::default().body_idle_timeout_seconds
+        );
+        let on_443 =
+            spec(json!({"tls": {"secretName": "mail-tls"}, "web": {"redirectToHttps": true}}));
+        assert_eq!(proxy_config(&pool(&on_443)).http.redirect_https_port, None);
+    }
 
     #[test]
     fn config_lists_enabled_listeners_and_references_the_route_table() {
