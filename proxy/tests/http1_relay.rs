@@ -200,4 +200,11 @@ async fn plain_http_is_redirected_to_https_when_configured_and_https_is_served()
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(answer.contains("x-backend: a"), "{answer}");
+    let metrics = get(client(1), proxy.health, "/metrics", &[]).await.body;
+    for counted in [
+        "mailproxy_http_requests_total{route=\"https_redirect\",status=\"3xx\"} 1",
+        "mailproxy_http_requests_total{route=\"https_redirect\",status=\"4xx\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
 }

@@ -148,8 +148,11 @@ struct Metrics {
     series: [RouteSeries; ROUTE_LABELS.len()],
 }
 
-/// The `route` labels of [`routing::WebRoute::label`].
-const ROUTE_LABELS: [&str; 8] = [
+/// The `route` label of requests answered with a redirect to https (`http.redirectToHttps`).
+pub(super) const HTTPS_REDIRECT: &str = "https_redirect";
+
+/// The `route` labels of [`routing::WebRoute::label`], and [`HTTPS_REDIRECT`].
+const ROUTE_LABELS: [&str; 9] = [
     "rest",
     "activesync",
     "ews",
@@ -158,6 +161,7 @@ const ROUTE_LABELS: [&str; 8] = [
     "admin_auth_token",
     "jwt",
     "balanced",
+    HTTPS_REDIRECT,
 ];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -349,6 +353,11 @@ impl HttpProxy {
         &self.settings
     }
 
+    /// Counts a request answered with a redirect to https (or 400 without a usable Host).
+    pub(super) fn redirected(&self, status: u16, elapsed: Duration) {
+        self.metrics.record(HTTPS_REDIRECT, status, elapsed);
+    }
+
     /// The byte counts of one upgraded connection.
     pub(super) fn tunnel_traffic(&self) -> Traffic {
         let direction = |direction| {
@@ -371,7 +380,7 @@ impl HttpProxy {
         let host = virtual_host(&request);
         if let Some(port) = self.settings.redirect_to_https.filter(|_| !conn.tls) {
             let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-            return match https_location(host.as_deref(), target, port) {
+            let response = match https_location(host.as_deref(), target, port) {
                 Some(location) => {
                     let mut response = Response::new(empty());
                     *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
@@ -382,6 +391,8 @@ impl HttpProxy {
                 }
                 None => text_response(StatusCode::BAD_REQUEST, "no usable Host to redirect to\n"),
             };
+            self.redirected(response.status().as_u16(), started.elapsed());
+            return response;
         }
         let routed = self
             .route(request.uri(), request.headers(), conn, host.as_deref())

@@ -137,6 +137,7 @@ async fn redirect(
     port: u16,
     out: &mut Vec<u8>,
 ) -> bool {
+    let started = Instant::now();
     let buffer = client.buffer.filled();
     let target = match head.uri.authority() {
         Some(_) => head.uri.path_and_query().map_or("/", |pq| pq.as_str()),
@@ -145,16 +146,23 @@ async fn redirect(
     let location = head::https_location(virtual_host(buffer, head), target, port);
     let keep = head.keep_alive && head.framing == Framing::Empty && location.is_some();
     out.clear();
-    match location {
-        Some(location) => head::write_redirect(&location, !keep, out),
-        None => head::write_answer(
-            400,
-            "Bad Request",
-            "no usable Host to redirect to\n",
-            true,
-            out,
-        ),
-    }
+    let status = match location {
+        Some(location) => {
+            head::write_redirect(&location, !keep, out);
+            301
+        }
+        None => {
+            head::write_answer(
+                400,
+                "Bad Request",
+                "no usable Host to redirect to\n",
+                true,
+                out,
+            );
+            400
+        }
+    };
+    proxy.redirected(status, started.elapsed());
     client.buffer.consume(head.length);
     let written = write_all(&mut client.io, out, proxy.settings().body_idle_timeout).await;
     keep && written.is_ok()
