@@ -555,7 +555,7 @@ async fn idle_keep_alive_connections_close_and_h2c_works() {
         hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
             .await
             .expect("h2c handshake");
-    tokio::spawn(connection);
+    let connection = tokio::spawn(connection);
     let request = Request::get("http://mail.example.com/dav/bob/")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -563,6 +563,23 @@ async fn idle_keep_alive_connections_close_and_h2c_works() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.backend(), "B");
     assert_eq!(answer.header("x-seen-x-forwarded-proto"), "http");
+    // A stream open longer than the idle time (1 s) keeps the connection: this one waits for
+    // the backend's head until the response timeout (2 s) answers it. Once nothing is open for
+    // the idle time, the proxy closes the connection.
+    let request = Request::get("http://mail.example.com/slow")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let asked = Instant::now();
+    let answer = read(sender.send_request(request).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(asked.elapsed() >= Duration::from_millis(1900));
+    let idle_since = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .unwrap()
+        .expect("closed with a GOAWAY, not an error");
+    assert!(idle_since.elapsed() >= Duration::from_millis(900));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,11 @@
 //! - [`proxy`]: the listeners, route resolution, metrics and access log, and HTTP/2 (hyper
 //!   server, pooled backend client).
 //! - [`h1`]: HTTP/1.x, relayed by the proxy itself.
+//! - [`h2_idle`]: when an HTTP/2 connection has been idle long enough to close.
 //! - [`upstream`]: connections to the backends, plain or TLS (`webUpstreamTls`).
 
 pub mod h1;
+mod h2_idle;
 pub mod proxy;
 pub mod routing;
 pub mod token;

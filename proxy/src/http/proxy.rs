@@ -53,6 +53,7 @@ use super::h1;
 use super::h1::connection::Ended;
 use super::h1::head::{ClientAddress, https_location, is_hop_by_hop, proto};
 use super::h1::rewind::Rewind;
+use super::h2_idle::StreamActivity;
 use super::routing::{self, WebRoute};
 use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
 use crate::route::resolver::Resolver;
@@ -780,15 +781,29 @@ async fn serve_http2<I>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(proxy.settings.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(60));
+    let idle = proxy.settings.header_read_timeout;
+    let activity = StreamActivity::new();
+    let streams = activity.clone();
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+        let stream = streams.stream_started();
+        async move {
+            let response = proxy.handle(request, conn).await;
+            Ok::<_, Infallible>(stream.until_sent(response))
+        }
     });
     let served = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(served);
+    let closing = async {
+        tokio::select! {
+            () = signalled(&mut stop) => {}
+            () = activity.idle_for(idle) => {}
+        }
+    };
+    // A GOAWAY: streams already open finish, no new one starts.
     let result = tokio::select! {
         result = served.as_mut() => result,
-        () = signalled(&mut stop) => {
+        () = closing => {
             served.as_mut().graceful_shutdown();
             served.as_mut().await
         }

@@ -1,0 +1,107 @@
+//! When an HTTP/2 connection is idle: no stream open for the keep-alive idle time
+//! (`http.headerReadTimeoutSeconds`, as for a kept HTTP/1 connection). hyper's server pings a
+//! silent peer but never closes a live, idle connection, so without this every client that
+//! once spoke HTTP/2 would hold a connection (and a connection slot) forever. A stream counts as
+//! open from its request head until hyper drops its response body, so long-polls and slow
+//! downloads keep their connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::Response;
+use tokio::time::Instant;
+
+use super::proxy::ProxyBody;
+
+/// The open streams of one connection, and when the last one ended.
+#[derive(Clone)]
+pub(super) struct StreamActivity(Arc<Activity>);
+
+struct Activity {
+    open: AtomicUsize,
+    origin: Instant,
+    /// Milliseconds from `origin` to the end of the last stream.
+    last_end: AtomicU64,
+}
+
+/// An open stream; it ends when this is dropped.
+pub(super) struct OpenStream(Arc<Activity>);
+
+impl StreamActivity {
+    pub(super) fn new() -> Self {
+        Self(Arc::new(Activity {
+            open: AtomicUsize::new(0),
+            origin: Instant::now(),
+            last_end: AtomicU64::new(0),
+        }))
+    }
+
+    pub(super) fn stream_started(&self) -> OpenStream {
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.0.clone())
+    }
+
+    /// Resolves once no stream has been open for `idle`.
+    pub(super) async fn idle_for(&self, idle: Duration) {
+        loop {
+            let activity = &self.0;
+            let deadline = if activity.open.load(Ordering::Relaxed) == 0 {
+                activity.origin
+                    + Duration::from_millis(activity.last_end.load(Ordering::Relaxed))
+                    + idle
+            } else {
+                Instant::now() + idle
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let elapsed = u64::try_from(activity.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.last_end.store(elapsed, Ordering::Relaxed);
+        activity.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl OpenStream {
+    /// Keeps the stream open until hyper has sent (or dropped) `response`'s body.
+    pub(super) fn until_sent(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        response.map(|body| {
+            body.map_frame(move |frame| {
+                let _open = &self;
+                frame
+            })
+            .boxed()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_counts_from_the_end_of_the_last_open_stream() {
+        let activity = StreamActivity::new();
+        let idle = Duration::from_secs(30);
+        let stream = activity.stream_started();
+        let started = Instant::now();
+        let waiting = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(idle).await }
+        });
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!waiting.is_finished(), "a stream was open");
+        drop(stream);
+        waiting.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(130));
+    }
+}
