@@ -48,6 +48,24 @@ fn spawn(binary: &str, args: &[&str], env: &[(&str, &Path)], log: &Path) -> Guar
     Guard(Some(command.spawn().unwrap()))
 }
 
+/// `helm install` of the chart into `cluster`, release [`RELEASE`] in [`OPERATOR_NAMESPACE`].
+fn helm_install(cluster: &ControlPlane, extra: &[&str]) {
+    let chart = chart_dir();
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap();
+    let mut args = vec![
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--create-namespace",
+        "--kubeconfig",
+        kubeconfig,
+    ];
+    args.extend_from_slice(extra);
+    helm_ok(&args).unwrap();
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -192,20 +210,9 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
     let admin = cluster.client().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
-    let chart = chart_dir();
 
     // The install a user does.
-    helm_ok(&[
-        "install",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--namespace",
-        OPERATOR_NAMESPACE,
-        "--create-namespace",
-        "--kubeconfig",
-        &kubeconfig,
-    ])
-    .unwrap();
+    helm_install(&cluster, &[]);
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     for crd in ["mailboxservers.mailproxy.io", "proxypools.mailproxy.io"] {
         eventually(&format!("CRD {crd} established"), WAIT, || async {
@@ -326,10 +333,15 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
             .ok_or_else(|| format!("{pools:?}"))
     })
     .await;
-    let pool_deployment = Api::<Deployment>::namespaced(admin.clone(), MAIL_NAMESPACE)
-        .get(POOL)
-        .await
-        .unwrap();
+    let pool_deployments = Api::<Deployment>::namespaced(admin.clone(), MAIL_NAMESPACE);
+    let pool_deployment = eventually("the pool's Deployment", WAIT, || async {
+        pool_deployments
+            .get_opt(POOL)
+            .await
+            .map_err(|error| error.to_string())?
+            .ok_or_else(|| "not applied yet".to_string())
+    })
+    .await;
     assert_eq!(pool_deployment.spec.unwrap().replicas, Some(1));
 
     // The proxy, with nothing but the permissions the operator gave the pool.
@@ -461,4 +473,91 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
             .is_some()
     );
     assert!(servers.get_opt("mbs1").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_charts_rbac_the_operator_stops_naming_what_it_lacks() {
+    let cluster = ControlPlane::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    helm_install(&cluster, &["--set", "rbac.create=false"]);
+    let admin = cluster.client().await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(admin);
+    eventually("the CRDs are served", WAIT, || async {
+        crds.get("proxypools.mailproxy.io")
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    })
+    .await;
+    // The CRDs alone would not let it list ProxyPools: grant just that much, so that the
+    // permission check itself is what stops it.
+    let roles: Api<ClusterRole> = Api::all(cluster.client().await.unwrap());
+    apply(
+        &roles,
+        "list-proxypools",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "list-proxypools"},
+            "rules": [{"apiGroups": ["mailproxy.io"], "resources": ["proxypools", "mailboxservers"], "verbs": ["list"]}],
+        }),
+    )
+    .await;
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(cluster.client().await.unwrap());
+    apply(
+        &bindings,
+        "list-proxypools",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "list-proxypools"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "list-proxypools"},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_ACCOUNT, "namespace": OPERATOR_NAMESPACE}],
+        }),
+    )
+    .await;
+    let operator_kubeconfig = cluster
+        .service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+        .await
+        .unwrap();
+    let log = dir.path().join("operator.log");
+    let mut operator = spawn(
+        "mailproxy-operator",
+        &[
+            "run",
+            "--http-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--log-format",
+            "text",
+        ],
+        &[
+            ("KUBECONFIG", &operator_kubeconfig),
+            ("POD_NAMESPACE", Path::new(OPERATOR_NAMESPACE)),
+        ],
+        &log,
+    );
+    eventually("the operator stops", WAIT, || {
+        let exited = operator.exited();
+        async move {
+            exited
+                .then_some(())
+                .ok_or_else(|| "still running".to_string())
+        }
+    })
+    .await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    for expected in [
+        "the operator's ServiceAccount lacks",
+        "watch configmaps in every namespace",
+        "patch proxypools/status.mailproxy.io in every namespace",
+        "create leases.coordination.k8s.io in namespace mailproxy-system",
+        "Install the Helm chart's RBAC",
+    ] {
+        assert!(said.contains(expected), "{expected:?} in {said}");
+    }
+    assert!(
+        !said.contains("list proxypools.mailproxy.io"),
+        "a granted permission is not reported missing: {said}"
+    );
 }

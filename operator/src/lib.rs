@@ -8,7 +8,8 @@
 //!   `mailproxy.io/purge-routes` finalizer, purges a deleted server's cached routes from the pools'
 //!   memcached.
 //!
-//! [`health`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
+//! [`health`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]); [`permissions`] checks
+//! at start that the operator may do what it will do.
 
 pub mod backoff;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod labels;
 pub mod leader;
 pub mod mailbox_server;
 pub mod metrics;
+pub mod permissions;
 pub mod proxy_pool;
 
 use std::sync::Arc;
@@ -58,10 +60,12 @@ impl Operator {
         self.health.clone()
     }
 
-    /// Checks that the CRDs are installed, then campaigns for leadership and runs the controllers
-    /// while leading, until `shutdown` resolves (the lease is then released).
+    /// Checks that the CRDs are installed and that the operator holds its permissions, then
+    /// campaigns for leadership and runs the controllers while leading, until `shutdown`
+    /// resolves (the lease is then released).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         context::check_crds(&self.client, &self.settings).await?;
+        permissions::check(&self.client, &self.settings).await?;
         self.health.set_ready();
         leader::run(self.client, self.settings, self.metrics, shutdown).await
     }
