@@ -2,27 +2,30 @@
 //! the chart, then the operator binary under the chart's ServiceAccount (so the chart's RBAC is
 //! what lets it work), MailboxServers and a ProxyPool applied, then the proxy binary under the
 //! ServiceAccount the operator made for the pool, reading the route table and configuration the
-//! operator wrote, relaying a real client (Python's imaplib and poplib) to real Dovecot backends.
+//! operator wrote (its certificate from the pool's TLS Secret, written out as the kubelet mounts
+//! it), relaying real clients (Python's imaplib and poplib, over IMAPS, POP3S and STARTTLS) to
+//! real Dovecot backends.
 //!
 //! There is no kubelet: the chart's and the pool's Deployments stay unscheduled, and the tests
 //! run their binaries as local processes instead, with the tokens those pods would get.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use mailproxy_crds::proxy_config::{ListenerConfig, ListenerProtocol, ProxyConfig};
+use mailproxy_crds::proxy_config::{ListenerProtocol, ProxyConfig};
 use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use mailproxy_e2e::{chart_dir, helm_ok, workspace_binary, workspace_root};
-use mailproxy_testkit::{ControlPlane, Dovecot, Guard, eventually, free_port, wait_for_port};
+use mailproxy_testkit::{ControlPlane, Dovecot, Guard, Pki, eventually, free_port};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -157,9 +160,17 @@ async fn route_table(maps: &Api<ConfigMap>) -> Result<RouteTable, String> {
     RouteTable::from_json(&text).map_err(|error| error.to_string())
 }
 
-/// The pool's `config.yaml` as the operator wrote it, with the listeners and the health port
-/// moved to free loopback ports (a pod would bind 0.0.0.0 on the standard ports).
-async fn proxy_config(maps: &Api<ConfigMap>, imap: u16, pop3: u16, health: u16) -> ProxyConfig {
+/// The proxy of the test: its configuration and where its listeners and health port are.
+struct LocalProxy {
+    config: ProxyConfig,
+    ports: HashMap<ListenerProtocol, u16>,
+    health: u16,
+}
+
+/// The pool's `config.yaml` as the operator wrote it, with every listener and the health port
+/// moved to free loopback ports (a pod binds 0.0.0.0 on the standard ports), and the TLS files
+/// read from `mounted`, where the test wrote the Secret as the kubelet would mount it.
+async fn proxy_config(maps: &Api<ConfigMap>, mounted: &Path) -> LocalProxy {
     let text = eventually("the pool's config.yaml", WAIT, || async {
         maps.get_opt(&format!("{POOL}-config"))
             .await
@@ -169,23 +180,45 @@ async fn proxy_config(maps: &Api<ConfigMap>, imap: u16, pop3: u16, health: u16) 
     })
     .await;
     let mut config: ProxyConfig = serde_norway::from_str(&text).unwrap();
-    let protocols: Vec<ListenerProtocol> = config.listeners.iter().map(|l| l.protocol).collect();
-    assert!(
-        protocols.contains(&ListenerProtocol::Imap) && protocols.contains(&ListenerProtocol::Pop3),
-        "the operator's config has IMAP and POP3 listeners: {text}"
-    );
-    config.listeners = vec![
-        ListenerConfig {
-            protocol: ListenerProtocol::Imap,
-            address: format!("127.0.0.1:{imap}"),
-        },
-        ListenerConfig {
-            protocol: ListenerProtocol::Pop3,
-            address: format!("127.0.0.1:{pop3}"),
-        },
-    ];
+    let mut ports = HashMap::new();
+    for listener in &mut config.listeners {
+        let port = free_port();
+        listener.address = format!("127.0.0.1:{port}");
+        ports.insert(listener.protocol, port);
+    }
+    for protocol in [
+        ListenerProtocol::Imap,
+        ListenerProtocol::Imaps,
+        ListenerProtocol::Pop3,
+        ListenerProtocol::Pop3s,
+    ] {
+        assert!(ports.contains_key(&protocol), "{protocol:?} in {text}");
+    }
+    let tls = config
+        .tls
+        .as_mut()
+        .expect("spec.tls gives the proxy certificates");
+    for files in &mut tls.certificates {
+        assert!(files.cert.starts_with("/etc/mailproxy/tls"), "{text}");
+        files.cert = mounted.join(files.cert.file_name().unwrap());
+        files.key = mounted.join(files.key.file_name().unwrap());
+    }
+    let health = free_port();
     config.health_listen = format!("127.0.0.1:{health}");
-    config
+    LocalProxy {
+        config,
+        ports,
+        health,
+    }
+}
+
+/// The keys of a Secret written as files, as the kubelet mounts them.
+async fn mount_secret(secrets: &Api<Secret>, name: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let secret = secrets.get(name).await.unwrap();
+    for (key, value) in secret.data.unwrap() {
+        std::fs::write(dir.join(key), value.0).unwrap();
+    }
 }
 
 async fn namespace(client: &Client, name: &str) {
@@ -283,6 +316,23 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
     let first = Dovecot::start().unwrap();
     let second = Dovecot::start().unwrap();
     namespace(&admin, MAIL_NAMESPACE).await;
+    let pki = Pki::new();
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), MAIL_NAMESPACE);
+    apply(
+        &secrets,
+        "mail-tls",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mail-tls"},
+            "type": "kubernetes.io/tls",
+            "stringData": {
+                "tls.crt": std::fs::read_to_string(pki.cert()).unwrap(),
+                "tls.key": std::fs::read_to_string(pki.key()).unwrap(),
+            },
+        }),
+    )
+    .await;
     let servers: Api<MailboxServer> = Api::namespaced(admin.clone(), MAIL_NAMESPACE);
     let pools: Api<ProxyPool> = Api::namespaced(admin.clone(), MAIL_NAMESPACE);
     let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), MAIL_NAMESPACE);
@@ -303,6 +353,8 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
                 "replicas": 1,
                 "mailboxSelector": {"matchLabels": {"pool": POOL}},
                 "memcached": {"replicas": 0},
+                "tls": {"secretName": "mail-tls"},
+                "starttls": "only",
             },
         }),
     )
@@ -349,10 +401,15 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
         .service_account_kubeconfig(MAIL_NAMESPACE, &format!("{POOL}-proxy"))
         .await
         .unwrap();
-    let (imap, pop3, health) = (free_port(), free_port(), free_port());
-    let config = proxy_config(&maps, imap, pop3, health).await;
+    let mounted = dir.path().join("tls");
+    mount_secret(&secrets, "mail-tls", &mounted).await;
+    let proxy = proxy_config(&maps, &mounted).await;
     let config_path: PathBuf = dir.path().join("config.yaml");
-    std::fs::write(&config_path, serde_norway::to_string(&config).unwrap()).unwrap();
+    std::fs::write(
+        &config_path,
+        serde_norway::to_string(&proxy.config).unwrap(),
+    )
+    .unwrap();
     let proxy_log = dir.path().join("proxy.log");
     let _proxy = spawn(
         "mailproxy",
@@ -365,43 +422,58 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
         &proxy_log,
     );
     eventually("the proxy's /readyz", WAIT, || async {
-        match http_status(health, "/readyz").await? {
+        match http_status(proxy.health, "/readyz").await? {
             200 => Ok(()),
             code => Err(format!("{code}; log: {}", log_tail(&proxy_log))),
         }
     })
     .await;
-    wait_for_port(imap, WAIT).unwrap();
+    let port = |protocol| proxy.ports[&protocol].to_string();
+    let ca = pki.ca();
+    let ca = ca.to_str().unwrap();
+    let client =
+        |mode: &'static str, protocol, user: &'static str, password: &str, extra: &[&str]| {
+            let mut args: Vec<String> = [mode, "--port", &port(protocol), "--user", user]
+                .iter()
+                .map(|arg| arg.to_string())
+                .collect();
+            args.extend(["--password", password, "--cafile", ca].map(str::to_string));
+            args.extend(extra.iter().map(|arg| arg.to_string()));
+            async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                mail_client(&args).await
+            }
+        };
 
-    // A real client through the proxy to the domain's server, over IMAP and then POP3.
-    let imap_port = imap.to_string();
-    let pop3_port = pop3.to_string();
-    mail_client(&[
+    // Real clients through the proxy to the domain's server, over IMAPS and POP3S with the
+    // certificate from the pool's Secret; in clear text, STARTTLS is required (starttls: only).
+    client(
+        "imaps",
+        ListenerProtocol::Imaps,
+        "alice@example.com",
+        first.password(),
+        &["--append", "installed by helm"],
+    )
+    .await
+    .unwrap_or_else(|error| panic!("IMAPS through the proxy: {error}\n{}", log_tail(&proxy_log)));
+    client(
+        "pop3s",
+        ListenerProtocol::Pop3s,
+        "alice@example.com",
+        first.password(),
+        &["--expect", "installed by helm"],
+    )
+    .await
+    .unwrap_or_else(|error| panic!("POP3S through the proxy: {error}\n{}", log_tail(&proxy_log)));
+    client(
         "imap",
-        "--port",
-        &imap_port,
-        "--user",
+        ListenerProtocol::Imap,
         "alice@example.com",
-        "--password",
         first.password(),
-        "--append",
-        "installed by helm",
-    ])
+        &["--expect-failure"],
+    )
     .await
-    .unwrap_or_else(|error| panic!("IMAP through the proxy: {error}\n{}", log_tail(&proxy_log)));
-    mail_client(&[
-        "pop3",
-        "--port",
-        &pop3_port,
-        "--user",
-        "alice@example.com",
-        "--password",
-        first.password(),
-        "--expect",
-        "installed by helm",
-    ])
-    .await
-    .unwrap_or_else(|error| panic!("POP3 through the proxy: {error}\n{}", log_tail(&proxy_log)));
+    .unwrap_or_else(|error| panic!("a cleartext login was not refused: {error}"));
     assert_eq!(
         dovecot_logins(&first, "alice@example.com"),
         2,
@@ -412,21 +484,14 @@ async fn helm_install_then_the_operator_and_the_proxy_route_real_clients_to_dove
 
     // bob goes to the domain's server until he is pinned to the second one; the running proxy
     // follows the route table the operator rewrites, without a restart.
-    let bob = |password: &str| {
-        let password = password.to_string();
-        let port = imap_port.clone();
-        async move {
-            mail_client(&[
-                "imap",
-                "--port",
-                &port,
-                "--user",
-                "bob@example.com",
-                "--password",
-                &password,
-            ])
-            .await
-        }
+    let bob = |password| {
+        client(
+            "imap-starttls",
+            ListenerProtocol::Imap,
+            "bob@example.com",
+            password,
+            &[],
+        )
     };
     bob(first.password()).await.unwrap();
     assert_eq!(dovecot_logins(&first, "bob@example.com"), 1);
