@@ -47,7 +47,8 @@ impl StreamActivity {
     pub(super) async fn idle_for(&self, idle: Duration) {
         loop {
             let activity = &self.0;
-            let deadline = if activity.open.load(Ordering::Relaxed) == 0 {
+            // Acquire pairs with the Release of the last stream's end: its `last_end` is seen.
+            let deadline = if activity.open.load(Ordering::Acquire) == 0 {
                 activity.origin
                     + Duration::from_millis(activity.last_end.load(Ordering::Relaxed))
                     + idle
@@ -67,7 +68,7 @@ impl Drop for OpenStream {
         let activity = &self.0;
         let elapsed = u64::try_from(activity.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.last_end.store(elapsed, Ordering::Relaxed);
-        activity.open.fetch_sub(1, Ordering::Relaxed);
+        activity.open.fetch_sub(1, Ordering::Release);
     }
 }
 
