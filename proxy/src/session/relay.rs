@@ -26,11 +26,13 @@ const TCP_CHUNK: usize = 16 * 1024;
 /// freed as soon as the burst is over, so only sessions moving data hold one.
 const TCP_CHUNK_MAX: usize = 1024 * 1024;
 
-/// The kernel send buffer of both sides of a relay (the kernel doubles it). A burst is written
-/// while the next one is read only if it fits in the destination's send buffer; the kernel grows
-/// that buffer on its own (`tcp_wmem`), but from 16 KiB and in steps, so a bulk transfer (a
-/// FETCH of large messages) would run at a fraction of its speed meanwhile. What this costs an
-/// idle session is nothing: the kernel holds only the bytes queued.
+/// The kernel send buffer of a relay's destination once a burst outgrows [`TCP_CHUNK`] (the
+/// kernel doubles it). A burst is written while the next one is read only if it fits in the
+/// destination's send buffer; the kernel grows that buffer on its own (`tcp_wmem`), but from
+/// 16 KiB and in steps, so a bulk transfer (a FETCH of large messages) would run at a fraction of
+/// its speed meanwhile. It is set only then, not for every session: a login's few commands never
+/// need it, and two system calls are a measurable part of a login. What it costs an idle session
+/// is nothing: the kernel holds only the bytes queued.
 const RELAY_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 /// Buffer a TLS side keeps for the session.
@@ -128,8 +130,12 @@ pub(crate) async fn relay(
     idle: Duration,
     traffic: &Traffic,
 ) -> RelayEnd {
-    for stream in [&client, &upstream] {
-        let _ = socket2::SockRef::from(stream.tcp()).set_send_buffer_size(RELAY_SEND_BUFFER);
+    // With a TLS side, bursts are not seen where a plain pump sees them (and a TLS writer is
+    // out of reach once split): both buffers are set now.
+    if client.is_tls() || upstream.is_tls() {
+        for stream in [&client, &upstream] {
+            grow_send_buffer(stream.tcp());
+        }
     }
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
@@ -213,7 +219,14 @@ async fn pump(
                         Ok(0) => return finish(to).await,
                         Ok(read) => {
                             send(to, &buffer, counter, traffic).await?;
-                            chunk = next_chunk(chunk, read);
+                            let next = next_chunk(chunk, read);
+                            if next > chunk
+                                && chunk == TCP_CHUNK
+                                && let WriteHalf::Tcp(destination) = &*to
+                            {
+                                grow_send_buffer(destination.as_ref());
+                            }
+                            chunk = next;
                             buffer.clear();
                             buffer.reserve_exact(chunk);
                         }
@@ -234,6 +247,10 @@ async fn pump(
             }
         }
     }
+}
+
+fn grow_send_buffer(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_send_buffer_size(RELAY_SEND_BUFFER);
 }
 
 /// The next read's buffer size after a read of `read` bytes into `chunk`: four times larger
