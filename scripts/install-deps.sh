@@ -4,10 +4,11 @@
 #   dovecot-imapd dovecot-pop3d        real IMAP and POP3 mailbox backends
 #   nginx-light libnginx-mod-mail      stock nginx with its mail module: the reference peer
 #   wrk                                HTTP load generator for the benchmarks
+#   umoci skopeo                       container images without a container engine
 # and the Rust components the checks use (rustfmt, clippy). Needs root (or sudo) for apt-get.
 set -euo pipefail
 
-packages=(memcached dovecot-imapd dovecot-pop3d nginx-light libnginx-mod-mail wrk)
+packages=(memcached dovecot-imapd dovecot-pop3d nginx-light libnginx-mod-mail wrk umoci skopeo)
 missing=()
 for package in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then

@@ -38,6 +38,12 @@ else
   echo "note: clippy is not installed on this machine; lints not checked"
 fi
 
+# The container images (release binaries, umoci and skopeo), checked by e2e/tests/images.rs.
+step "container images"
+MAILPROXY_IMAGES="$CARGO_TARGET_DIR/images"
+scripts/build-images.sh "$MAILPROXY_IMAGES"
+export MAILPROXY_IMAGES
+
 step "cargo test"
 cargo test --workspace --locked
 
