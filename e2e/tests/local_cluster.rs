@@ -21,8 +21,9 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use mailproxy::route::table::table_from_configmap;
 use mailproxy_crds::proxy_config::{ListenerProtocol, ProxyConfig};
-use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
+use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use mailproxy_e2e::{chart_dir, helm_ok, workspace_binary, workspace_root};
 use mailproxy_testkit::{ControlPlane, Dovecot, Guard, Pki, eventually, free_port};
@@ -153,11 +154,7 @@ async fn route_table(maps: &Api<ConfigMap>) -> Result<RouteTable, String> {
         .await
         .map_err(|error| error.to_string())?
         .ok_or("no route-table ConfigMap yet")?;
-    let text = map
-        .data
-        .and_then(|data| data.get(CONFIGMAP_KEY).cloned())
-        .ok_or("the ConfigMap has no routes.json")?;
-    RouteTable::from_json(&text).map_err(|error| error.to_string())
+    table_from_configmap(&map).map_err(|error| error.to_string())
 }
 
 /// The proxy of the test: its configuration and where its listeners and health port are.
