@@ -6,6 +6,8 @@
 # Prints the directory. Kubernetes v1.X.Y pairs with its staging modules at v0.X.Y; the version
 # matches the k8s-openapi feature the workspace enables (v1_34).
 set -euo pipefail
+# shellcheck source=lib/go-tool.sh
+source "$(dirname "$0")/lib/go-tool.sh"
 
 K8S_VERSION="${K8S_VERSION:-1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.5}"
@@ -34,7 +36,7 @@ staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
   kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
   mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller)
 
-mkdir -p "$work/k8s" "$work/etcd"
+mkdir -p "$work/k8s"
 {
   echo "module mailproxy.local/controlplane"
   echo "go 1.24"
@@ -67,19 +69,6 @@ done
     CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w $version_flags" -o "$out/$binary" "k8s.io/kubernetes/cmd/$binary" >&2
   done
 )
-(
-  cd "$work/etcd"
-  printf 'module mailproxy.local/etcd\ngo 1.24\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "go.etcd.io/etcd/server/v3"
-GO
-  echo "building etcd v$ETCD_VERSION..." >&2
-  GOFLAGS=-mod=mod go mod tidy -e >&2
-  CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3 >&2
-)
+build_go_tool "$work/etcd" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$out/etcd"
 echo "$stamp" > "$out/BUILD"
 echo "$out"

@@ -4,6 +4,8 @@
 # clone): ${MAILPROXY_HELM_BIN:-~/.cache/mailproxy/helm-v$HELM_VERSION}/helm. Prints the path of
 # the binary.
 set -euo pipefail
+# shellcheck source=lib/go-tool.sh
+source "$(dirname "$0")/lib/go-tool.sh"
 
 HELM_VERSION="${HELM_VERSION:-3.19.5}"
 out="${MAILPROXY_HELM_BIN:-$HOME/.cache/mailproxy/helm-v$HELM_VERSION}"
@@ -23,20 +25,6 @@ kube_version=""
 for package in pkg/lint/rules pkg/chartutil; do
   kube_version+=" -X helm.sh/helm/v3/$package.k8sVersionMajor=1 -X helm.sh/helm/v3/$package.k8sVersionMinor=34"
 done
-(
-  cd "$work"
-  printf 'module mailproxy.local/helm\ngo 1.24\nrequire helm.sh/helm/v3 v%s\n' "$HELM_VERSION" > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "helm.sh/helm/v3/cmd/helm"
-GO
-  echo "building helm v$HELM_VERSION..." >&2
-  GOFLAGS=-mod=mod go mod tidy -e >&2
-  CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION $kube_version" \
-    -o "$out/helm" helm.sh/helm/v3/cmd/helm >&2
-)
+build_go_tool "$work" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$out/helm" \
+  "-X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION $kube_version"
 echo "$out/helm"
