@@ -6,14 +6,14 @@
 //! downloads keep their connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Response;
-use tokio::time::Instant;
 
 use super::proxy::ProxyBody;
+use crate::session::activity::ActivityClock;
 
 /// The open streams of one connection, and when the last one ended.
 #[derive(Clone)]
@@ -21,9 +21,8 @@ pub(super) struct StreamActivity(Arc<Activity>);
 
 struct Activity {
     open: AtomicUsize,
-    origin: Instant,
-    /// Milliseconds from `origin` to the end of the last stream.
-    last_end: AtomicU64,
+    /// The end of the last stream.
+    last_end: ActivityClock,
 }
 
 /// An open stream; it ends when this is dropped.
@@ -33,8 +32,7 @@ impl StreamActivity {
     pub(super) fn new() -> Self {
         Self(Arc::new(Activity {
             open: AtomicUsize::new(0),
-            origin: Instant::now(),
-            last_end: AtomicU64::new(0),
+            last_end: ActivityClock::new(),
         }))
     }
 
@@ -45,29 +43,17 @@ impl StreamActivity {
 
     /// Resolves once no stream has been open for `idle`.
     pub(super) async fn idle_for(&self, idle: Duration) {
-        loop {
-            let activity = &self.0;
-            // Acquire pairs with the Release of the last stream's end: its `last_end` is seen.
-            let deadline = if activity.open.load(Ordering::Acquire) == 0 {
-                activity.origin
-                    + Duration::from_millis(activity.last_end.load(Ordering::Relaxed))
-                    + idle
-            } else {
-                Instant::now() + idle
-            };
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+        let activity = &self.0;
+        // Acquire pairs with the Release of the last stream's end: its `last_end` is seen.
+        let busy = || activity.open.load(Ordering::Acquire) > 0;
+        activity.last_end.idle_for(idle, busy).await;
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
         let activity = &self.0;
-        let elapsed = u64::try_from(activity.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.last_end.store(elapsed, Ordering::Relaxed);
+        activity.last_end.touch();
         activity.open.fetch_sub(1, Ordering::Release);
     }
 }
@@ -88,6 +74,7 @@ impl OpenStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn idle_only_counts_from_the_end_of_the_last_open_stream() {

@@ -9,6 +9,7 @@
 //! table when a connection starts, so a new table applies to new sessions without touching
 //! those in progress.
 
+pub(crate) mod activity;
 mod imap;
 mod metrics;
 mod pop3;

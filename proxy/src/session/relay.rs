@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
+use super::activity::ActivityClock;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 
 /// First buffer of a burst on a plain side: what most commands and answers fit in.
@@ -41,9 +41,8 @@ const TLS_CHUNK: usize = 4 * 1024;
 /// Bytes and last activity of a session, shared by both directions.
 #[derive(Debug)]
 pub(crate) struct Traffic {
-    origin: Instant,
-    /// Milliseconds from `origin` to the last byte either way.
-    last_activity: AtomicU64,
+    /// The last byte either way.
+    activity: ActivityClock,
     from_client: Direction,
     to_client: Direction,
 }
@@ -72,8 +71,7 @@ impl Traffic {
             metric,
         };
         Self {
-            origin: Instant::now(),
-            last_activity: AtomicU64::new(0),
+            activity: ActivityClock::new(),
             from_client: direction(from_client),
             to_client: direction(to_client),
         }
@@ -88,23 +86,12 @@ impl Traffic {
     }
 
     fn touch(&self) {
-        let elapsed = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_activity.store(elapsed, Ordering::Relaxed);
-    }
-
-    fn last_activity(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_activity.load(Ordering::Relaxed))
+        self.activity.touch();
     }
 
     /// Resolves once nothing moved either way for `idle`.
     async fn idle_for(&self, idle: Duration) {
-        loop {
-            let deadline = self.last_activity() + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+        self.activity.idle_for(idle, || false).await;
     }
 }
 
