@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -38,6 +39,18 @@ pub enum RouteTableError {
         kind: &'static str,
         key: String,
         server: String,
+    },
+}
+
+/// Why a ConfigMap holds no usable route table.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigMapTableError {
+    #[error("ConfigMap {name} has no {CONFIGMAP_KEY} key: is it the pool's route-table ConfigMap?")]
+    MissingKey { name: String },
+    #[error("ConfigMap {name} key {CONFIGMAP_KEY} is invalid: {source}")]
+    Invalid {
+        name: String,
+        source: RouteTableError,
     },
 }
 
@@ -143,6 +156,17 @@ pub struct ServerSource<'a> {
 }
 
 impl RouteTable {
+    /// The table a pool's route-table ConfigMap carries (under [`CONFIGMAP_KEY`]).
+    pub fn from_configmap(configmap: &ConfigMap) -> Result<Self, ConfigMapTableError> {
+        let name = configmap.metadata.name.clone().unwrap_or_default();
+        let text = configmap
+            .data
+            .as_ref()
+            .and_then(|data| data.get(CONFIGMAP_KEY))
+            .ok_or_else(|| ConfigMapTableError::MissingKey { name: name.clone() })?;
+        Self::from_json(text).map_err(|source| ConfigMapTableError::Invalid { name, source })
+    }
+
     /// Compiles the table from the MailboxServers a pool selects. Draining servers stay in
     /// `servers` (sessions may still be relayed to them) but get no pinned accounts or domains, no
     /// lookups and no web traffic. When two servers claim the same account or domain, the first
@@ -431,5 +455,41 @@ mod tests {
         assert!(array.to_string().contains("not an array"), "{array}");
         let empty = RouteTable::from_json("{}").unwrap();
         assert_eq!(empty.settings.cache_ttl_seconds, 3600);
+    }
+
+    fn configmap(data: Option<(&str, &str)>) -> ConfigMap {
+        ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some("pool-routes".into()),
+                ..Default::default()
+            },
+            data: data.map(|(k, v)| BTreeMap::from([(k.to_string(), v.to_string())])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_the_table_from_its_configmap_key() {
+        let table = RouteTable {
+            lookup_handlers: vec!["http://10.0.0.1:7072/service/extension/nginx-lookup".into()],
+            ..RouteTable::default()
+        };
+        let parsed =
+            RouteTable::from_configmap(&configmap(Some((CONFIGMAP_KEY, &table.to_json()))))
+                .unwrap();
+        assert_eq!(parsed, table);
+    }
+
+    #[test]
+    fn names_what_is_wrong_with_a_bad_configmap() {
+        let missing = RouteTable::from_configmap(&configmap(Some(("other", "{}")))).unwrap_err();
+        assert!(
+            missing.to_string().contains("no routes.json key"),
+            "{missing}"
+        );
+        assert!(RouteTable::from_configmap(&configmap(None)).is_err());
+        let invalid =
+            RouteTable::from_configmap(&configmap(Some((CONFIGMAP_KEY, "[1,2")))).unwrap_err();
+        assert!(invalid.to_string().contains("pool-routes"), "{invalid}");
     }
 }

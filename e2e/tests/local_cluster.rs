@@ -21,7 +21,6 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use mailproxy::route::table::table_from_configmap;
 use mailproxy_crds::proxy_config::{ListenerProtocol, ProxyConfig};
 use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPool};
@@ -154,7 +153,7 @@ async fn route_table(maps: &Api<ConfigMap>) -> Result<RouteTable, String> {
         .await
         .map_err(|error| error.to_string())?
         .ok_or("no route-table ConfigMap yet")?;
-    table_from_configmap(&map).map_err(|error| error.to_string())
+    RouteTable::from_configmap(&map).map_err(|error| error.to_string())
 }
 
 /// The proxy of the test: its configuration and where its listeners and health port are.

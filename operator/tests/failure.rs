@@ -14,7 +14,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use mailproxy_crds::ProxyPool;
-use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
+use mailproxy_crds::route_table::RouteTable;
 use serde_json::json;
 
 const RECOVERY: Duration = Duration::from_secs(90);
@@ -24,11 +24,7 @@ async fn servers_in_table(client: &Client, namespace: &str) -> Result<Vec<String
         .get("fail-routes")
         .await
         .map_err(|e| e.to_string())?;
-    let text = map
-        .data
-        .and_then(|d| d.get(CONFIGMAP_KEY).cloned())
-        .ok_or("no routes.json")?;
-    let table = RouteTable::from_json(&text).map_err(|e| e.to_string())?;
+    let table = RouteTable::from_configmap(&map).map_err(|e| e.to_string())?;
     Ok(table.servers.into_keys().collect())
 }
 

@@ -18,7 +18,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchParams};
 use kube::{Client, ResourceExt};
-use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
+use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use serde_json::json;
 
@@ -30,11 +30,7 @@ async fn route_table(client: &Client, namespace: &str, pool: &str) -> Result<Rou
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no route-table ConfigMap yet")?;
-    let text = map
-        .data
-        .and_then(|d| d.get(CONFIGMAP_KEY).cloned())
-        .ok_or("no routes.json")?;
-    RouteTable::from_json(&text).map_err(|e| e.to_string())
+    RouteTable::from_configmap(&map).map_err(|e| e.to_string())
 }
 
 async fn table_where(

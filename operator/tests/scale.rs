@@ -19,7 +19,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use mailproxy_crds::MailboxServer;
-use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
+use mailproxy_crds::route_table::RouteTable;
 use serde_json::json;
 
 const POOLS: usize = 10;
@@ -47,7 +47,7 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 
 async fn table(maps: &Api<ConfigMap>, pool: usize) -> Option<RouteTable> {
     let map = maps.get_opt(&format!("p{pool}-routes")).await.ok()??;
-    RouteTable::from_json(map.data?.get(CONFIGMAP_KEY)?).ok()
+    RouteTable::from_configmap(&map).ok()
 }
 
 fn server(n: usize, extra: &[String]) -> serde_json::Value {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mailproxy::serve::{ServeOptions, Server};
 use mailproxy_crds::proxy_config::ProxyConfig;
-use mailproxy_testkit::free_port;
+use mailproxy_testkit::{eventually, free_port};
 use serde_json::json;
 use session_support::{FakeImap, Pki, http_get, replace};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -132,20 +132,6 @@ async fn served_certificate(port: u16, ca: &Path) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_keep_sessions_and_shutdown_drains_them() {
     let fake = FakeImap::start().await;
@@ -173,9 +159,15 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
     // A certificate rotation: new handshakes get the new certificate.
     let before = served_certificate(setup.imaps, &ca).await;
     pki.issue("server");
-    eventually("the rotated certificate", async || {
-        (served_certificate(setup.imaps, &ca).await != before).then_some(())
-    })
+    eventually(
+        "the rotated certificate",
+        Duration::from_secs(10),
+        async || {
+            (served_certificate(setup.imaps, &ca).await != before)
+                .then_some(())
+                .ok_or_else(|| "the old certificate".to_string())
+        },
+    )
     .await;
     // A route-table change: a new domain routes without a restart.
     replace(
@@ -186,11 +178,16 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
             json!({}),
         ),
     );
-    eventually("the new route table", async || {
-        let mut client = Client::connect(setup.imap).await.ok()?;
-        client.line().await?;
+    eventually("the new route table", Duration::from_secs(10), async || {
+        let mut client = Client::connect(setup.imap)
+            .await
+            .map_err(|error| error.to_string())?;
+        client.line().await.ok_or("no greeting")?;
         client.send("a LOGIN u@g.test pw\r\n").await;
-        (client.line().await.as_deref() == Some("a OK done")).then_some(())
+        match client.line().await {
+            Some(line) if line == "a OK done" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
     })
     .await;
     session.send("b NOOP\r\n").await;
@@ -203,15 +200,23 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
     // Shutdown: not ready, no new connections, live sessions go on for the grace, then close.
     let shutdown_started = Instant::now();
     stop.send(()).unwrap();
-    eventually("readyz to fail", async || {
-        http_get(setup.health, "/readyz")
-            .filter(|answer| answer.starts_with("HTTP/1.1 503"))
-            .map(drop)
-    })
+    eventually(
+        "readyz to fail",
+        Duration::from_secs(10),
+        async || match http_get(setup.health, "/readyz") {
+            Some(answer) if answer.starts_with("HTTP/1.1 503") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
     .await;
-    eventually("the listener to close", async || {
-        Client::connect(setup.imap).await.is_err().then_some(())
-    })
+    eventually(
+        "the listener to close",
+        Duration::from_secs(10),
+        async || match Client::connect(setup.imap).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("a connection was accepted".to_string()),
+        },
+    )
     .await;
     session.send("c NOOP\r\n").await;
     assert_eq!(
@@ -325,12 +330,30 @@ async fn a_client_half_close_is_passed_on_and_the_server_close_ends_the_session(
     assert_eq!(half.line().await.as_deref(), Some("b OK done"));
     assert_eq!(half.line().await, None, "closed after the backend's end");
 
-    // The backend closes after LOGOUT while the client keeps its side open: the session ends.
+    // The backend closes after LOGOUT while the client keeps its side open: the session ends
+    // then and there (as in nginx), without waiting for the client to close too.
     let mut open = Client::logged_in(setup.imap, "open@f.test").await;
     open.send("z LOGOUT\r\n").await;
     assert_eq!(open.line().await.as_deref(), Some("* BYE fake"));
     assert_eq!(open.line().await.as_deref(), Some("z OK LOGOUT done"));
     assert_eq!(open.line().await, None, "closed after the backend's end");
+    let ended = "mailproxy_sessions_total{protocol=\"imap\",outcome=\"relayed\"} 2";
+    eventually(
+        "both sessions counted as ended",
+        Duration::from_secs(5),
+        || async {
+            let metrics = http_get(setup.health, "/metrics").ok_or("no answer from /metrics")?;
+            if metrics.contains(ended)
+                && metrics.contains("mailproxy_sessions_active{protocol=\"imap\"} 0")
+            {
+                Ok(())
+            } else {
+                Err(metrics)
+            }
+        },
+    )
+    .await;
+    drop(open);
 
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams};
 use kube::{Client, Config};
 use mailproxy_crds::ProxyPool;
-use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable, configmap_name};
+use mailproxy_crds::route_table::{RouteTable, configmap_name};
 use mailproxy_operator::cli::{Zmprov, render_status, zmprov};
 
 #[derive(Parser)]
@@ -56,13 +56,9 @@ async fn route_table(
     else {
         return Ok(None);
     };
-    let text = map
-        .data
-        .and_then(|mut data| data.remove(CONFIGMAP_KEY))
-        .with_context(|| format!("ConfigMap {namespace}/{name} has no {CONFIGMAP_KEY} key"))?;
-    Ok(Some(RouteTable::from_json(&text).with_context(|| {
-        format!("ConfigMap {namespace}/{name} holds an invalid route table")
-    })?))
+    Ok(Some(RouteTable::from_configmap(&map).with_context(
+        || format!("ConfigMap {namespace}/{name} holds no usable route table"),
+    )?))
 }
 
 #[tokio::main(flavor = "current_thread")]

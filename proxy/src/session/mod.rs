@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 pub use self::metrics::SessionMetrics;
-use self::relay::{RelayEnd, Traffic};
+use self::relay::{RelayEnd, Traffic, UpstreamEnd};
 use self::stream::Stream;
 use self::upstream::{UpstreamConnection, UpstreamError};
 use crate::mail::imap::ClientId;
@@ -568,6 +568,7 @@ async fn log_in_and_relay(
                 leftover,
                 settings.idle,
                 &record.traffic,
+                UpstreamEnd::EndsSession,
             )
             .await;
             match end {

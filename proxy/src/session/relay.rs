@@ -7,12 +7,15 @@
 //! all. A TLS side needs a buffer for rustls to decrypt into; it is small ([`TLS_CHUNK`]) since
 //! rustls keeps its own record buffers anyway.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 
 use super::activity::ActivityClock;
 use super::stream::{ReadHalf, Stream, WriteHalf};
@@ -95,10 +98,22 @@ impl Traffic {
     }
 }
 
+/// What the upstream's end of stream means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UpstreamEnd {
+    /// The session is over: once what the upstream sent has reached the client, both
+    /// connections close, as nginx's mail proxy does. A mail server that closed accepts no
+    /// more commands, and waiting for the client to close too would cost the proxy a wakeup
+    /// and two `shutdown` calls per session for nothing.
+    EndsSession,
+    /// Passed on as a half-close; the client may still send (a tunnel of any protocol).
+    HalfClose,
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub(crate) enum RelayEnd {
-    /// Both sides closed (each close was passed on to the other side).
+    /// The sides closed (each close passed on, or the upstream's close ended the session).
     Closed,
     /// Nothing moved for the idle timeout.
     Idle,
@@ -106,9 +121,10 @@ pub(crate) enum RelayEnd {
     Failed(io::Error),
 }
 
-/// Relays until both directions have ended, one fails, or the session is idle for `idle`.
-/// `first_to_upstream` and `first_to_client` are bytes already read from one side (pipelined
-/// commands, the rest of the upstream's last login answer) that go out before anything else.
+/// Relays until both directions have ended (or the upstream's, per `upstream_end`), one fails,
+/// or the session is idle for `idle`. `first_to_upstream` and `first_to_client` are bytes
+/// already read from one side (pipelined commands, the rest of the upstream's last login
+/// answer) that go out before anything else.
 pub(crate) async fn relay(
     client: Stream,
     upstream: Stream,
@@ -116,6 +132,7 @@ pub(crate) async fn relay(
     first_to_client: Vec<u8>,
     idle: Duration,
     traffic: &Traffic,
+    upstream_end: UpstreamEnd,
 ) -> RelayEnd {
     // With a TLS side, bursts are not seen where a plain pump sees them (and a TLS writer is
     // out of reach once split): both buffers are set now.
@@ -140,6 +157,7 @@ pub(crate) async fn relay(
             &mut upstream_write,
             &traffic.from_client,
             traffic,
+            UpstreamEnd::HalfClose,
         )
         .await
     };
@@ -156,16 +174,45 @@ pub(crate) async fn relay(
             &mut client_write,
             &traffic.to_client,
             traffic,
+            upstream_end,
         )
         .await
     };
-    tokio::select! {
-        result = async { tokio::try_join!(upstream_bound, client_bound) } => match result {
-            Ok(_) => RelayEnd::Closed,
+    let relayed = async {
+        tokio::pin!(upstream_bound, client_bound);
+        tokio::select! {
+            result = &mut client_bound => {
+                result?;
+                match upstream_end {
+                    UpstreamEnd::EndsSession => Ok(()),
+                    UpstreamEnd::HalfClose => upstream_bound.await,
+                }
+            }
+            // The client's close went on to the upstream, whose last answers still go to the
+            // client.
+            result = &mut upstream_bound => {
+                result?;
+                client_bound.await
+            }
+        }
+    };
+    let end = tokio::select! {
+        result = relayed => match result {
+            Ok(()) => RelayEnd::Closed,
             Err(error) => RelayEnd::Failed(error),
         },
         () = traffic.idle_for(idle) => RelayEnd::Idle,
+    };
+    if upstream_end == UpstreamEnd::EndsSession && matches!(end, RelayEnd::Closed) {
+        // Closing the sockets sends their FINs; tokio's write halves would first shut down
+        // each one in a system call of its own.
+        for half in [client_write, upstream_write] {
+            if let WriteHalf::Tcp(half) = half {
+                half.forget();
+            }
+        }
     }
+    end
 }
 
 async fn forward_first(
@@ -184,13 +231,15 @@ async fn forward_first(
     Ok(())
 }
 
-/// One direction, until its source ends (the end is passed on as a shutdown of the
-/// destination) or fails.
+/// One direction, until its source ends or fails. The end is passed on as a shutdown of the
+/// destination, unless it ends the session and closing a plain socket will pass it on anyway
+/// (a TLS destination still gets its close_notify).
 async fn pump(
     from: &mut ReadHalf,
     to: &mut WriteHalf,
     counter: &Direction,
     traffic: &Traffic,
+    end: UpstreamEnd,
 ) -> io::Result<()> {
     match from {
         ReadHalf::Tcp(source) => {
@@ -202,8 +251,8 @@ async fn pump(
                 source.readable().await?;
                 let mut buffer = Vec::with_capacity(chunk);
                 loop {
-                    match source.try_read_buf(&mut buffer) {
-                        Ok(0) => return finish(to).await,
+                    match read_available(source, &mut buffer).await {
+                        Ok(0) => return finish(to, end).await,
                         Ok(read) => {
                             send(to, &buffer, counter, traffic).await?;
                             let next = next_chunk(chunk, read);
@@ -228,12 +277,25 @@ async fn pump(
             loop {
                 let read = source.read(&mut buffer).await?;
                 if read == 0 {
-                    return finish(to).await;
+                    return finish(to, end).await;
                 }
                 send(to, &buffer[..read], counter, traffic).await?;
             }
         }
     }
+}
+
+/// Reads what the socket holds now, or fails with `WouldBlock`. Unlike `try_read_buf`, a read
+/// that leaves room in the buffer marks the socket drained (tokio's `poll_read` knows that
+/// epoll will report the next data), so the next wait costs no read that returns `EAGAIN`.
+async fn read_available(source: &mut OwnedReadHalf, buffer: &mut Vec<u8>) -> io::Result<usize> {
+    let read = source.read_buf(buffer);
+    tokio::pin!(read);
+    std::future::poll_fn(|context| match read.as_mut().poll(context) {
+        Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+        ready => ready,
+    })
+    .await
 }
 
 fn grow_send_buffer(tcp: &tokio::net::TcpStream) {
@@ -267,8 +329,10 @@ async fn send(
 }
 
 /// Passes an end of stream on. The peer may already be gone, which is no error at this point.
-async fn finish(to: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
-    let _ = to.shutdown().await;
+async fn finish(to: &mut WriteHalf, end: UpstreamEnd) -> io::Result<()> {
+    if end == UpstreamEnd::HalfClose || matches!(to, WriteHalf::Tls(_)) {
+        let _ = to.shutdown().await;
+    }
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use crate::http::proxy::{
 };
 use crate::http::upstream::ConnectError;
 use crate::route::Upstream;
-use crate::session::relay::relay;
+use crate::session::relay::{UpstreamEnd, relay};
 use crate::session::signalled;
 use crate::session::stream::Stream;
 
@@ -800,7 +800,16 @@ async fn upgraded(proxy: &HttpProxy, client: Client, backend: Backend, mut to_cl
     let to_backend = client.buffer.filled().to_vec();
     let traffic = proxy.tunnel_traffic();
     let idle = proxy.settings().tunnel_idle_timeout;
-    let end = relay(client.io, backend.io, to_backend, to_client, idle, &traffic).await;
+    let end = relay(
+        client.io,
+        backend.io,
+        to_backend,
+        to_client,
+        idle,
+        &traffic,
+        UpstreamEnd::HalfClose,
+    )
+    .await;
     tracing::debug!(
         upstream = %backend.upstream,
         ?end,

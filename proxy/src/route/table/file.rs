@@ -1,5 +1,6 @@
 //! A route table in a file, reloaded when it changes.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use mailproxy_crds::route_table::RouteTable;
@@ -40,15 +41,26 @@ fn load(path: &Path) -> Result<RouteTable, FileTableError> {
     })
 }
 
-/// Whether an event in the file's directory can mean new content. Opening and reading are not
-/// changes, and counting them would loop: every reload opens the file, and the open would
-/// trigger the next reload. Closing after a write is (the writer has finished).
-fn may_change_the_file(kind: &EventKind) -> bool {
-    match kind {
+/// Whether an event in the file's directory can mean new content for the file named
+/// `file_name`. Opening and reading are not changes, and counting them would loop: every reload
+/// opens the file, and the open would trigger the next reload. Closing after a write is (the
+/// writer has finished). Events on other files of the directory are not changes either (a
+/// standalone proxy's table may share a busy directory), except Kubernetes' own entries, whose
+/// names start with `..`: a mounted ConfigMap changes by swapping its `..data` symlink, and the
+/// file is a symlink through it. An event naming no file (the kernel's queue overflowed) may
+/// hide anything.
+fn may_change_the_file(event: &notify::Event, file_name: &OsStr) -> bool {
+    let content_may_change = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         _ => true,
-    }
+    };
+    let concerns_the_file = event.paths.is_empty()
+        || event.paths.iter().any(|path| {
+            path.file_name()
+                .is_some_and(|name| name == file_name || name.as_encoded_bytes().starts_with(b".."))
+        });
+    content_may_change && concerns_the_file
 }
 
 /// Loads the table at `path` and keeps it current: every change in the file's directory
@@ -62,8 +74,12 @@ pub fn watch_file(path: impl Into<PathBuf>) -> Result<TableHandle, FileTableErro
     let (publisher, handle) = TablePublisher::new(load(&path)?);
     // Bursts of events (write, chmod, rename) collapse into one pending reload.
     let (wake, mut woken) = mpsc::channel::<()>(1);
+    let file_name = path
+        .file_name()
+        .map(OsStr::to_os_string)
+        .unwrap_or_default();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_err() || event.is_ok_and(|event| may_change_the_file(&event.kind)) {
+        if event.is_err() || event.is_ok_and(|event| may_change_the_file(&event, &file_name)) {
             let _ = wake.try_send(());
         }
     })
@@ -111,21 +127,50 @@ mod tests {
     use super::*;
     use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind};
 
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
     #[test]
     fn reading_the_file_is_not_a_change_writing_and_replacing_it_are() {
-        assert!(!may_change_the_file(&EventKind::Access(AccessKind::Open(
-            AccessMode::Any
-        ))));
-        assert!(!may_change_the_file(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(may_change_the_file(&EventKind::Modify(ModifyKind::Data(
-            DataChange::Any
-        ))));
-        assert!(may_change_the_file(&EventKind::Create(CreateKind::File)));
-        assert!(may_change_the_file(&EventKind::Remove(RemoveKind::File)));
-        assert!(may_change_the_file(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
+        let name = OsStr::new("routes.json");
+        let file = "/etc/mailproxy/routes.json";
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(!may_change_the_file(&event(kind, file), name), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(may_change_the_file(&event(kind, file), name), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn other_files_are_not_changes_kubernetes_symlink_swaps_and_overflows_are() {
+        let name = OsStr::new("routes.json");
+        let written = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(!may_change_the_file(
+            &event(written, "/etc/mailproxy/notes.txt"),
+            name
+        ));
+        assert!(!may_change_the_file(
+            &event(written, "/etc/mailproxy/routes.json.bak"),
+            name
+        ));
+        let swapped = EventKind::Create(CreateKind::Any);
+        assert!(may_change_the_file(
+            &event(swapped, "/etc/mailproxy/..data"),
+            name
+        ));
+        assert!(may_change_the_file(
+            &notify::Event::new(EventKind::Other),
+            name
+        ));
     }
 }

@@ -10,7 +10,7 @@ mod file;
 
 use std::sync::Arc;
 
-pub use configmap::{ConfigMapSource, table_from_configmap};
+pub use configmap::ConfigMapSource;
 pub use file::watch_file;
 use mailproxy_crds::route_table::RouteTable;
 use tokio::sync::watch;
