@@ -1,6 +1,7 @@
-//! Turns fuzzer bytes into a listener configuration and a sequence of reads.
+//! What the IMAP and POP3 pre-login targets share: fuzzer bytes turned into a listener
+//! configuration and a sequence of reads, and the checks every pre-login machine must pass.
 
-use mailproxy::mail::{Limits, StartTlsMode};
+use mailproxy::mail::{Limits, PreLoginEvent, PreLoginMachine, StartTlsMode};
 
 pub struct Plan<'a> {
     pub starttls: StartTlsMode,
@@ -52,6 +53,63 @@ pub fn plan(data: &[u8]) -> Option<Plan<'_>> {
 
 /// Replies are small and proportional to what the client sent; anything else would let a
 /// client amplify its traffic or make the proxy buffer without bound.
-pub fn output_bound(input_len: usize) -> usize {
+fn output_bound(input_len: usize) -> usize {
     32 * input_len + 8192
+}
+
+/// Feeds `plan`'s reads to `session` and checks what every pre-login machine promises: replies
+/// are whole lines and proportional to the input, STARTTLS and the login or close are the last
+/// event of a read and nothing follows them, a login names a user without control characters,
+/// and no more than `buffer_bound` bytes are ever held. `check_login` adds the protocol's own
+/// checks (the upstream commands built from the login).
+pub fn check_pre_login<M: PreLoginMachine>(
+    mut session: M,
+    chunks: Vec<&[u8]>,
+    buffer_bound: usize,
+    mut check_login: impl FnMut(&M, &M::Login),
+) {
+    let mut input_len = 0;
+    let mut output_len = 0;
+    let mut finished = false;
+    let mut awaiting_tls = false;
+    for chunk in chunks {
+        input_len += chunk.len();
+        let events = session.feed(chunk);
+        if finished || awaiting_tls {
+            assert!(events.is_empty(), "events after a terminal event");
+        }
+        if awaiting_tls {
+            session.tls_established();
+            awaiting_tls = false;
+        }
+        let count = events.len();
+        for (index, event) in events.into_iter().enumerate() {
+            let last = index + 1 == count;
+            match event {
+                PreLoginEvent::Reply(bytes) => {
+                    assert!(bytes.ends_with(b"\r\n"));
+                    output_len += bytes.len();
+                }
+                PreLoginEvent::StartTls => {
+                    assert!(last);
+                    awaiting_tls = true;
+                }
+                PreLoginEvent::Login(login) => {
+                    assert!(last);
+                    let credentials = M::credentials(&login);
+                    assert!(!credentials.login.is_empty());
+                    assert!(!credentials.login.chars().any(char::is_control));
+                    check_login(&session, &login);
+                    finished = true;
+                }
+                PreLoginEvent::Close => {
+                    assert!(last);
+                    finished = true;
+                }
+            }
+        }
+        assert!(session.buffered_len() <= buffer_bound);
+        assert!(output_len <= output_bound(input_len));
+    }
+    assert!(session.take_pending_input().len() <= input_len);
 }

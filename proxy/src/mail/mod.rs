@@ -137,6 +137,50 @@ pub(crate) fn wipe(bytes: &mut Vec<u8>) {
     bytes.clear();
 }
 
+/// What a pre-login state machine asks its driver to do, in order. `L` is what a login carries:
+/// the credentials, and for IMAP the command's tag as well.
+#[derive(Debug)]
+pub enum PreLoginEvent<L> {
+    /// Send these bytes to the client.
+    Reply(Vec<u8>),
+    /// Start the TLS handshake now (the protocol's OK has been queued just before), then call
+    /// [`PreLoginMachine::tls_established`]. Input received until then is discarded.
+    StartTls,
+    /// The client logged in; route it and log in upstream. The answer to the client is the
+    /// driver's to send.
+    Login(L),
+    /// Close the connection once the preceding replies are sent.
+    Close,
+}
+
+/// A pre-login state machine (IMAP, POP3) as its driver, and its fuzz target, see it.
+pub trait PreLoginMachine {
+    /// What a [`PreLoginEvent::Login`] carries.
+    type Login;
+
+    /// The login's credentials.
+    fn credentials(login: &Self::Login) -> &Credentials;
+
+    /// What the client is sent on connecting.
+    fn greeting(&self) -> Vec<u8>;
+
+    /// Processes client bytes, split anywhere, and returns what to do. Pipelined commands are
+    /// handled in order until one ends the pre-login phase.
+    fn feed(&mut self, input: &[u8]) -> Vec<PreLoginEvent<Self::Login>>;
+
+    /// Called by the driver once the TLS handshake after STARTTLS/STLS succeeded. Whatever was
+    /// said in plaintext is forgotten, so that commands a man in the middle appended after
+    /// STARTTLS never run inside TLS (CVE-2011-0411).
+    fn tls_established(&mut self);
+
+    /// Bytes the client sent after its login command (pipelined commands), to be forwarded
+    /// upstream once the login is done.
+    fn take_pending_input(&mut self) -> Vec<u8>;
+
+    /// Bytes held for unfinished commands; bounded by the limits.
+    fn buffered_len(&self) -> usize;
+}
+
 /// What a client logged in with, handed to the driver in a `Login` event.
 ///
 /// `login` is exactly what the client sent, suffix included; see [`split_login_suffix`] for the

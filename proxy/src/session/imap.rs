@@ -5,18 +5,18 @@ use tokio::time::Instant;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext, Settings,
-    UpstreamLogin, read_before_login, send, start_tls,
+    Dialect, LoginFailure, Outcome, PreLogin, SessionContext, Settings, UpstreamLogin,
+    answer_until_login,
 };
 use crate::mail::imap::upstream::{
     ImapResponse, ServerCapabilities, authenticate_plain_command, id_command, login_command,
     parse_response,
 };
 use crate::mail::imap::{
-    ClientId, ImapConfig, ImapEvent, ImapPreLogin, ImapStatus, bye_response, login_failed_response,
+    ClientId, ImapConfig, ImapLogin, ImapPreLogin, ImapStatus, bye_response, login_failed_response,
     tagged_response,
 };
-use crate::mail::{Limits, LoginMechanism};
+use crate::mail::{Limits, LoginMechanism, PreLoginMachine};
 
 /// The proxy's own tags on the upstream connection; the client's tag goes on the answer.
 const CAPABILITY_TAG: &str = "P0";
@@ -25,7 +25,7 @@ const LOGIN_TAG: &str = "P2";
 
 /// Greets the client and answers it until it logs in. `Err` ends the session.
 pub(super) async fn pre_login(
-    mut client: super::Stream,
+    client: super::Stream,
     settings: &Settings,
     deadline: Instant,
     context: &SessionContext,
@@ -39,35 +39,20 @@ pub(super) async fn pre_login(
         },
         ..ImapConfig::default()
     });
-    send(&mut client, &machine.greeting(), deadline).await?;
-    let mut buffer = vec![0; PRE_LOGIN_READ];
     let goodbye = bye_response("Autologout; no login in time");
-    loop {
-        let read = read_before_login(&mut client, &mut buffer, deadline, &goodbye).await?;
-        for event in machine.feed(&buffer[..read]) {
-            match event {
-                ImapEvent::Reply(bytes) => send(&mut client, &bytes, deadline).await?,
-                ImapEvent::StartTls => {
-                    client = start_tls(context, client, deadline).await?;
-                    machine.tls_established();
-                }
-                ImapEvent::Login { tag, credentials } => {
-                    let mechanism = credentials.mechanism;
-                    return Ok(PreLogin {
-                        client,
-                        credentials,
-                        pending: machine.take_pending_input(),
-                        dialect: Dialect::Imap {
-                            tag,
-                            mechanism,
-                            client_id: machine.client_id().clone(),
-                        },
-                    });
-                }
-                ImapEvent::Close => return Err(Outcome::Closed),
-            }
-        }
-    }
+    let (client, ImapLogin { tag, credentials }) =
+        answer_until_login(&mut machine, client, &goodbye, deadline, context).await?;
+    let mechanism = credentials.mechanism;
+    Ok(PreLogin {
+        client,
+        credentials,
+        pending: machine.take_pending_input(),
+        dialect: Dialect::Imap {
+            tag,
+            mechanism,
+            client_id: machine.client_id().clone(),
+        },
+    })
 }
 
 /// Logs in to the mailbox server: greeting, capabilities, ID with the client's address

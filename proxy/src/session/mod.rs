@@ -33,7 +33,9 @@ use self::relay::{RelayEnd, Traffic, UpstreamEnd};
 use self::stream::Stream;
 use self::upstream::{UpstreamConnection, UpstreamError};
 use crate::mail::imap::ClientId;
-use crate::mail::{Credentials, LoginMechanism, StartTlsMode, split_login_suffix};
+use crate::mail::{
+    Credentials, LoginMechanism, PreLoginEvent, PreLoginMachine, StartTlsMode, split_login_suffix,
+};
 use crate::route::resolver::{ResolveError, Resolver};
 use crate::route::throttle::{LoginThrottle, ThrottleDecision};
 use crate::route::{LoginContext, Protocol};
@@ -353,6 +355,33 @@ async fn start_tls(
             Err(Outcome::TlsFailed)
         }
         Err(_) => Err(Outcome::TlsFailed),
+    }
+}
+
+/// Greets the client and answers it, as the protocol's `machine` decides, until it logs in.
+/// At `deadline` the client gets `goodbye`. `Err` ends the session.
+async fn answer_until_login<M: PreLoginMachine>(
+    machine: &mut M,
+    mut client: Stream,
+    goodbye: &[u8],
+    deadline: Instant,
+    context: &SessionContext,
+) -> Result<(Stream, M::Login), Outcome> {
+    send(&mut client, &machine.greeting(), deadline).await?;
+    let mut buffer = vec![0; PRE_LOGIN_READ];
+    loop {
+        let read = read_before_login(&mut client, &mut buffer, deadline, goodbye).await?;
+        for event in machine.feed(&buffer[..read]) {
+            match event {
+                PreLoginEvent::Reply(bytes) => send(&mut client, &bytes, deadline).await?,
+                PreLoginEvent::StartTls => {
+                    client = start_tls(context, client, deadline).await?;
+                    machine.tls_established();
+                }
+                PreLoginEvent::Login(login) => return Ok((client, login)),
+                PreLoginEvent::Close => return Err(Outcome::Closed),
+            }
+        }
     }
 }
 

@@ -5,20 +5,20 @@ use tokio::time::Instant;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, LoginFailure, Outcome, PRE_LOGIN_READ, PreLogin, SessionContext, Settings,
-    UpstreamLogin, read_before_login, send, start_tls,
+    Dialect, LoginFailure, Outcome, PreLogin, SessionContext, Settings, UpstreamLogin,
+    answer_until_login,
 };
-use crate::mail::Limits;
 use crate::mail::pop3::upstream::{
     Pop3Reply, auth_plain_command, parse_reply, pass_command, user_command, xoip_command,
 };
 use crate::mail::pop3::{
-    Pop3Config, Pop3Event, Pop3PreLogin, err_response, login_failed_response, ok_response,
+    Pop3Config, Pop3PreLogin, err_response, login_failed_response, ok_response,
 };
+use crate::mail::{Limits, PreLoginMachine};
 
 /// Greets the client and answers it until it logs in. `Err` ends the session.
 pub(super) async fn pre_login(
-    mut client: super::Stream,
+    client: super::Stream,
     settings: &Settings,
     deadline: Instant,
     context: &SessionContext,
@@ -32,30 +32,15 @@ pub(super) async fn pre_login(
         },
         ..Pop3Config::default()
     });
-    send(&mut client, &machine.greeting(), deadline).await?;
-    let mut buffer = vec![0; PRE_LOGIN_READ];
     let goodbye = err_response(b"no login in time, closing");
-    loop {
-        let read = read_before_login(&mut client, &mut buffer, deadline, &goodbye).await?;
-        for event in machine.feed(&buffer[..read]) {
-            match event {
-                Pop3Event::Reply(bytes) => send(&mut client, &bytes, deadline).await?,
-                Pop3Event::StartTls => {
-                    client = start_tls(context, client, deadline).await?;
-                    machine.tls_established();
-                }
-                Pop3Event::Login { credentials } => {
-                    return Ok(PreLogin {
-                        client,
-                        credentials,
-                        pending: machine.take_pending_input(),
-                        dialect: Dialect::Pop3,
-                    });
-                }
-                Pop3Event::Close => return Err(Outcome::Closed),
-            }
-        }
-    }
+    let (client, credentials) =
+        answer_until_login(&mut machine, client, &goodbye, deadline, context).await?;
+    Ok(PreLogin {
+        client,
+        credentials,
+        pending: machine.take_pending_input(),
+        dialect: Dialect::Pop3,
+    })
 }
 
 /// Logs in to the mailbox server: greeting, XOIP with the client's address, then USER/PASS, or

@@ -5,7 +5,7 @@ pub mod session;
 pub mod upstream;
 
 pub use session::{
-    ClientId, ImapConfig, ImapEvent, ImapPreLogin, bye_response, login_failed_response,
+    ClientId, ImapConfig, ImapEvent, ImapLogin, ImapPreLogin, bye_response, login_failed_response,
     tagged_response,
 };
 

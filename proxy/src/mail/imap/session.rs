@@ -11,7 +11,8 @@ use super::parser::{CommandFramer, FrameEvent, ParseError, Token, parse_command}
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
 use crate::mail::{
-    Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode, StartTlsPolicy,
+    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms,
+    StartTlsMode, StartTlsPolicy,
 };
 
 /// RFC 2971 caps ID values at 1024 octets; longer ones are cut rather than refused, since the
@@ -47,22 +48,14 @@ impl Default for ImapConfig {
     }
 }
 
-/// What the driver must do, in order.
+/// What the IMAP driver must do, in order.
+pub type ImapEvent = PreLoginEvent<ImapLogin>;
+
+/// An IMAP login: the answer to the client is tagged with `tag`.
 #[derive(Debug)]
-pub enum ImapEvent {
-    /// Send these bytes to the client.
-    Reply(Vec<u8>),
-    /// Start the TLS handshake now (the `OK` has been queued just before), then call
-    /// [`ImapPreLogin::tls_established`]. Input received until then is discarded.
-    StartTls,
-    /// The client logged in; route it and log in upstream. The answer to the client, tagged
-    /// with `tag`, is the driver's to send.
-    Login {
-        tag: String,
-        credentials: Credentials,
-    },
-    /// Close the connection once the preceding replies are sent.
-    Close,
+pub struct ImapLogin {
+    pub tag: String,
+    pub credentials: Credentials,
 }
 
 /// The `name` and `version` the client gave in its ID command, for the upstream ID.
@@ -98,22 +91,15 @@ pub struct ImapPreLogin {
     pending: Vec<u8>,
 }
 
-impl ImapPreLogin {
-    pub fn new(config: ImapConfig) -> Self {
-        ImapPreLogin {
-            tls_active: config.tls_active,
-            framer: CommandFramer::new(&config.limits),
-            sasl_line: LineReader::new(config.limits.max_line_len),
-            state: State::Command,
-            errors: 0,
-            client_id: ClientId::default(),
-            pending: Vec::new(),
-            config,
-        }
+impl PreLoginMachine for ImapPreLogin {
+    type Login = ImapLogin;
+
+    fn credentials(login: &ImapLogin) -> &Credentials {
+        &login.credentials
     }
 
     /// The untagged greeting, with capabilities so that clients need not ask.
-    pub fn greeting(&self) -> Vec<u8> {
+    fn greeting(&self) -> Vec<u8> {
         format!(
             "* OK [CAPABILITY {}] IMAP4rev1 proxy server ready\r\n",
             self.capabilities()
@@ -123,7 +109,7 @@ impl ImapPreLogin {
 
     /// Processes client bytes, split anywhere, and returns what to do. Pipelined commands are
     /// handled in order until one ends the pre-login phase.
-    pub fn feed(&mut self, mut input: &[u8]) -> Vec<ImapEvent> {
+    fn feed(&mut self, mut input: &[u8]) -> Vec<ImapEvent> {
         let mut out = Vec::new();
         while !input.is_empty() {
             let used = match self.state {
@@ -157,7 +143,7 @@ impl ImapPreLogin {
     /// Called by the driver once the TLS handshake after STARTTLS succeeded. Everything learnt
     /// in plaintext is forgotten: bytes a man in the middle appended after STARTTLS must not
     /// run as commands inside TLS (CVE-2011-0411), and neither may his ID.
-    pub fn tls_established(&mut self) {
+    fn tls_established(&mut self) {
         self.tls_active = true;
         self.framer.reset();
         self.sasl_line.clear();
@@ -167,20 +153,35 @@ impl ImapPreLogin {
         }
     }
 
-    /// What the client said about itself in ID, if anything.
-    pub fn client_id(&self) -> &ClientId {
-        &self.client_id
-    }
-
     /// Bytes the client sent after its login command (pipelined commands), to be forwarded
     /// upstream once the login is done.
-    pub fn take_pending_input(&mut self) -> Vec<u8> {
+    fn take_pending_input(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
     }
 
     /// Bytes held for unfinished commands; bounded by the line and literal limits.
-    pub fn buffered_len(&self) -> usize {
+    fn buffered_len(&self) -> usize {
         self.framer.buffered_len() + self.sasl_line.buffered_len()
+    }
+}
+
+impl ImapPreLogin {
+    pub fn new(config: ImapConfig) -> Self {
+        ImapPreLogin {
+            tls_active: config.tls_active,
+            framer: CommandFramer::new(&config.limits),
+            sasl_line: LineReader::new(config.limits.max_line_len),
+            state: State::Command,
+            errors: 0,
+            client_id: ClientId::default(),
+            pending: Vec::new(),
+            config,
+        }
+    }
+
+    /// What the client said about itself in ID, if anything.
+    pub fn client_id(&self) -> &ClientId {
+        &self.client_id
     }
 
     fn capabilities(&self) -> String {
@@ -397,7 +398,7 @@ impl ImapPreLogin {
         match Credentials::from_client(outcome.login, outcome.password, outcome.authzid, mechanism)
         {
             Some(credentials) => {
-                out.push(ImapEvent::Login { tag, credentials });
+                out.push(ImapEvent::Login(ImapLogin { tag, credentials }));
                 self.state = State::LoggedIn;
             }
             None => self.bad(&tag, out),
@@ -569,7 +570,7 @@ mod tests {
 
     fn expect_login(event: ImapEvent) -> (String, Credentials) {
         match event {
-            ImapEvent::Login { tag, credentials } => (tag, credentials),
+            ImapEvent::Login(ImapLogin { tag, credentials }) => (tag, credentials),
             other => panic!("expected Login, got {other:?}"),
         }
     }
@@ -803,7 +804,9 @@ mod tests {
             for event in s.feed(&[b]) {
                 match event {
                     ImapEvent::Reply(bytes) => text.push_str(std::str::from_utf8(&bytes).unwrap()),
-                    ImapEvent::Login { tag, credentials } => login = Some((tag, credentials)),
+                    ImapEvent::Login(ImapLogin { tag, credentials }) => {
+                        login = Some((tag, credentials))
+                    }
                     other => panic!("unexpected {other:?}"),
                 }
             }

@@ -7,7 +7,8 @@
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
 use crate::mail::{
-    Credentials, Limits, LoginMechanism, SaslMechanisms, StartTlsMode, StartTlsPolicy, wipe,
+    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms,
+    StartTlsMode, StartTlsPolicy, wipe,
 };
 
 /// Listener settings for [`Pop3PreLogin`].
@@ -38,20 +39,8 @@ impl Default for Pop3Config {
     }
 }
 
-/// What the driver must do, in order.
-#[derive(Debug)]
-pub enum Pop3Event {
-    /// Send these bytes to the client.
-    Reply(Vec<u8>),
-    /// Start the TLS handshake now (the `+OK` has been queued just before), then call
-    /// [`Pop3PreLogin::tls_established`]. Input received until then is discarded.
-    StartTls,
-    /// The client logged in; route it and log in upstream. The answer to the client is the
-    /// driver's to send.
-    Login { credentials: Credentials },
-    /// Close the connection once the preceding replies are sent.
-    Close,
-}
+/// What the POP3 driver must do, in order; a login carries the credentials alone.
+pub type Pop3Event = PreLoginEvent<Credentials>;
 
 #[derive(Debug)]
 enum State {
@@ -79,25 +68,20 @@ pub struct Pop3PreLogin {
     pending: Vec<u8>,
 }
 
-impl Pop3PreLogin {
-    pub fn new(config: Pop3Config) -> Self {
-        Pop3PreLogin {
-            tls_active: config.tls_active,
-            line: LineReader::new(config.limits.max_line_len),
-            state: State::Command,
-            errors: 0,
-            pending: Vec::new(),
-            config,
-        }
+impl PreLoginMachine for Pop3PreLogin {
+    type Login = Credentials;
+
+    fn credentials(login: &Credentials) -> &Credentials {
+        login
     }
 
-    pub fn greeting(&self) -> Vec<u8> {
+    fn greeting(&self) -> Vec<u8> {
         b"+OK POP3 ready\r\n".to_vec()
     }
 
     /// Processes client bytes, split anywhere, and returns what to do. Pipelined commands
     /// (RFC 2449 PIPELINING) are handled in order until one ends the pre-login phase.
-    pub fn feed(&mut self, mut input: &[u8]) -> Vec<Pop3Event> {
+    fn feed(&mut self, mut input: &[u8]) -> Vec<Pop3Event> {
         let mut out = Vec::new();
         while !input.is_empty() {
             let used = match self.state {
@@ -130,7 +114,7 @@ impl Pop3PreLogin {
     /// Called by the driver once the TLS handshake after STLS succeeded. Whatever was said in
     /// plaintext is forgotten so that commands a man in the middle appended after STLS never
     /// run inside TLS (CVE-2011-0411).
-    pub fn tls_established(&mut self) {
+    fn tls_established(&mut self) {
         self.tls_active = true;
         self.line.clear();
         if let State::AwaitingTls = self.state {
@@ -140,13 +124,26 @@ impl Pop3PreLogin {
 
     /// Bytes the client sent after its login command, to be forwarded upstream once the login
     /// is done.
-    pub fn take_pending_input(&mut self) -> Vec<u8> {
+    fn take_pending_input(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
     }
 
     /// Bytes held for an unfinished line; bounded by the line limit.
-    pub fn buffered_len(&self) -> usize {
+    fn buffered_len(&self) -> usize {
         self.line.buffered_len()
+    }
+}
+
+impl Pop3PreLogin {
+    pub fn new(config: Pop3Config) -> Self {
+        Pop3PreLogin {
+            tls_active: config.tls_active,
+            line: LineReader::new(config.limits.max_line_len),
+            state: State::Command,
+            errors: 0,
+            pending: Vec::new(),
+            config,
+        }
     }
 
     fn cleartext_login_allowed(&self) -> bool {
@@ -356,7 +353,7 @@ impl Pop3PreLogin {
     ) {
         match Credentials::from_client(login, password, authzid, mechanism) {
             Some(credentials) => {
-                out.push(Pop3Event::Login { credentials });
+                out.push(Pop3Event::Login(credentials));
                 self.state = State::LoggedIn;
             }
             None => self.bad(out),
@@ -461,7 +458,7 @@ mod tests {
 
     fn expect_login(event: Pop3Event) -> Credentials {
         match event {
-            Pop3Event::Login { credentials } => credentials,
+            Pop3Event::Login(credentials) => credentials,
             other => panic!("expected Login, got {other:?}"),
         }
     }
@@ -765,7 +762,7 @@ mod tests {
             for event in s.feed(&[b]) {
                 match event {
                     Pop3Event::Reply(bytes) => text.push_str(std::str::from_utf8(&bytes).unwrap()),
-                    Pop3Event::Login { credentials } => login = Some(credentials),
+                    Pop3Event::Login(credentials) => login = Some(credentials),
                     other => panic!("unexpected {other:?}"),
                 }
             }
