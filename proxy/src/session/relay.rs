@@ -157,9 +157,10 @@ pub(crate) async fn relay(
             &mut upstream_write,
             &traffic.from_client,
             traffic,
-            UpstreamEnd::HalfClose,
         )
-        .await
+        .await?;
+        finish(&mut upstream_write).await;
+        Ok(())
     };
     let client_bound = async {
         forward_first(
@@ -174,9 +175,14 @@ pub(crate) async fn relay(
             &mut client_write,
             &traffic.to_client,
             traffic,
-            upstream_end,
         )
-        .await
+        .await?;
+        // A session that ends here closes its plain sockets, which passes the end on; a TLS
+        // client still gets its close_notify.
+        if upstream_end == UpstreamEnd::HalfClose || matches!(client_write, WriteHalf::Tls(_)) {
+            finish(&mut client_write).await;
+        }
+        Ok(())
     };
     let relayed = async {
         tokio::pin!(upstream_bound, client_bound);
@@ -231,15 +237,12 @@ async fn forward_first(
     Ok(())
 }
 
-/// One direction, until its source ends or fails. The end is passed on as a shutdown of the
-/// destination, unless it ends the session and closing a plain socket will pass it on anyway
-/// (a TLS destination still gets its close_notify).
+/// One direction, until its source ends (passing the end on is the caller's) or fails.
 async fn pump(
     from: &mut ReadHalf,
     to: &mut WriteHalf,
     counter: &Direction,
     traffic: &Traffic,
-    end: UpstreamEnd,
 ) -> io::Result<()> {
     match from {
         ReadHalf::Tcp(source) => {
@@ -252,7 +255,7 @@ async fn pump(
                 let mut buffer = Vec::with_capacity(chunk);
                 loop {
                     match read_available(source, &mut buffer).await {
-                        Ok(0) => return finish(to, end).await,
+                        Ok(0) => return Ok(()),
                         Ok(read) => {
                             send(to, &buffer, counter, traffic).await?;
                             let next = next_chunk(chunk, read);
@@ -277,7 +280,7 @@ async fn pump(
             loop {
                 let read = source.read(&mut buffer).await?;
                 if read == 0 {
-                    return finish(to, end).await;
+                    return Ok(());
                 }
                 send(to, &buffer[..read], counter, traffic).await?;
             }
@@ -329,11 +332,8 @@ async fn send(
 }
 
 /// Passes an end of stream on. The peer may already be gone, which is no error at this point.
-async fn finish(to: &mut WriteHalf, end: UpstreamEnd) -> io::Result<()> {
-    if end == UpstreamEnd::HalfClose || matches!(to, WriteHalf::Tls(_)) {
-        let _ = to.shutdown().await;
-    }
-    Ok(())
+async fn finish(to: &mut WriteHalf) {
+    let _ = to.shutdown().await;
 }
 
 #[cfg(test)]

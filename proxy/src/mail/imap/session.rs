@@ -107,8 +107,6 @@ impl PreLoginMachine for ImapPreLogin {
         .into_bytes()
     }
 
-    /// Processes client bytes, split anywhere, and returns what to do. Pipelined commands are
-    /// handled in order until one ends the pre-login phase.
     fn feed(&mut self, mut input: &[u8]) -> Vec<ImapEvent> {
         let mut out = Vec::new();
         while !input.is_empty() {
@@ -153,8 +151,6 @@ impl PreLoginMachine for ImapPreLogin {
         }
     }
 
-    /// Bytes the client sent after its login command (pipelined commands), to be forwarded
-    /// upstream once the login is done.
     fn take_pending_input(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
     }

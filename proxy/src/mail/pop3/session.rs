@@ -122,8 +122,6 @@ impl PreLoginMachine for Pop3PreLogin {
         }
     }
 
-    /// Bytes the client sent after its login command, to be forwarded upstream once the login
-    /// is done.
     fn take_pending_input(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
     }
