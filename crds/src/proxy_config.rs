@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::settings::MAX_SECONDS;
+
 /// Key of the proxy configuration in its ConfigMap.
 pub const CONFIGMAP_KEY: &str = "config.yaml";
 
@@ -288,35 +290,48 @@ impl ProxyConfig {
             )));
         }
         let http = &config.http;
-        for (name, value) in [
+        for (name, value, min) in [
+            ("shutdownGraceSeconds", config.shutdown_grace_seconds, 0),
             (
                 "http.headerReadTimeoutSeconds",
                 http.header_read_timeout_seconds,
+                1,
             ),
             (
                 "http.tlsHandshakeTimeoutSeconds",
                 http.tls_handshake_timeout_seconds,
+                1,
             ),
             (
                 "http.upstreamConnectTimeoutSeconds",
                 http.upstream_connect_timeout_seconds,
+                1,
             ),
             (
                 "http.upstreamResponseTimeoutSeconds",
                 http.upstream_response_timeout_seconds,
+                1,
             ),
+            ("http.backendDownSeconds", http.backend_down_seconds, 0),
             (
                 "http.bodyIdleTimeoutSeconds",
                 http.body_idle_timeout_seconds,
+                1,
             ),
             (
                 "http.tunnelIdleTimeoutSeconds",
                 http.tunnel_idle_timeout_seconds,
+                1,
             ),
         ] {
-            if value == 0 {
+            if value < min {
                 return Err(invalid(format!(
                     "{name} is 0, which would time every request out: give it at least 1"
+                )));
+            }
+            if value > MAX_SECONDS.unsigned_abs() {
+                return Err(invalid(format!(
+                    "{name} is {value}: give it at most {MAX_SECONDS} seconds (30 days)"
                 )));
             }
         }
@@ -443,6 +458,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(tiny.contains("http.maxHeaderBytes is 100"), "{tiny}");
+        let forever = parse(&format!(
+            "{base}http: {{backendDownSeconds: 18446744073709551615}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            forever.contains(
+                "http.backendDownSeconds is 18446744073709551615: give it at most 2592000"
+            ),
+            "{forever}"
+        );
     }
 
     #[test]

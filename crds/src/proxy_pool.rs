@@ -128,21 +128,21 @@ pub struct WebSpec {
     pub max_header_bytes: i64,
     /// Seconds a client has to send a whole request head (a slowloris guard).
     #[serde(default = "web::header_read_timeout_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("spec.web timeouts must be between 1 second and 30 days (2592000)"))]
     pub header_read_timeout_seconds: i64,
     /// Seconds from sending a request to the mailbox server's response head (504 past it).
     /// Zimbra's web client long-polls for minutes, hence the generous default.
     #[serde(default = "web::upstream_response_timeout_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("spec.web timeouts must be between 1 second and 30 days (2592000)"))]
     pub upstream_response_timeout_seconds: i64,
     /// Seconds a request or response body may stall (no byte moved) before the exchange is
     /// given up.
     #[serde(default = "web::body_idle_timeout_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("spec.web timeouts must be between 1 second and 30 days (2592000)"))]
     pub body_idle_timeout_seconds: i64,
     /// Seconds an upgraded connection (WebSocket) may carry nothing either way.
     #[serde(default = "web::tunnel_idle_timeout_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.web timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("spec.web timeouts must be between 1 second and 30 days (2592000)"))]
     pub tunnel_idle_timeout_seconds: i64,
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::mailbox_server::{MailUpstream, MailboxPorts, MailboxServerSpec};
-use crate::settings::{LoginLimits, StartTlsMode, Timeouts};
+use crate::settings::{LoginLimits, MAX_SECONDS, StartTlsMode, Timeouts};
 
 /// Key of the route table in its ConfigMap.
 pub const CONFIGMAP_KEY: &str = "routes.json";
@@ -39,6 +39,15 @@ pub enum RouteTableError {
         kind: &'static str,
         key: String,
         server: String,
+    },
+    #[error(
+        "route table setting {setting} is {value}: give it between {min} and {MAX_SECONDS} \
+         seconds (30 days)"
+    )]
+    OutOfRange {
+        setting: &'static str,
+        value: i128,
+        min: i64,
     },
 }
 
@@ -118,6 +127,57 @@ pub struct RouteSettings {
     /// (Zimbra's `zimbraReverseProxySSLToUpstreamEnabled`).
     #[serde(default)]
     pub web_upstream_tls: bool,
+}
+
+impl RouteSettings {
+    /// Every duration within `min..=MAX_SECONDS`: the proxies add them to their clock.
+    fn check_ranges(&self) -> Result<(), RouteTableError> {
+        let limits = &self.login_limits;
+        let timeouts = &self.timeouts;
+        for (setting, value, min) in [
+            ("cacheTtlSeconds", i128::from(self.cache_ttl_seconds), 0),
+            (
+                "lookupTimeoutSeconds",
+                i128::from(self.lookup_timeout_seconds),
+                1,
+            ),
+            (
+                "handlerDownSeconds",
+                i128::from(self.handler_down_seconds),
+                0,
+            ),
+            (
+                "loginLimits.ipWindowSeconds",
+                i128::from(limits.ip_window_seconds),
+                1,
+            ),
+            (
+                "loginLimits.userWindowSeconds",
+                i128::from(limits.user_window_seconds),
+                1,
+            ),
+            (
+                "timeouts.preLoginSeconds",
+                i128::from(timeouts.pre_login_seconds),
+                1,
+            ),
+            ("timeouts.idleSeconds", i128::from(timeouts.idle_seconds), 1),
+            (
+                "timeouts.upstreamConnectSeconds",
+                i128::from(timeouts.upstream_connect_seconds),
+                1,
+            ),
+        ] {
+            if !(i128::from(min)..=i128::from(MAX_SECONDS)).contains(&value) {
+                return Err(RouteTableError::OutOfRange {
+                    setting,
+                    value,
+                    min,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for RouteSettings {
@@ -251,6 +311,7 @@ impl RouteTable {
             return Err(RouteTableError::NotAnObject(kind));
         }
         let table: RouteTable = serde_json::from_value(value)?;
+        table.settings.check_ranges()?;
         for (kind, map) in [("account", &table.accounts), ("domain", &table.domains)] {
             for (key, server) in map {
                 if !table.servers.contains_key(server) {
@@ -491,5 +552,28 @@ mod tests {
         let invalid =
             RouteTable::from_configmap(&configmap(Some((CONFIGMAP_KEY, "[1,2")))).unwrap_err();
         assert!(invalid.to_string().contains("pool-routes"), "{invalid}");
+    }
+
+    #[test]
+    fn refuses_durations_a_proxy_cannot_add_to_its_clock() {
+        let huge = RouteTable::from_json(
+            r#"{"settings": {"timeouts": {"idleSeconds": 9223372036854775807}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            huge.to_string().contains(
+                "timeouts.idleSeconds is 9223372036854775807: give it between 1 and 2592000"
+            ),
+            "{huge}"
+        );
+        let zero =
+            RouteTable::from_json(r#"{"settings": {"lookupTimeoutSeconds": 0}}"#).unwrap_err();
+        assert!(
+            zero.to_string().contains("lookupTimeoutSeconds is 0"),
+            "{zero}"
+        );
+        let longest = format!(r#"{{"settings": {{"cacheTtlSeconds": {MAX_SECONDS}}}}}"#);
+        assert!(RouteTable::from_json(&longest).is_ok());
+        assert!(RouteTable::from_json(r#"{"settings": {"cacheTtlSeconds": 0}}"#).is_ok());
     }
 }

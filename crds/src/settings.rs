@@ -3,6 +3,11 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+/// The longest any `...Seconds` setting may be: 30 days (memcached's longest relative expiry).
+/// Settings are refused above it where they are read, so that no deadline a proxy computes
+/// from one can overflow its clock.
+pub const MAX_SECONDS: i64 = 2_592_000;
+
 /// STARTTLS on the plain IMAP and POP3 listeners.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
@@ -36,14 +41,14 @@ pub struct LoginLimits {
     #[x_kube(validation = Rule::new("self >= 0").message("login limits must not be negative"))]
     pub pop3_ip_limit: i64,
     #[serde(default = "defaults::window_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("windowSeconds must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("windowSeconds must be between 1 second and 30 days (2592000)"))]
     pub ip_window_seconds: i64,
     /// Successful logins per user per window.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0").message("login limits must not be negative"))]
     pub user_limit: i64,
     #[serde(default = "defaults::window_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("windowSeconds must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("windowSeconds must be between 1 second and 30 days (2592000)"))]
     pub user_window_seconds: i64,
     /// Client IPs never throttled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -78,15 +83,15 @@ impl LoginLimits {
 pub struct Timeouts {
     /// Time a client has to complete its login (nginx/Zimbra: 60 s).
     #[serde(default = "defaults::pre_login_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("timeouts must be between 1 second and 30 days (2592000)"))]
     pub pre_login_seconds: i64,
     /// Idle time after login before the session is closed (Zimbra: 1 hour).
     #[serde(default = "defaults::idle_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("timeouts must be between 1 second and 30 days (2592000)"))]
     pub idle_seconds: i64,
     /// Time to connect to a mailbox server (Zimbra: 120 s).
     #[serde(default = "defaults::upstream_connect_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("timeouts must be at least 1 second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("timeouts must be between 1 second and 30 days (2592000)"))]
     pub upstream_connect_seconds: i64,
     /// Invalid commands before the proxy disconnects a client that has not logged in.
     #[serde(default = "defaults::max_errors")]

@@ -295,7 +295,15 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
     );
     reject(
         json!({"mailboxSelector": selector, "web": {"tunnelIdleTimeoutSeconds": 0}}),
-        "spec.web timeouts must be at least 1 second",
+        "spec.web timeouts must be between 1 second and 30 days",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "timeouts": {"idleSeconds": 9_223_372_036_854_775_807_i64}}),
+        "timeouts must be between 1 second and 30 days",
+    );
+    reject(
+        json!({"mailboxSelector": selector, "loginLimits": {"userWindowSeconds": 2_592_001}}),
+        "windowSeconds must be between 1 second and 30 days",
     );
     admit(
         "proxypools",

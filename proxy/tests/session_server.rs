@@ -1,6 +1,7 @@
 //! The proxy started in-process through the library API ([`mailproxy::serve::Server`]):
 //! graceful shutdown, certificate and route-table reloads under live sessions, idle timeout,
-//! pipelining after login, refused logins and IP throttling, against a lightweight backend.
+//! pipelining after login, refused logins and IP throttling, `starttls: only` without a
+//! certificate, against a lightweight backend.
 
 mod session_support;
 
@@ -354,6 +355,62 @@ async fn a_client_half_close_is_passed_on_and_the_server_close_ends_the_session(
     )
     .await;
     drop(open);
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_only_reloaded_on_a_proxy_without_certificate_fails_closed() {
+    let fake = FakeImap::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("routes")).unwrap();
+    let routes_path = dir.path().join("routes/routes.json");
+    replace(
+        &routes_path,
+        &routes(&fake, json!({"f.test": "fake"}), json!({"starttls": "on"})),
+    );
+    let (imap, health) = (free_port(), free_port());
+    let yaml = format!(
+        "listeners:\n  - {{protocol: imap, address: '127.0.0.1:{imap}'}}\n\
+         routeTable: {{file: '{}'}}\nhealthListen: '127.0.0.1:{health}'\n\
+         shutdownGraceSeconds: 0\n",
+        routes_path.display()
+    );
+    let config = ProxyConfig::parse(&yaml, Path::new("test.yaml")).unwrap();
+    let server = Server::bind(&config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    drop(Client::logged_in(imap, "u@f.test").await);
+
+    replace(
+        &routes_path,
+        &routes(
+            &fake,
+            json!({"f.test": "fake"}),
+            json!({"starttls": "only"}),
+        ),
+    );
+    eventually("the `only` table", Duration::from_secs(10), async || {
+        let mut client = Client::connect(imap)
+            .await
+            .map_err(|error| error.to_string())?;
+        let greeting = client.line().await.ok_or("no greeting")?;
+        if !greeting.contains("LOGINDISABLED") {
+            return Err(greeting);
+        }
+        assert!(!greeting.contains("STARTTLS"), "{greeting}");
+        client.send("a LOGIN u@f.test pw\r\n").await;
+        assert_eq!(
+            client.line().await.as_deref(),
+            Some("a NO cleartext logins disabled"),
+            "a cleartext login under `only`"
+        );
+        Ok(())
+    })
+    .await;
 
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();

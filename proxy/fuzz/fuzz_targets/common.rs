@@ -1,10 +1,10 @@
 //! What the IMAP and POP3 pre-login targets share: fuzzer bytes turned into a listener
 //! configuration and a sequence of reads, and the checks every pre-login machine must pass.
 
-use mailproxy::mail::{Limits, PreLoginEvent, PreLoginMachine, StartTlsMode};
+use mailproxy::mail::{Limits, PreLoginEvent, PreLoginMachine, StartTls, StartTlsMode};
 
 pub struct Plan<'a> {
-    pub starttls: StartTlsMode,
+    pub starttls: StartTls,
     pub tls_active: bool,
     pub limits: Limits,
     pub chunks: Vec<&'a [u8]>,
@@ -14,10 +14,14 @@ pub struct Plan<'a> {
 /// fuzzer explores commands cut at every possible point as well as whole pipelines.
 pub fn plan(data: &[u8]) -> Option<Plan<'_>> {
     let (&[config, seed], mut rest) = data.split_first_chunk::<2>()?;
-    let starttls = match config & 3 {
+    let mode = match config & 3 {
         0 => StartTlsMode::Off,
         1 => StartTlsMode::On,
         _ => StartTlsMode::Only,
+    };
+    let starttls = StartTls {
+        mode,
+        certificate: config & 4 == 0,
     };
     let limits = if config & 8 != 0 {
         Limits {

@@ -19,22 +19,40 @@ use std::fmt;
 /// setting, so that the state machines take exactly what the operator wrote.
 pub use mailproxy_crds::settings::StartTlsMode;
 
-/// What a [`StartTlsMode`] means for one session.
-pub(crate) trait StartTlsPolicy {
-    /// Whether STARTTLS/STLS is advertised and accepted.
-    fn offers_starttls(self, tls_active: bool) -> bool;
-    /// Whether LOGIN, USER/PASS and AUTHENTICATE are accepted; `only` refuses them until TLS is
-    /// up, which keeps passwords off the wire without trusting the client.
-    fn allows_cleartext_login(self, tls_active: bool) -> bool;
+/// The STARTTLS policy of one session: the route table's mode, and whether this proxy has a
+/// certificate to honour it with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartTls {
+    pub mode: StartTlsMode,
+    pub certificate: bool,
 }
 
-impl StartTlsPolicy for StartTlsMode {
-    fn offers_starttls(self, tls_active: bool) -> bool {
-        self != StartTlsMode::Off && !tls_active
+impl StartTls {
+    /// A proxy with a certificate, doing what `mode` says.
+    pub fn with_certificate(mode: StartTlsMode) -> Self {
+        Self {
+            mode,
+            certificate: true,
+        }
     }
 
-    fn allows_cleartext_login(self, tls_active: bool) -> bool {
-        tls_active || self != StartTlsMode::Only
+    /// Whether STARTTLS/STLS is advertised and accepted: never without a certificate.
+    pub(crate) fn offers_starttls(self, tls_active: bool) -> bool {
+        self.certificate && self.mode != StartTlsMode::Off && !tls_active
+    }
+
+    /// Whether LOGIN, USER/PASS and AUTHENTICATE are accepted; `only` refuses them until TLS is
+    /// up, which keeps passwords off the wire without trusting the client. It does so without a
+    /// certificate too: a route table switched to `only` on such a proxy fails closed (nobody
+    /// logs in) rather than open (passwords in cleartext).
+    pub(crate) fn allows_cleartext_login(self, tls_active: bool) -> bool {
+        tls_active || self.mode != StartTlsMode::Only
+    }
+}
+
+impl Default for StartTls {
+    fn default() -> Self {
+        Self::with_certificate(StartTlsMode::default())
     }
 }
 
@@ -415,13 +433,27 @@ mod tests {
 
     #[test]
     fn starttls_policy() {
-        assert!(!StartTlsMode::Off.offers_starttls(false));
-        assert!(StartTlsMode::On.offers_starttls(false));
-        assert!(StartTlsMode::Only.offers_starttls(false));
-        assert!(!StartTlsMode::Only.offers_starttls(true));
-        assert!(StartTlsMode::Off.allows_cleartext_login(false));
-        assert!(StartTlsMode::On.allows_cleartext_login(false));
-        assert!(!StartTlsMode::Only.allows_cleartext_login(false));
-        assert!(StartTlsMode::Only.allows_cleartext_login(true));
+        let with = StartTls::with_certificate;
+        assert!(!with(StartTlsMode::Off).offers_starttls(false));
+        assert!(with(StartTlsMode::On).offers_starttls(false));
+        assert!(with(StartTlsMode::Only).offers_starttls(false));
+        assert!(!with(StartTlsMode::Only).offers_starttls(true));
+        assert!(with(StartTlsMode::Off).allows_cleartext_login(false));
+        assert!(with(StartTlsMode::On).allows_cleartext_login(false));
+        assert!(!with(StartTlsMode::Only).allows_cleartext_login(false));
+        assert!(with(StartTlsMode::Only).allows_cleartext_login(true));
+    }
+
+    #[test]
+    fn without_a_certificate_starttls_is_never_offered_and_only_fails_closed() {
+        let without = |mode| StartTls {
+            mode,
+            certificate: false,
+        };
+        for mode in [StartTlsMode::Off, StartTlsMode::On, StartTlsMode::Only] {
+            assert!(!without(mode).offers_starttls(false), "{mode:?}");
+        }
+        assert!(without(StartTlsMode::On).allows_cleartext_login(false));
+        assert!(!without(StartTlsMode::Only).allows_cleartext_login(false));
     }
 }

@@ -144,11 +144,9 @@ impl Server {
         let plain_mail_listener = kinds
             .iter()
             .any(|kind| matches!(kind, Service::Mail(kind) if !kind.implicit_tls));
-        if tls.is_none() && plain_mail_listener && current.settings.starttls == StartTlsMode::Only {
-            bail!(
-                "the route table says `starttls: only` but no certificate is configured: add \
-                 tls.certificates, or set starttls to on or off"
-            );
+        let starttls_unusable = tls.is_none() && plain_mail_listener;
+        if starttls_unusable && current.settings.starttls == StartTlsMode::Only {
+            bail!("{STARTTLS_ONLY_WITHOUT_CERTIFICATE}");
         }
 
         let lookup = Arc::new(lookup_client(config)?);
@@ -157,7 +155,7 @@ impl Server {
             .context("the route table's login limits are invalid")?;
         let resolver = Resolver::new(table.clone(), cache.clone(), lookup.clone());
         background.push(resolver.follow_table());
-        background.push(follow_limits(table, throttle.clone()));
+        background.push(follow_settings(table, throttle.clone(), starttls_unusable));
 
         let metrics = SessionMetrics::default();
         let mut registry = Registry::default();
@@ -355,11 +353,27 @@ fn lookup_client(config: &ProxyConfig) -> anyhow::Result<LookupClient> {
 }
 
 /// Login limits follow the route table; an invalid whitelist keeps the limits in force.
-fn follow_limits(mut table: TableHandle, throttle: LoginThrottle) -> JoinHandle<()> {
+const STARTTLS_ONLY_WITHOUT_CERTIFICATE: &str = "the route table says `starttls: only` but no \
+     certificate is configured: add tls.certificates, or set starttls to on or off";
+
+/// Applies what a new route table changes outside the sessions. A table that says `only` where
+/// no certificate can honour it is still served, failing closed: every cleartext login is
+/// refused until it is fixed, so it is reported on each change.
+fn follow_settings(
+    mut table: TableHandle,
+    throttle: LoginThrottle,
+    starttls_unusable: bool,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(current) = table.changed().await {
             if let Err(error) = throttle.set_limits(&current.settings.login_limits) {
                 tracing::error!(%error, "new login limits rejected; keeping the previous ones");
+            }
+            if starttls_unusable && current.settings.starttls == StartTlsMode::Only {
+                tracing::error!(
+                    "{STARTTLS_ONLY_WITHOUT_CERTIFICATE}; until then IMAP and POP3 logins on \
+                     the plain listeners are refused"
+                );
             }
         }
     })

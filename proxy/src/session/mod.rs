@@ -34,7 +34,7 @@ use self::stream::Stream;
 use self::upstream::{UpstreamConnection, UpstreamError};
 use crate::mail::imap::ClientId;
 use crate::mail::{
-    Credentials, LoginMechanism, PreLoginEvent, PreLoginMachine, StartTlsMode, split_login_suffix,
+    Credentials, LoginMechanism, PreLoginEvent, PreLoginMachine, StartTls, split_login_suffix,
 };
 use crate::route::resolver::{ResolveError, Resolver};
 use crate::route::throttle::{LoginThrottle, ThrottleDecision};
@@ -264,7 +264,7 @@ impl Connection {
 /// The route table's session settings when the session started.
 #[derive(Clone, Copy, Debug)]
 struct Settings {
-    starttls: StartTlsMode,
+    starttls: StartTls,
     pre_login: Duration,
     idle: Duration,
     upstream_timeout: Duration,
@@ -275,12 +275,9 @@ impl Settings {
     fn of(table: &RouteSettings, tls_available: bool) -> Self {
         let seconds = |value: i64| Duration::from_secs(u64::try_from(value).unwrap_or(1).max(1));
         Self {
-            // Without a certificate STARTTLS cannot be offered; the server refuses to start
-            // with `only` and no certificate, so this only turns `on` into `off`.
-            starttls: if tls_available {
-                table.starttls
-            } else {
-                StartTlsMode::Off
+            starttls: StartTls {
+                mode: table.starttls,
+                certificate: tls_available,
             },
             pre_login: seconds(table.timeouts.pre_login_seconds),
             idle: seconds(table.timeouts.idle_seconds),

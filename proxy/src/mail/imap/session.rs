@@ -11,8 +11,7 @@ use super::parser::{CommandFramer, FrameEvent, ParseError, Token, parse_command}
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
 use crate::mail::{
-    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms,
-    StartTlsMode, StartTlsPolicy,
+    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms, StartTls,
 };
 
 /// RFC 2971 caps ID values at 1024 octets; longer ones are cut rather than refused, since the
@@ -22,7 +21,7 @@ const MAX_ID_VALUE_LEN: usize = 1024;
 /// Listener settings for [`ImapPreLogin`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImapConfig {
-    pub starttls: StartTlsMode,
+    pub starttls: StartTls,
     /// The connection is already encrypted (implicit TLS, port 993).
     pub tls_active: bool,
     /// Capabilities to advertise. `IMAP4rev1` always comes first, and `STARTTLS`,
@@ -37,7 +36,7 @@ pub struct ImapConfig {
 impl Default for ImapConfig {
     fn default() -> Self {
         ImapConfig {
-            starttls: StartTlsMode::default(),
+            starttls: StartTls::default(),
             tls_active: false,
             capabilities: ["IMAP4rev1", "ID", "LITERAL+", "SASL-IR"]
                 .map(String::from)
@@ -515,6 +514,7 @@ pub fn bye_response(text: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mail::StartTlsMode;
     use base64::Engine;
 
     fn b64(bytes: &[u8]) -> String {
@@ -523,7 +523,7 @@ mod tests {
 
     fn session(starttls: StartTlsMode, tls_active: bool) -> ImapPreLogin {
         ImapPreLogin::new(ImapConfig {
-            starttls,
+            starttls: StartTls::with_certificate(starttls),
             tls_active,
             ..ImapConfig::default()
         })
@@ -535,7 +535,7 @@ mod tests {
 
     fn with_limits(limits: Limits) -> ImapPreLogin {
         ImapPreLogin::new(ImapConfig {
-            starttls: StartTlsMode::Off,
+            starttls: StartTls::with_certificate(StartTlsMode::Off),
             limits,
             ..ImapConfig::default()
         })
@@ -595,7 +595,7 @@ mod tests {
     #[test]
     fn configured_capabilities_cannot_override_derived_ones() {
         let s = ImapPreLogin::new(ImapConfig {
-            starttls: StartTlsMode::Only,
+            starttls: StartTls::with_certificate(StartTlsMode::Only),
             capabilities: [
                 "IDLE",
                 "imap4rev1",
@@ -619,7 +619,7 @@ mod tests {
             "* OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS STARTTLS LOGINDISABLED] IMAP4rev1 proxy server ready\r\n"
         );
         let mut s = ImapPreLogin::new(ImapConfig {
-            starttls: StartTlsMode::Off,
+            starttls: StartTls::with_certificate(StartTlsMode::Off),
             mechanisms: SaslMechanisms {
                 plain: false,
                 login: true,
@@ -981,7 +981,7 @@ mod tests {
     #[test]
     fn disabled_mechanism_is_not_supported() {
         let mut s = ImapPreLogin::new(ImapConfig {
-            starttls: StartTlsMode::Off,
+            starttls: StartTls::with_certificate(StartTlsMode::Off),
             mechanisms: SaslMechanisms {
                 plain: true,
                 login: false,
@@ -991,6 +991,25 @@ mod tests {
         assert_eq!(
             feed_replies(&mut s, b"a AUTHENTICATE LOGIN\r\n"),
             "a NO mechanism not supported\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_only_without_a_certificate_refuses_every_login_and_offers_no_starttls() {
+        let mut s = ImapPreLogin::new(ImapConfig {
+            starttls: StartTls {
+                mode: StartTlsMode::Only,
+                certificate: false,
+            },
+            ..ImapConfig::default()
+        });
+        assert_eq!(
+            String::from_utf8(s.greeting()).unwrap(),
+            "* OK [CAPABILITY IMAP4rev1 ID LITERAL+ SASL-IR LOGINDISABLED] IMAP4rev1 proxy server ready\r\n"
+        );
+        assert_eq!(
+            feed_replies(&mut s, b"a LOGIN bob pw\r\nb STARTTLS\r\n"),
+            "a NO cleartext logins disabled\r\nb BAD invalid command\r\n"
         );
     }
 

@@ -7,14 +7,14 @@
 use crate::mail::line::{LineRead, LineReader};
 use crate::mail::sasl::{self, Exchange, Mechanism, Step};
 use crate::mail::{
-    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms,
-    StartTlsMode, StartTlsPolicy, wipe,
+    Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms, StartTls,
+    wipe,
 };
 
 /// Listener settings for [`Pop3PreLogin`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pop3Config {
-    pub starttls: StartTlsMode,
+    pub starttls: StartTls,
     /// The connection is already encrypted (implicit TLS, port 995).
     pub tls_active: bool,
     /// CAPA lines to list. `USER`, `SASL`, `STLS` and `IMPLEMENTATION` are derived from the TLS
@@ -29,7 +29,7 @@ pub struct Pop3Config {
 impl Default for Pop3Config {
     fn default() -> Self {
         Pop3Config {
-            starttls: StartTlsMode::default(),
+            starttls: StartTls::default(),
             tls_active: false,
             capabilities: ["TOP", "UIDL"].map(String::from).to_vec(),
             implementation: Some("mailproxy".to_string()),
@@ -416,6 +416,7 @@ fn status_line(status: &[u8], text: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mail::StartTlsMode;
     use base64::Engine;
 
     fn b64(bytes: &[u8]) -> String {
@@ -424,7 +425,7 @@ mod tests {
 
     fn session(starttls: StartTlsMode, tls_active: bool) -> Pop3PreLogin {
         Pop3PreLogin::new(Pop3Config {
-            starttls,
+            starttls: StartTls::with_certificate(starttls),
             tls_active,
             ..Pop3Config::default()
         })
@@ -489,7 +490,7 @@ mod tests {
     #[test]
     fn configured_capabilities_cannot_override_derived_ones() {
         let mut s = Pop3PreLogin::new(Pop3Config {
-            starttls: StartTlsMode::Only,
+            starttls: StartTls::with_certificate(StartTlsMode::Only),
             capabilities: [
                 "PIPELINING",
                 "user",
@@ -693,6 +694,21 @@ mod tests {
     }
 
     #[test]
+    fn stls_only_without_a_certificate_refuses_every_login_and_offers_no_stls() {
+        let mut s = Pop3PreLogin::new(Pop3Config {
+            starttls: StartTls {
+                mode: StartTlsMode::Only,
+                certificate: false,
+            },
+            ..Pop3Config::default()
+        });
+        assert_eq!(
+            feed_replies(&mut s, b"CAPA\r\nUSER bob\r\nSTLS\r\n"),
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nIMPLEMENTATION mailproxy\r\n.\r\n-ERR cleartext logins disabled\r\n-ERR invalid command\r\n"
+        );
+    }
+
+    #[test]
     fn starttls_only_refuses_cleartext_logins() {
         let mut s = session(StartTlsMode::Only, false);
         assert_eq!(
@@ -774,7 +790,7 @@ mod tests {
     #[test]
     fn too_many_errors_close() {
         let mut s = Pop3PreLogin::new(Pop3Config {
-            starttls: StartTlsMode::Off,
+            starttls: StartTls::with_certificate(StartTlsMode::Off),
             limits: Limits {
                 max_errors: 3,
                 ..Limits::default()
@@ -792,7 +808,7 @@ mod tests {
     #[test]
     fn too_long_line_closes() {
         let mut s = Pop3PreLogin::new(Pop3Config {
-            starttls: StartTlsMode::Off,
+            starttls: StartTls::with_certificate(StartTlsMode::Off),
             limits: Limits {
                 max_line_len: 32,
                 ..Limits::default()
