@@ -286,7 +286,7 @@ async fn a_refused_login_gets_no_and_purges_the_cached_route() {
     let pki = &backends.pki;
     let files = Files::new(
         &routes(&backends, json!({}), &[]),
-        "account dave@l.test mbs-a\n",
+        "account dave@l.test mbs-a\naccount erin@l.test mbs-b\n",
     );
     let lookupd = RunningLookupd::start(files.config()).await;
     let mut proxy = ProxyProcess::start(
@@ -336,6 +336,33 @@ async fn a_refused_login_gets_no_and_purges_the_cached_route() {
             .unwrap();
         assert_eq!(cached, None, "{mode}: the refused login's route was purged");
     }
+
+    // A server reached over TLS is resolved as `imap` (which says TLS) and then as `imapssl`
+    // (its IMAPS port): a refused login purges both.
+    let b = backends.b.ports();
+    let both_routes = async || {
+        let mut ports = Vec::new();
+        for protocol in [Protocol::Imap, Protocol::ImapSsl] {
+            let cached = cache.get_route(protocol, "erin@l.test", client_ip).await;
+            ports.push(cached.unwrap().map(|upstream| upstream.port));
+        }
+        ports
+    };
+    let good = client(&proxy, pki, "imap", "erin@l.test", BRAVO, &[]).await;
+    assert_ok(&good, "a login routed by the lookup to the TLS server");
+    assert_eq!(both_routes().await, [Some(b.imap), b.imaps]);
+    let bad = client(
+        &proxy,
+        pki,
+        "imap",
+        "erin@l.test",
+        "not-the-password",
+        &["--expect-failure"],
+    )
+    .await;
+    assert_ok(&bad, "a wrong password to the TLS server");
+    assert_eq!(both_routes().await, [None, None], "both routes purged");
+
     let log = proxy.stderr();
     assert!(
         !log.contains("not-the-password") && !log.contains(ALPHA),

@@ -19,7 +19,6 @@ pub enum LineRead {
 
 /// Collects one line at a time from arbitrarily split input, holding at most `max_len - 1`
 /// bytes.
-#[derive(Debug)]
 pub struct LineReader {
     buf: Vec<u8>,
     max_len: usize,

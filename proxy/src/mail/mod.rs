@@ -236,6 +236,10 @@ impl Credentials {
             Some(bytes) if !bytes.is_empty() => Some(identity(bytes)?),
             _ => None,
         };
+        // `user\0user\0pass` (some clients always fill in the authzid) asks for nothing more
+        // than `\0user\0pass`. Kept, it would go upstream next to the login as rewritten by the
+        // route (`user@domain`, a suffix put back) and read as a request to act as another user.
+        let authzid = authzid.filter(|authzid| !authzid.eq_ignore_ascii_case(&login));
         Some(Credentials {
             login,
             password,
@@ -412,6 +416,23 @@ mod tests {
         assert_eq!(creds.password.expose(), b"p\xe4ss word");
         assert_eq!(creds.authzid, None);
         assert_eq!(creds.mechanism, LoginMechanism::AuthPlain);
+    }
+
+    #[test]
+    fn an_authzid_naming_the_login_itself_is_dropped() {
+        let with = |authzid: &[u8]| {
+            Credentials::from_client(
+                b"Bob".to_vec(),
+                b"pw".to_vec(),
+                Some(authzid.to_vec()),
+                LoginMechanism::AuthPlain,
+            )
+            .unwrap()
+            .authzid
+        };
+        assert_eq!(with(b"Bob"), None);
+        assert_eq!(with(b"bob"), None);
+        assert_eq!(with(b"admin").as_deref(), Some("admin"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
-use super::wipe;
+use super::{Password, wipe};
 
 /// Base64 as clients actually send it: standard alphabet, padding optional, since some clients
 /// strip the `=` and refusing them would gain nothing.
@@ -76,11 +76,23 @@ impl Drop for Exchange {
 }
 
 /// Raw identities and secret out of a finished exchange, still to be validated.
-#[derive(Debug)]
 pub(crate) struct Outcome {
     pub(crate) authzid: Option<Vec<u8>>,
     pub(crate) login: Vec<u8>,
     pub(crate) password: Vec<u8>,
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome")
+            .field(
+                "authzid",
+                &self.authzid.as_deref().map(String::from_utf8_lossy),
+            )
+            .field("login", &String::from_utf8_lossy(&self.login))
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The result of feeding an exchange one client message.
@@ -155,8 +167,9 @@ fn decode_plain(mut message: Vec<u8>) -> Option<Outcome> {
     outcome
 }
 
-/// Base64 of a PLAIN message, for logging in upstream with `AUTHENTICATE PLAIN`/`AUTH PLAIN`.
-pub fn encode_plain(authzid: Option<&str>, login: &str, password: &[u8]) -> String {
+/// Base64 of a PLAIN message, for logging in upstream with `AUTHENTICATE PLAIN`/`AUTH PLAIN`:
+/// as secret as the password it encodes, so it is one.
+pub fn encode_plain(authzid: Option<&str>, login: &str, password: &[u8]) -> Password {
     let mut message =
         Vec::with_capacity(login.len() + password.len() + 2 + authzid.map_or(0, str::len));
     message.extend_from_slice(authzid.unwrap_or("").as_bytes());
@@ -164,9 +177,14 @@ pub fn encode_plain(authzid: Option<&str>, login: &str, password: &[u8]) -> Stri
     message.extend_from_slice(login.as_bytes());
     message.push(0);
     message.extend_from_slice(password);
-    let encoded = base64::engine::general_purpose::STANDARD.encode(&message);
+    // Encoded into a buffer of exactly the right size, so that no grown copy is left unwiped.
+    let length = base64::encoded_len(message.len(), true).expect("a login is far below usize");
+    let mut encoded = vec![0; length];
+    base64::engine::general_purpose::STANDARD
+        .encode_slice(&message, &mut encoded)
+        .expect("the buffer has the encoded length");
     wipe(&mut message);
-    encoded
+    Password::new(encoded)
 }
 
 #[cfg(test)]
@@ -303,10 +321,18 @@ mod tests {
     #[test]
     fn encode_plain_round_trips() {
         let encoded = encode_plain(Some("admin"), "bob", b"p\xe4ss");
-        let outcome = done(respond(Exchange::Plain, encoded.as_bytes()));
+        let outcome = done(respond(Exchange::Plain, encoded.expose()));
         assert_eq!(outcome.authzid.as_deref(), Some(&b"admin"[..]));
         assert_eq!(outcome.login, b"bob");
         assert_eq!(outcome.password, b"p\xe4ss");
-        assert_eq!(encode_plain(None, "bob", b"pw"), "AGJvYgBwdw==");
+        assert_eq!(encode_plain(None, "bob", b"pw").expose(), b"AGJvYgBwdw==");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let step = respond(Exchange::Plain, &b64(b"\0bob\0hunter2"));
+        let debug = format!("{step:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("bob"), "{debug}");
     }
 }

@@ -16,7 +16,7 @@ use crate::mail::imap::{
     ClientId, ImapConfig, ImapLogin, ImapPreLogin, ImapStatus, bye_response, login_failed_response,
     tagged_response,
 };
-use crate::mail::{Limits, LoginMechanism, PreLoginMachine};
+use crate::mail::{Limits, LoginMechanism, PreLoginMachine, wipe};
 
 /// The proxy's own tags on the upstream connection; the client's tag goes on the answer.
 const CAPABILITY_TAG: &str = "P0";
@@ -115,8 +115,12 @@ pub(super) async fn log_in_upstream(
             // ID is pipelined with the start of the login: one round trip less per login, and
             // the server still takes the client's address from ID before it runs the login.
             (0, Some(id)) => {
-                // One write for both: a loopback or LAN send costs more than the copy.
-                upstream.send(&[id.as_slice(), piece].concat()).await?;
+                // One write for both: a loopback or LAN send costs more than the copy, which
+                // holds the password and is wiped like the pieces are.
+                let mut first = [id.as_slice(), piece].concat();
+                let sent = upstream.send(&first).await;
+                wipe(&mut first);
+                sent?;
                 // A server that does not support ID says BAD: the login goes on regardless.
                 tagged(upstream, ID_TAG).await?;
             }

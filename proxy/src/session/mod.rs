@@ -607,7 +607,7 @@ async fn log_in_and_relay(
             }
         }
         Err(LoginFailure::Refused(text)) => {
-            context.resolver.forget(&target.login, route).await;
+            target.forget(context).await;
             tokio::time::sleep(context.upstream_failure_wait).await;
             let text = target.mail.pass_errors.then_some(text.as_slice());
             let _ = send(&mut client, &dialect.login_failed(text), answer_by()).await;
@@ -618,7 +618,7 @@ async fn log_in_and_relay(
             context.metrics.upstream_failed(protocol, error.label());
             // The server may be gone for good (a moved account, a replaced pod): the next
             // login should look again rather than trust the cache.
-            context.resolver.forget(&target.login, route).await;
+            target.forget(context).await;
             let _ = send(&mut client, &dialect.unavailable(), answer_by()).await;
             Outcome::UpstreamError
         }

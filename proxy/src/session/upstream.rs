@@ -27,18 +27,37 @@ pub(crate) struct Target {
     /// The login as resolved: its protocol is the one the connection uses (`imapssl` when the
     /// server wants TLS), which is also the cache key a failed login must forget.
     pub(crate) login: LoginContext,
-    pub(crate) tls: bool,
+    /// When the server wants TLS: the plain-protocol resolution that said so. Its cache entry
+    /// is forgotten with the other one, or a stale route there would keep deciding TLS and the
+    /// server's settings for the account.
+    plain: Option<(LoginContext, Resolved)>,
     pub(crate) mail: MailUpstream,
+}
+
+impl Target {
+    pub(crate) fn tls(&self) -> bool {
+        self.plain.is_some()
+    }
+
+    /// Forgets every cached route the login was resolved through, after it failed upstream.
+    pub(crate) async fn forget(&self, context: &SessionContext) {
+        let resolver = &context.resolver;
+        resolver.forget(&self.login, &self.resolved.route).await;
+        if let Some((login, resolved)) = &self.plain {
+            resolver.forget(login, &resolved.route).await;
+        }
+    }
 }
 
 /// Finds the route of `login` (resolved with its plain protocol) and decides TLS from the
 /// server the route leads to. A server that wants TLS is resolved again with `ssl_protocol`, so
 /// that the port is its IMAPS/POP3S port and the route is cached and purged under Zimbra's
-/// `imapssl`/`pop3ssl` keys. A server the table does not know is reached as Zimbra would: in
-/// plain text, with the client's address sent by ID/XOIP.
+/// `imapssl`/`pop3ssl` keys; how to talk to the server (origin, errors) then comes from that
+/// second answer, the server actually dialled. A server the table does not know is reached as
+/// Zimbra would: in plain text, with the client's address sent by ID/XOIP.
 pub(crate) async fn route(
     context: &SessionContext,
-    mut login: LoginContext,
+    login: LoginContext,
     ssl_protocol: Protocol,
 ) -> Result<Target, ResolveError> {
     let resolver = &context.resolver;
@@ -48,16 +67,20 @@ pub(crate) async fn route(
         return Ok(Target {
             resolved,
             login,
-            tls: false,
+            plain: None,
             mail,
         });
     }
-    login.protocol = ssl_protocol;
-    let resolved = resolver.resolve(&login).await?;
+    let ssl_login = LoginContext {
+        protocol: ssl_protocol,
+        ..login.clone()
+    };
+    let ssl_resolved = resolver.resolve(&ssl_login).await?;
+    let mail = server_settings(context, &ssl_resolved);
     Ok(Target {
-        resolved,
-        login,
-        tls: true,
+        resolved: ssl_resolved,
+        login: ssl_login,
+        plain: Some((login, resolved)),
         mail,
     })
 }
@@ -138,7 +161,7 @@ impl UpstreamConnection {
             tcp.write_all(&proxy_protocol::header(client, local))
                 .await?;
         }
-        let stream = if target.tls {
+        let stream = if target.tls() {
             let tls = context
                 .upstream_tls
                 .connect(&upstream.host, tcp)

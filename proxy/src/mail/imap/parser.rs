@@ -17,10 +17,21 @@ pub struct RawCommand {
     segments: Vec<Segment>,
 }
 
-#[derive(Debug, Default)]
+/// The text and literals of a command: a LOGIN's password among them, so `Debug` shows only
+/// their lengths.
+#[derive(Default)]
 struct Segment {
     text: Vec<u8>,
     literal: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("text_len", &self.text.len())
+            .field("literal_len", &self.literal.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 /// What [`CommandFramer::push`] found.
@@ -55,7 +66,6 @@ const TEXT_START: State = State::Text {
 };
 
 /// Reassembles commands, literals included, from arbitrarily split input.
-#[derive(Debug)]
 pub struct CommandFramer {
     max_line_len: usize,
     max_literal_len: usize,
@@ -299,11 +309,22 @@ impl Token {
 }
 
 /// A tokenized command. The command name is upper-cased since IMAP names are case-insensitive.
-#[derive(Debug, PartialEq, Eq)]
+/// The arguments of a LOGIN are a password, so `Debug` counts arguments and shows none.
+#[derive(PartialEq, Eq)]
 pub struct Command {
     pub tag: String,
     pub name: String,
     pub args: Vec<Token>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Command")
+            .field("tag", &self.tag)
+            .field("name", &self.name)
+            .field("args", &self.args.len())
+            .finish()
+    }
 }
 
 impl Drop for Command {
@@ -500,6 +521,19 @@ mod tests {
             Some(FrameEvent::Complete(raw)) => parse_command(raw),
             other => panic!("expected a complete command, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        let input = b"a LOGIN bob {11+}\r\nhunter2-pw!\r\n";
+        let mut framer = CommandFramer::new(&Limits::default());
+        let events = frame_all(&mut framer, input);
+        let framed = format!("{events:?}");
+        assert!(!framed.contains("hunter2"), "{framed}");
+        assert!(framed.contains("literal_len: Some(11)"), "{framed}");
+        let command = format!("{:?}", parse(input).unwrap());
+        assert!(!command.contains("hunter2"), "{command}");
+        assert!(command.contains("LOGIN"), "{command}");
     }
 
     fn atom(s: &str) -> Token {

@@ -64,7 +64,6 @@ pub struct ClientId {
     pub version: Option<String>,
 }
 
-#[derive(Debug)]
 enum State {
     Command,
     Authenticate {
@@ -78,7 +77,6 @@ enum State {
 }
 
 /// One client connection before login.
-#[derive(Debug)]
 pub struct ImapPreLogin {
     config: ImapConfig,
     tls_active: bool,

@@ -84,12 +84,13 @@ pub fn authenticate_plain_command(
     sasl_ir: bool,
 ) -> UpstreamCommand {
     let encoded = sasl::encode_plain(authzid, login, password.expose());
+    let encoded = encoded.expose();
     let pieces = if sasl_ir {
-        vec![format!("{tag} AUTHENTICATE PLAIN {encoded}\r\n").into_bytes()]
+        vec![[tag.as_bytes(), b" AUTHENTICATE PLAIN ", encoded, b"\r\n"].concat()]
     } else {
         vec![
             format!("{tag} AUTHENTICATE PLAIN\r\n").into_bytes(),
-            format!("{encoded}\r\n").into_bytes(),
+            [encoded, b"\r\n"].concat(),
         ]
     };
     UpstreamCommand::new(pieces)

@@ -42,7 +42,6 @@ impl Default for Pop3Config {
 /// What the POP3 driver must do, in order; a login carries the credentials alone.
 pub type Pop3Event = PreLoginEvent<Credentials>;
 
-#[derive(Debug)]
 enum State {
     Command,
     UserGiven {
@@ -58,7 +57,6 @@ enum State {
 }
 
 /// One client connection before login.
-#[derive(Debug)]
 pub struct Pop3PreLogin {
     config: Pop3Config,
     tls_active: bool,

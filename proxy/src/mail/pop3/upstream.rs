@@ -42,13 +42,11 @@ pub fn auth_plain_command(
     initial_response: bool,
 ) -> UpstreamCommand {
     let encoded = sasl::encode_plain(authzid, login, password.expose());
+    let encoded = encoded.expose();
     let pieces = if initial_response {
-        vec![format!("AUTH PLAIN {encoded}\r\n").into_bytes()]
+        vec![[b"AUTH PLAIN ", encoded, b"\r\n"].concat()]
     } else {
-        vec![
-            b"AUTH PLAIN\r\n".to_vec(),
-            format!("{encoded}\r\n").into_bytes(),
-        ]
+        vec![b"AUTH PLAIN\r\n".to_vec(), [encoded, b"\r\n"].concat()]
     };
     UpstreamCommand::new(pieces)
 }
