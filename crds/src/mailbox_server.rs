@@ -29,9 +29,12 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailboxServerSpec {
-    /// DNS name or IP address of a mailbox server outside the cluster.
+    /// DNS name (lower case) or IP address of a mailbox server outside the cluster, without a
+    /// port: the ports are in `ports`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 253 && !self.contains(' ') && !self.contains('/')").message("spec.host must be a DNS name or IP address (1 to 253 characters, no spaces or slashes)"))]
+    // The host becomes part of lookup handler URLs and `host:port` upstreams on every proxy of
+    // the pool, so anything else (a port, user info, `%`, non-ASCII) must be refused here.
+    #[x_kube(validation = Rule::new("isIP(self) || !format.dns1123Subdomain().validate(self).hasValue()").message("spec.host must be a DNS name or IP address: lower-case letters, digits, '-' and '.' (at most 253 characters, such as mbs1.example.com), or an IPv4 or IPv6 address without brackets; no port (set spec.ports instead)"))]
     #[schemars(length(max = 253))]
     pub host: Option<String>,
 

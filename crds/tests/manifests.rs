@@ -183,12 +183,17 @@ fn schema_defaults_fill_a_minimal_proxy_pool_with_zimbra_proxy_defaults() {
 
 #[test]
 fn valid_resources_are_admitted() {
-    admit(
-        "mailboxservers",
-        "MailboxServer",
-        json!({"host": "10.1.2.3"}),
-    )
-    .unwrap();
+    for host in [
+        "h",
+        "mbs1.example.com",
+        "mbs-1.mail.svc.cluster.local",
+        "10.1.2.3",
+        "2001:db8::1",
+        "::1",
+    ] {
+        admit("mailboxservers", "MailboxServer", json!({ "host": host }))
+            .unwrap_or_else(|errors| panic!("{host:?} must be admitted: {errors:?}"));
+    }
     admit(
         "mailboxservers",
         "MailboxServer",
@@ -222,6 +227,29 @@ fn mailbox_server_rejects_bad_ports_addresses_and_entries() {
         "exactly one of spec.host",
     );
     reject(json!({"host": "bad host"}), "DNS name or IP");
+    // Each of these once reached the route table and made every proxy of the pool drop its
+    // whole lookup handler list, or gave upstreams such as `[mbs2.example.com:7072]:7143`.
+    for host in [
+        "",
+        "mbs-\u{fc}.example.com",
+        "admin@mbs2",
+        "mbs2%",
+        "mbs2|x",
+        "mbs2/x",
+        "mbs2.example.com:7072",
+        "10.0.0.1:7143",
+        "[2001:db8::1]",
+        "fe80::1%eth0",
+        "MBS2.example.com",
+        "-mbs2.example.com",
+        "mbs2..example.com",
+        &"a".repeat(254),
+    ] {
+        reject(
+            json!({ "host": host }),
+            "spec.host must be a DNS name or IP address",
+        );
+    }
     reject(json!({"service": "Not_A_Label"}), "DNS-1035");
     reject(
         json!({"host": "h", "accounts": ["nodomain"]}),

@@ -841,6 +841,27 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
         "qualified account names",
     )
     .await;
+    for (name, host) in [
+        ("userinfo", "admin@mbs2"),
+        ("port", "mbs2.example.com:7072"),
+        ("nonascii", "mbs-\u{fc}.example.com"),
+        ("zone", "fe80::1%eth0"),
+    ] {
+        rejected(
+            &typed_servers,
+            mailbox_server(name, json!({}), json!({ "host": host })),
+            "spec.host must be a DNS name or IP address",
+        )
+        .await;
+    }
+    for (name, host) in [("v6", "2001:db8::1"), ("v4", "10.1.2.3")] {
+        apply(
+            &typed_servers,
+            name,
+            mailbox_server(name, json!({}), json!({ "host": host })),
+        )
+        .await;
+    }
     rejected(
         &typed_pools,
         proxy_pool("empty", json!({"mailboxSelector": {}})),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
 use mailproxy::lookupd::RequestOutcome;
 use mailproxy::route::lookup::{
-    AuthMethod, HandlerFailure, HandlerUrl, LookupClient, LookupClientConfig, LookupError,
-    LookupOutcome, MAX_WAIT, ResponseError,
+    AuthMethod, HandlerFailure, HandlerStatus, HandlerUrl, LookupClient, LookupClientConfig,
+    LookupConfigError, LookupError, LookupOutcome, MAX_WAIT, ResponseError,
 };
 use mailproxy::route::{Protocol, Route, Upstream};
 use mailproxy_crds::route_table::RouteTable;
@@ -425,7 +425,7 @@ async fn handler_list_is_replaceable_at_runtime() {
     let mut table = RouteTable::from_json(TABLE).unwrap();
     table.lookup_handlers = vec![one.url(), two.url()];
     table.settings.lookup_timeout_seconds = 2;
-    client.apply_route_table(&table).unwrap();
+    assert_eq!(client.apply_route_table(&table), vec![]);
     for _ in 0..4 {
         client.lookup(&alice, AuthMethod::Username).await.unwrap();
     }
@@ -433,8 +433,72 @@ async fn handler_list_is_replaceable_at_runtime() {
     assert_eq!(two.lookupd.requests(RequestOutcome::Found), 5);
 
     table.lookup_handlers.push("ftp://nope/".to_string());
-    assert!(client.apply_route_table(&table).is_err());
-    assert_eq!(client.handlers().len(), 2, "a bad table changes nothing");
+    let skipped = client.apply_route_table(&table);
+    assert!(
+        matches!(&skipped[..], [LookupConfigError::BadUrl { url, .. }] if url == "ftp://nope/"),
+        "{skipped:?}"
+    );
+    assert_eq!(
+        client.handlers().len(),
+        2,
+        "a bad URL is skipped, the good ones stay"
+    );
+}
+
+/// One MailboxServer with a host that makes no usable URL (admitted before the CRD checked
+/// hosts) must cost the pool its own handler only, on running and new proxies alike.
+#[test]
+fn one_bad_host_costs_only_its_own_lookup_handler() {
+    use mailproxy_crds::mailbox_server::MailboxServerSpec;
+    use mailproxy_crds::route_table::{RouteSettings, ServerSource};
+    let spec = |host: &str| -> MailboxServerSpec {
+        serde_json::from_value(serde_json::json!({ "host": host })).unwrap()
+    };
+    let hosts = [
+        ("good", "10.0.0.1"),
+        ("also-good", "2001:db8::7"),
+        ("user-info", "admin@mbs2"),
+        ("percent", "mbs2%"),
+        ("pipe", "mbs2|x"),
+        ("non-ascii", "mbs-\u{fc}.example.com"),
+        ("with-port", "mbs2.example.com:7072"),
+    ];
+    let specs: Vec<MailboxServerSpec> = hosts.iter().map(|(_, host)| spec(host)).collect();
+    let sources: Vec<ServerSource<'_>> = hosts
+        .iter()
+        .zip(&specs)
+        .map(|((name, host), spec)| ServerSource {
+            name,
+            host: (*host).to_string(),
+            spec,
+        })
+        .collect();
+    let table = RouteTable::compile(&sources, RouteSettings::default(), vec![]);
+    let good = |handlers: Vec<HandlerStatus>| -> Vec<String> {
+        handlers.into_iter().map(|h| h.url.to_string()).collect()
+    };
+    let expected = [
+        "http://[2001:db8::7]:7072/service/extension/nginx-lookup",
+        "http://10.0.0.1:7072/service/extension/nginx-lookup",
+    ];
+
+    let running = LookupClient::new(LookupClientConfig {
+        handlers: vec!["http://10.0.0.2:7072/x".parse().unwrap()],
+        system_roots: false,
+        ..LookupClientConfig::default()
+    })
+    .unwrap();
+    let skipped = running.apply_route_table(&table);
+    assert_eq!(skipped.len(), 5, "{skipped:?}");
+    assert_eq!(good(running.handlers()), expected, "a running proxy");
+
+    let fresh = LookupClient::new(LookupClientConfig {
+        system_roots: false,
+        ..LookupClientConfig::default()
+    })
+    .unwrap();
+    assert_eq!(fresh.apply_route_table(&table).len(), 5);
+    assert_eq!(good(fresh.handlers()), expected, "a new proxy");
 }
 
 #[tokio::test]

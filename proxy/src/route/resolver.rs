@@ -174,9 +174,8 @@ impl Resolver {
     }
 
     fn apply(&self, table: &RouteTable) {
-        if let Err(error) = self.inner.lookup.apply_route_table(table) {
-            tracing::error!(%error, "route table has an invalid lookup handler URL; keeping the previous handlers");
-        }
+        // Each URL the client cannot use is logged there; the usable ones are taken.
+        self.inner.lookup.apply_route_table(table);
         if let Err(error) = self.inner.cache.set_servers(&table.memcached_servers) {
             tracing::error!(%error, "route table has an invalid memcached server; keeping the previous servers");
         }

@@ -35,7 +35,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::AuthMethod;
 use super::request::{RequestError, build_request};
@@ -106,8 +106,28 @@ impl FromStr for HandlerUrl {
         if authority.as_str().contains('@') {
             return Err(bad("user information is not supported"));
         }
-        if authority.host().is_empty() {
+        let host = authority.host();
+        if host.is_empty() {
             return Err(bad("no host"));
+        }
+        // The URI parser takes anything between brackets and characters such as `%` or `|` in
+        // a host; such a handler could never be reached, so it is refused with the reason.
+        match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(literal) => {
+                if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(bad("the host in brackets is not an IPv6 address"));
+                }
+            }
+            None => {
+                if !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+                {
+                    return Err(bad(
+                        "the host must be a DNS name, an IPv4 address or an IPv6 address in brackets",
+                    ));
+                }
+            }
         }
         Ok(Self {
             text: uri.to_string(),
@@ -417,19 +437,30 @@ impl LookupClient {
         state.down_period = down_period;
     }
 
-    /// Takes the handlers and timing of a (re)loaded route table. On a bad URL nothing changes.
-    pub fn apply_route_table(&self, table: &RouteTable) -> Result<(), LookupConfigError> {
+    /// Takes the handlers and timing of a (re)loaded route table. A handler URL the client
+    /// cannot use is logged and skipped, and the others are taken: each URL comes from one
+    /// MailboxServer, and one bad server must not cost the pool every handler. Returns why each
+    /// skipped URL was skipped.
+    pub fn apply_route_table(&self, table: &RouteTable) -> Vec<LookupConfigError> {
+        let mut skipped = Vec::new();
         let handlers = table
             .lookup_handlers
             .iter()
-            .map(|url| url.parse())
-            .collect::<Result<Vec<HandlerUrl>, _>>()?;
+            .filter_map(|url| match url.parse::<HandlerUrl>() {
+                Ok(handler) => Some(handler),
+                Err(error) => {
+                    error!(%url, %error, "skipping a lookup handler of the route table; the others stay in use. Fix spec.host, spec.ports.lookup or spec.lookupScheme of the MailboxServer it comes from");
+                    skipped.push(error);
+                    None
+                }
+            })
+            .collect();
         self.set_handlers(handlers);
         self.set_timing(
             Duration::from_secs(table.settings.lookup_timeout_seconds.max(1)),
             Duration::from_secs(table.settings.handler_down_seconds),
         );
-        Ok(())
+        skipped
     }
 
     /// Whether any handler is configured (a lookup without one fails at once).
@@ -639,12 +670,31 @@ mod tests {
             "ftp://h/x",
             "http:///x",
             "http://user:pw@h/x",
+            "http://admin@mbs2:7072/x",
+            "http://mbs2%:7072/x",
+            "http://mbs2|x:7072/x",
+            "http://mbs-\u{fc}.example.com:7072/x",
+            "http://[mbs2.example.com:7072]:7072/x",
             "not a url",
             "",
         ] {
             assert!(
                 bad.parse::<HandlerUrl>().is_err(),
                 "{bad:?} must be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn handler_urls_with_ip_literals() {
+        for good in [
+            "http://10.0.0.1:7072/x",
+            "https://[2001:db8::5]:7072/x",
+            "http://mbs_1/x",
+        ] {
+            assert!(
+                good.parse::<HandlerUrl>().is_ok(),
+                "{good:?} must be accepted"
             );
         }
     }
