@@ -334,3 +334,136 @@ async fn with_every_handler_down_the_domain_entry_routes_and_others_get_a_clear_
         "{error:?}"
     );
 }
+
+/// A draining server at 10.0.0.9 (Zimbra's default ports), a serving one at 10.8.8.8 and a
+/// domain entry on the serving one.
+fn drain_table(handlers: &[String], memcached: &[String]) -> RouteTable {
+    let mut table = RouteTable::from_json(
+        r#"{
+            "servers": {
+                "old": {"host": "10.0.0.9", "draining": true},
+                "new": {"host": "10.8.8.8"}
+            },
+            "domains": {"fallback.example": "new"}
+        }"#,
+    )
+    .unwrap();
+    table.lookup_handlers = handlers.to_vec();
+    table.memcached_servers = memcached.to_vec();
+    table
+}
+
+const ON_OLD: &str = "10.0.0.9";
+const ON_NEW: &str = "10.8.8.8";
+
+fn at(host: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(host.parse().unwrap(), port)
+}
+
+#[tokio::test]
+async fn a_route_cached_before_a_drain_is_deleted_and_the_login_resolved_again() {
+    let handler = http_support::Handler::start(
+        [("moved@example.com".to_string(), at(ON_NEW, 7143))].into(),
+        [("id-moved".to_string(), at(ON_NEW, 8080))].into(),
+    )
+    .await;
+    for memcached in [None, Some(Memcached::start().unwrap())] {
+        let servers: Vec<String> = memcached.iter().map(Memcached::addr).collect();
+        let resolver = proxy(drain_table(&[handler.url()], &servers));
+        let cache = resolver.cache();
+        let hour = Duration::from_secs(3600);
+        let old_imap = Upstream::new(ON_OLD, 7143);
+
+        // Learned by lookup before the drain; the handler now knows better.
+        let moved = login("moved@example.com", Protocol::Imap);
+        cache
+            .put_route(
+                moved.protocol,
+                &moved.user,
+                moved.client_ip,
+                &old_imap,
+                hour,
+            )
+            .await
+            .unwrap();
+        let resolved = resolver.resolve(&moved).await.unwrap();
+        assert_eq!(resolved.source, RouteSource::Lookup);
+        assert_eq!(resolved.route.upstream, Upstream::new(ON_NEW, 7143));
+        assert_eq!(resolved.server.as_deref(), Some("new"));
+
+        // The handler does not know it: the domain entry routes, and the stale entry is gone.
+        let alice = login("alice@fallback.example", Protocol::Imap);
+        cache
+            .put_route(
+                alice.protocol,
+                &alice.user,
+                alice.client_ip,
+                &old_imap,
+                hour,
+            )
+            .await
+            .unwrap();
+        let resolved = resolver.resolve(&alice).await.unwrap();
+        assert_eq!(resolved.source, RouteSource::TableDomain);
+        assert_eq!(resolved.server.as_deref(), Some("new"));
+        assert_eq!(
+            cache
+                .get_route(alice.protocol, &alice.user, alice.client_ip)
+                .await
+                .unwrap(),
+            None,
+            "the route to the draining server is deleted (memcached: {})",
+            memcached.is_some()
+        );
+
+        // Web routing by account id.
+        let id = login("id-moved", Protocol::Http);
+        cache
+            .put_route_by_id(id.protocol, &id.user, &Upstream::new(ON_OLD, 8080), hour)
+            .await
+            .unwrap();
+        let resolved = resolver.resolve_account_id(&id).await.unwrap();
+        assert_eq!(resolved.source, RouteSource::Lookup);
+        assert_eq!(resolved.route.upstream, Upstream::new(ON_NEW, 8080));
+    }
+}
+
+#[tokio::test]
+async fn a_lookup_answer_naming_a_draining_server_is_not_used_nor_cached() {
+    let handler = http_support::Handler::start(
+        [("leaving@fallback.example".to_string(), at(ON_OLD, 7143))].into(),
+        [("id-leaving".to_string(), at(ON_OLD, 8080))].into(),
+    )
+    .await;
+    let resolver = proxy(drain_table(&[handler.url()], &[]));
+
+    let leaving = login("leaving@fallback.example", Protocol::Imap);
+    let error = resolver.resolve(&leaving).await.unwrap_err();
+    assert!(
+        matches!(&error, ResolveError::Unavailable { reason } if reason.contains("on old, which is draining")),
+        "the mailbox is on the draining server, so the domain's server cannot take it: {error:?}"
+    );
+    assert_eq!(
+        resolver
+            .cache()
+            .get_route(leaving.protocol, &leaving.user, leaving.client_ip)
+            .await
+            .unwrap(),
+        None
+    );
+
+    let id = login("id-leaving", Protocol::Http);
+    let error = resolver.resolve_account_id(&id).await.unwrap_err();
+    assert!(
+        matches!(&error, ResolveError::Unavailable { reason } if reason.contains("draining")),
+        "{error:?}"
+    );
+    assert_eq!(
+        resolver
+            .cache()
+            .get_route_by_id(id.protocol, &id.user)
+            .await
+            .unwrap(),
+        None
+    );
+}

@@ -3,7 +3,9 @@
 //! For a login: the route table's pinned account, then the route cache, then a live lookup
 //! (whose answer is cached for the fleet), then the route table's domain entry. The domain entry
 //! is the fallback both when no handler can answer and when the handler does not know the
-//! account: a pool may front backends that the handlers only partly cover.
+//! account: a pool may front backends that the handlers only partly cover. A draining server
+//! gets no new session from any of these: a cached route to it is deleted and counts as a miss,
+//! and a lookup answer naming it is neither used nor cached.
 //!
 //! A login storm after a restart must not become a handler storm: concurrent cache misses for
 //! the same login share one lookup. The lookup runs in its own task, so a client that hangs up
@@ -192,8 +194,7 @@ impl Resolver {
                 RouteSource::TableAccount,
             )));
         }
-        if let Some(route) = self.cached(login).await {
-            let server = server_at(&table, &route.upstream);
+        if let Some((route, server)) = self.cached_serving(login, &table).await {
             return Ok(self.count(Resolved {
                 route,
                 source: RouteSource::Cache,
@@ -227,8 +228,7 @@ impl Resolver {
     /// web client opens several connections at once, each carrying the same token.
     pub async fn resolve_account_id(&self, login: &LoginContext) -> Result<Resolved, ResolveError> {
         let table = self.inner.table.current();
-        if let Some(upstream) = self.cached_by_id(login).await {
-            let server = server_at(&table, &upstream);
+        if let Some((upstream, server)) = self.cached_by_id_serving(login, &table).await {
             return Ok(self.count(Resolved {
                 route: Route {
                     upstream,
@@ -315,6 +315,54 @@ impl Resolver {
             .failed
             .get_or_create(&FailureLabels { reason })
             .inc();
+    }
+
+    /// The cached route of a login and the table's server at its address, unless that server
+    /// is draining: its entry is then deleted and it is a miss, so that a route learned before
+    /// the drain sends no new session there.
+    async fn cached_serving(
+        &self,
+        login: &LoginContext,
+        table: &RouteTable,
+    ) -> Option<(Route, Option<String>)> {
+        let route = self.cached(login).await?;
+        let server = server_at(table, &route.upstream);
+        if is_draining(table, server.as_deref()) {
+            tracing::debug!(user = %login.user, server = ?server, "cached route points at a draining server; resolving the login again");
+            if let Err(error) = self
+                .inner
+                .cache
+                .forget_login(login, route.account.as_deref())
+                .await
+            {
+                tracing::warn!(%error, "could not delete a cached route to a draining server");
+            }
+            return None;
+        }
+        Some((route, server))
+    }
+
+    /// As [`Resolver::cached_serving`], for an account id.
+    async fn cached_by_id_serving(
+        &self,
+        login: &LoginContext,
+        table: &RouteTable,
+    ) -> Option<(Upstream, Option<String>)> {
+        let upstream = self.cached_by_id(login).await?;
+        let server = server_at(table, &upstream);
+        if is_draining(table, server.as_deref()) {
+            tracing::debug!(account_id = %login.user, server = ?server, "cached route points at a draining server; resolving the account id again");
+            if let Err(error) = self
+                .inner
+                .cache
+                .delete_route_by_id(login.protocol, &login.user)
+                .await
+            {
+                tracing::warn!(%error, "could not delete a cached route to a draining server");
+            }
+            return None;
+        }
+        Some((upstream, server))
     }
 
     /// The cached route of an account id. A cache error is a miss.
@@ -410,8 +458,7 @@ impl Resolver {
         // A flight that just ended has cached its route before leaving the flight map; a login
         // that missed the cache before that write and arrives after it finds the route here
         // instead of sending a second lookup.
-        if let Some(route) = self.cached(login).await {
-            let server = server_at(&table, &route.upstream);
+        if let Some((route, server)) = self.cached_serving(login, &table).await {
             return Ok(Resolved {
                 route,
                 source: RouteSource::Cache,
@@ -421,8 +468,9 @@ impl Resolver {
         let outcome = self.inner.lookup.lookup(login, AuthMethod::Username).await;
         let refusal = match outcome {
             Ok(LookupOutcome::Found { route, cache_alias }) => {
-                self.remember(login, &route, cache_alias, &table).await;
                 let server = server_at(&table, &route.upstream);
+                refuse_draining(login, &table, server.as_deref())?;
+                self.remember(login, &route, cache_alias, &table).await;
                 return Ok(Resolved {
                     route,
                     source: RouteSource::Lookup,
@@ -440,8 +488,7 @@ impl Resolver {
     async fn lookup_id_and_cache(&self, login: &LoginContext) -> FlightResult {
         let table = self.inner.table.current();
         // As in `lookup_and_cache`: a flight that just ended may have cached the route.
-        if let Some(upstream) = self.cached_by_id(login).await {
-            let server = server_at(&table, &upstream);
+        if let Some((upstream, server)) = self.cached_by_id_serving(login, &table).await {
             return Ok(Resolved {
                 route: Route {
                     upstream,
@@ -453,6 +500,8 @@ impl Resolver {
         }
         match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
             Ok(LookupOutcome::Found { route, .. }) => {
+                let server = server_at(&table, &route.upstream);
+                refuse_draining(login, &table, server.as_deref())?;
                 let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
                 if let Err(error) = self
                     .inner
@@ -462,7 +511,6 @@ impl Resolver {
                 {
                     tracing::debug!(%error, "could not cache a learned route");
                 }
-                let server = server_at(&table, &route.upstream);
                 Ok(Resolved {
                     route,
                     source: RouteSource::Lookup,
@@ -554,6 +602,31 @@ fn pinned(name: &str, server: &RouteServer, protocol: Protocol, source: RouteSou
         },
         source,
         server: Some(name.to_string()),
+    }
+}
+
+fn is_draining(table: &RouteTable, server: Option<&str>) -> bool {
+    server
+        .and_then(|name| table.servers.get(name))
+        .is_some_and(|server| server.draining)
+}
+
+/// A handler's answer naming a draining server is not used: the account's mailbox is there, so
+/// no other server can take the login, and the drained server must get no new sessions. The
+/// login fails as temporarily unavailable (the client retries later) and nothing is cached.
+fn refuse_draining(
+    login: &LoginContext,
+    table: &RouteTable,
+    server: Option<&str>,
+) -> Result<(), ResolveError> {
+    match server {
+        Some(name) if is_draining(table, Some(name)) => Err(ResolveError::Unavailable {
+            reason: format!(
+                "the route lookup puts {} on {name}, which is draining (spec.drain)",
+                login.user
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
