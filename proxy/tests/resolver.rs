@@ -467,3 +467,170 @@ async fn a_lookup_answer_naming_a_draining_server_is_not_used_nor_cached() {
         None
     );
 }
+
+/// A Route Lookup Handler that qualifies `john` as Zimbra's does, by the domain bound to the
+/// virtual host (web) or else the proxy address (mail) the client came to, and answers no request
+/// before `together` have arrived (or 5 s have passed): logins started together are then
+/// certainly in flight at the same time.
+struct QualifyingHandler {
+    url: String,
+    asked: tokio::sync::watch::Sender<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QualifyingHandler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl QualifyingHandler {
+    /// `domains`: X-Proxy-Host, else X-Proxy-IP, to the account `john` stands for there and
+    /// its server.
+    async fn start(domains: &[(&str, &str, std::net::SocketAddr)], together: usize) -> Self {
+        use http_body_util::Empty;
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}{}",
+            listener.local_addr().unwrap(),
+            mailproxy_crds::route_table::LOOKUP_PATH
+        );
+        let domains: Arc<Vec<(String, String, std::net::SocketAddr)>> = Arc::new(
+            domains
+                .iter()
+                .map(|(arrival, account, server)| {
+                    (arrival.to_string(), account.to_string(), *server)
+                })
+                .collect(),
+        );
+        let (asked, _) = tokio::sync::watch::channel(0);
+        let counter = asked.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let domains = domains.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                            let domains = domains.clone();
+                            let counter = counter.clone();
+                            async move {
+                                let header = |name: &str| {
+                                    request
+                                        .headers()
+                                        .get(name)
+                                        .and_then(|value| value.to_str().ok())
+                                        .map(str::to_string)
+                                };
+                                let arrival = header("x-proxy-host")
+                                    .or_else(|| header("x-proxy-ip"))
+                                    .unwrap_or_default();
+                                let mut all_in = counter.subscribe();
+                                counter.send_modify(|asked| *asked += 1);
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    all_in.wait_for(|asked| *asked >= together),
+                                )
+                                .await;
+                                let mut response =
+                                    http::Response::new(Empty::<bytes::Bytes>::new());
+                                let headers = response.headers_mut();
+                                match domains.iter().find(|(at, ..)| *at == arrival) {
+                                    Some((_, account, server)) => {
+                                        headers.insert("auth-status", "OK".parse().unwrap());
+                                        headers.insert(
+                                            "auth-server",
+                                            server.ip().to_string().parse().unwrap(),
+                                        );
+                                        headers.insert(
+                                            "auth-port",
+                                            server.port().to_string().parse().unwrap(),
+                                        );
+                                        headers.insert("auth-user", account.parse().unwrap());
+                                        headers.insert("auth-cache-alias", "TRUE".parse().unwrap());
+                                    }
+                                    None => {
+                                        headers
+                                            .insert("auth-status", "login failed".parse().unwrap());
+                                        headers.insert("auth-wait", "0".parse().unwrap());
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self { url, asked, task }
+    }
+
+    fn asked(&self) -> usize {
+        *self.asked.borrow()
+    }
+}
+
+#[tokio::test]
+async fn the_same_short_name_on_two_proxy_addresses_at_once_reaches_two_accounts() {
+    let (a, b) = (at("127.0.0.1", 1143), at("127.0.0.1", 2143));
+    let handler = QualifyingHandler::start(
+        &[
+            ("10.1.2.3", "john@a.example", a),
+            ("10.1.2.4", "john@b.example", b),
+        ],
+        2,
+    )
+    .await;
+    let mut table = proxy_table(std::slice::from_ref(&handler.url), &[], 3600);
+    // Longer than the handler holds a lone request: one shared lookup then shows as a login
+    // routed to the other account rather than as a timeout.
+    table.settings.lookup_timeout_seconds = 15;
+    let resolver = proxy(table);
+    let mut to_a = login("john", Protocol::Imap);
+    to_a.proxy_ip = Some("10.1.2.3".parse().unwrap());
+    let mut to_b = to_a.clone();
+    to_b.proxy_ip = Some("10.1.2.4".parse().unwrap());
+
+    let (on_a, on_b) = tokio::join!(resolver.resolve(&to_a), resolver.resolve(&to_b));
+    let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
+    assert_eq!(on_a.route.account.as_deref(), Some("john@a.example"));
+    assert_eq!(on_a.route.upstream.port, 1143);
+    assert_eq!(on_b.route.account.as_deref(), Some("john@b.example"));
+    assert_eq!(on_b.route.upstream.port, 2143);
+    assert_eq!(handler.asked(), 2);
+}
+
+#[tokio::test]
+async fn the_same_short_name_on_two_virtual_hosts_at_once_reaches_two_accounts() {
+    let (a, b) = (at("127.0.0.1", 8080), at("127.0.0.1", 9080));
+    let handler = QualifyingHandler::start(
+        &[
+            ("mail.a.example", "john@a.example", a),
+            ("mail.b.example", "john@b.example", b),
+        ],
+        2,
+    )
+    .await;
+    let mut table = proxy_table(std::slice::from_ref(&handler.url), &[], 3600);
+    // Longer than the handler holds a lone request: one shared lookup then shows as a login
+    // routed to the other account rather than as a timeout.
+    table.settings.lookup_timeout_seconds = 15;
+    let resolver = proxy(table);
+    let mut to_a = login("john", Protocol::Http);
+    to_a.virtual_host = Some("mail.a.example".to_string());
+    let mut to_b = to_a.clone();
+    to_b.virtual_host = Some("mail.b.example".to_string());
+
+    let (on_a, on_b) = tokio::join!(resolver.resolve(&to_a), resolver.resolve(&to_b));
+    let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
+    assert_eq!(on_a.route.account.as_deref(), Some("john@a.example"));
+    assert_eq!(on_a.route.upstream.port, 8080);
+    assert_eq!(on_b.route.account.as_deref(), Some("john@b.example"));
+    assert_eq!(on_b.route.upstream.port, 9080);
+    assert_eq!(handler.asked(), 2);
+}

@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::cache::keys::is_qualified;
 use super::cache::{AliasScope, RouteCache};
 use super::lookup::{AuthMethod, LookupClient, LookupError, LookupOutcome};
 use super::table::TableHandle;
@@ -74,35 +75,57 @@ pub enum ResolveError {
 type FlightResult = Result<Resolved, ResolveError>;
 type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
-/// Concurrent misses share a lookup when they would send the same request: same method, same
-/// protocol, same login (account names compared case-insensitively; account ids as they are,
-/// since they are cached as they are), and for unqualified names the same client address (the
-/// key Zimbra caches them under).
+/// Concurrent misses share a lookup when its answer would be the same for each of them, and
+/// each would cache it under the same keys (only the first login's task writes the cache): same
+/// method, same protocol, same login (account names compared case-insensitively; account ids as
+/// they are, since they are cached as they are). An unqualified name also needs the same client
+/// address (Zimbra's cache key for it), proxy address and virtual host: the handler qualifies it
+/// by the domain bound to the address or host the client came to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FlightKey {
     method: AuthMethod,
     protocol: Protocol,
     user: String,
-    client_ip: Option<IpAddr>,
+    unqualified: Option<Arrival>,
+}
+
+/// Where an unqualified login came from and to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Arrival {
+    client_ip: IpAddr,
+    proxy_ip: Option<IpAddr>,
+    virtual_host: Option<String>,
 }
 
 impl FlightKey {
     fn of(login: &LoginContext, method: AuthMethod) -> Self {
+        // Every field `build_request` sends is named here, so that a field added to the login
+        // (and so to the request) cannot be left out of the key unnoticed. The attempt number
+        // is left out: it counts this connection's tries and routes nothing.
+        let LoginContext {
+            user,
+            protocol,
+            client_ip,
+            proxy_ip,
+            virtual_host,
+            attempt: _,
+        } = login;
         match method {
-            AuthMethod::Username => {
-                let qualified = login.user.contains('@');
-                Self {
-                    method,
-                    protocol: login.protocol,
-                    user: login.user.to_lowercase(),
-                    client_ip: (!qualified).then_some(login.client_ip),
-                }
-            }
+            AuthMethod::Username => Self {
+                method,
+                protocol: *protocol,
+                user: user.to_lowercase(),
+                unqualified: (!is_qualified(user)).then(|| Arrival {
+                    client_ip: *client_ip,
+                    proxy_ip: *proxy_ip,
+                    virtual_host: virtual_host.clone(),
+                }),
+            },
             AuthMethod::ZimbraId => Self {
                 method,
-                protocol: login.protocol,
-                user: login.user.clone(),
-                client_ip: None,
+                protocol: *protocol,
+                user: user.clone(),
+                unqualified: None,
             },
         }
     }
@@ -642,4 +665,72 @@ fn server_at(table: &RouteTable, upstream: &Upstream) -> Option<String> {
                     .any(|p| p.port_of(&server.ports) == i32::from(upstream.port))
         })
         .map(|(name, _)| name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(user: &str) -> LoginContext {
+        LoginContext {
+            user: user.to_string(),
+            protocol: Protocol::Imap,
+            client_ip: IpAddr::from([203, 0, 113, 7]),
+            proxy_ip: Some(IpAddr::from([10, 1, 2, 3])),
+            virtual_host: None,
+            attempt: 1,
+        }
+    }
+
+    fn key(login: &LoginContext) -> FlightKey {
+        FlightKey::of(login, AuthMethod::Username)
+    }
+
+    #[test]
+    fn unqualified_logins_share_a_lookup_only_when_they_arrived_the_same_way() {
+        let john = login("john");
+        let mut other_proxy_ip = john.clone();
+        other_proxy_ip.proxy_ip = Some(IpAddr::from([10, 1, 2, 4]));
+        let mut other_host = john.clone();
+        other_host.virtual_host = Some("mail.example.org".to_string());
+        let mut other_client = john.clone();
+        other_client.client_ip = IpAddr::from([203, 0, 113, 8]);
+        for different in [&other_proxy_ip, &other_host, &other_client] {
+            assert_ne!(key(&john), key(different), "{different:?}");
+        }
+        let mut next_attempt = john.clone();
+        next_attempt.attempt = 2;
+        assert_eq!(key(&john), key(&next_attempt));
+        assert_eq!(key(&john), key(&login("JOHN")));
+    }
+
+    #[test]
+    fn qualified_logins_share_a_lookup_wherever_they_came_from() {
+        let alice = login("alice@example.com");
+        let mut elsewhere = login("Alice@Example.com");
+        elsewhere.client_ip = IpAddr::from([198, 51, 100, 1]);
+        elsewhere.proxy_ip = Some(IpAddr::from([10, 1, 2, 4]));
+        elsewhere.virtual_host = Some("mail.example.org".to_string());
+        assert_eq!(key(&alice), key(&elsewhere));
+    }
+
+    #[test]
+    fn a_trailing_at_is_unqualified_as_in_the_cache_keys() {
+        let john = login("john@");
+        let mut other_client = john.clone();
+        other_client.client_ip = IpAddr::from([203, 0, 113, 8]);
+        assert_ne!(key(&john), key(&other_client));
+    }
+
+    #[test]
+    fn account_ids_share_a_lookup_wherever_they_came_from() {
+        let id = login("6a3c1c1e-0000-4000-8000-000000000001");
+        let mut elsewhere = id.clone();
+        elsewhere.client_ip = IpAddr::from([198, 51, 100, 1]);
+        elsewhere.virtual_host = Some("mail.example.org".to_string());
+        assert_eq!(
+            FlightKey::of(&id, AuthMethod::ZimbraId),
+            FlightKey::of(&elsewhere, AuthMethod::ZimbraId)
+        );
+    }
 }
