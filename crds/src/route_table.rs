@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::mailbox_server::{MailUpstream, MailboxPorts, MailboxServerSpec};
-use crate::settings::{LoginLimits, MAX_SECONDS, StartTlsMode, Timeouts};
+use crate::settings::{BadWhitelist, LoginLimits, MAX_SECONDS, StartTlsMode, Timeouts};
 
 /// Key of the route table in its ConfigMap.
 pub const CONFIGMAP_KEY: &str = "routes.json";
@@ -49,6 +49,8 @@ pub enum RouteTableError {
         value: i128,
         min: i64,
     },
+    #[error("route table setting {0}")]
+    Whitelist(#[from] BadWhitelist),
 }
 
 /// Why a ConfigMap holds no usable route table.
@@ -296,7 +298,8 @@ impl RouteTable {
         table
     }
 
-    /// Parses a table and checks that every pinned entry names a known server.
+    /// Parses a table and checks that every pinned entry names a known server and that every
+    /// setting is one a proxy can apply.
     pub fn from_json(text: &str) -> Result<Self, RouteTableError> {
         let value: serde_json::Value = serde_json::from_str(text)?;
         let kind = match &value {
@@ -312,6 +315,7 @@ impl RouteTable {
         }
         let table: RouteTable = serde_json::from_value(value)?;
         table.settings.check_ranges()?;
+        table.settings.login_limits.whitelist_blocks()?;
         for (kind, map) in [("account", &table.accounts), ("domain", &table.domains)] {
             for (key, server) in map {
                 if !table.servers.contains_key(server) {
@@ -575,5 +579,27 @@ mod tests {
         let longest = format!(r#"{{"settings": {{"cacheTtlSeconds": {MAX_SECONDS}}}}}"#);
         assert!(RouteTable::from_json(&longest).is_ok());
         assert!(RouteTable::from_json(r#"{"settings": {"cacheTtlSeconds": 0}}"#).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_whitelist_a_proxy_cannot_match_clients_against() {
+        for bad in ["10.0.0.0/33", "office-nat"] {
+            let text = format!(
+                r#"{{"settings": {{"loginLimits": {{"whitelist": ["10.0.0.0/8", "{bad}"]}}}}}}"#
+            );
+            let error = RouteTable::from_json(&text).unwrap_err();
+            assert!(
+                error.to_string().starts_with(&format!(
+                    "route table setting loginLimits.whitelist entry \"{bad}\" is not an IP \
+                     address or CIDR block"
+                )),
+                "{error}"
+            );
+        }
+        let good = RouteTable::from_json(
+            r#"{"settings": {"loginLimits": {"whitelist": ["10.0.0.0/8", "2001:db8::1"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(good.settings.login_limits.whitelist.len(), 2);
     }
 }

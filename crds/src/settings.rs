@@ -1,5 +1,7 @@
 //! Proxy behaviour settings shared by the `ProxyPool` spec and the route table the proxies read.
 
+use std::net::IpAddr;
+
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
@@ -50,9 +52,10 @@ pub struct LoginLimits {
     #[serde(default = "defaults::window_seconds")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("windowSeconds must be between 1 second and 30 days (2592000)"))]
     pub user_window_seconds: i64,
-    /// Client IPs never throttled.
+    /// Client IPs never throttled: IP addresses and CIDR blocks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(e, isIP(e) || isCIDR(e))").message("loginLimits.whitelist entries must be IP addresses or CIDR blocks: list addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or 2001:db8::/32"))]
     pub whitelist: Vec<String>,
 }
 
@@ -74,6 +77,69 @@ impl LoginLimits {
     /// Whether any limit is set (throttling is off by default).
     pub fn enabled(&self) -> bool {
         self.ip_limit > 0 || self.imap_ip_limit > 0 || self.pop3_ip_limit > 0 || self.user_limit > 0
+    }
+
+    /// The whitelist as the proxies match client IPs against it. The operator and the route
+    /// table refuse what this refuses, so that a whitelist a proxy cannot use never reaches one.
+    pub fn whitelist_blocks(&self) -> Result<Vec<IpBlock>, BadWhitelist> {
+        self.whitelist
+            .iter()
+            .map(|entry| IpBlock::parse(entry))
+            .collect()
+    }
+}
+
+/// A whitelist entry that is neither an IP address nor a CIDR block.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "loginLimits.whitelist entry {0:?} is not an IP address or CIDR block: list addresses such as \
+     192.0.2.7 and blocks such as 10.0.0.0/8 or 2001:db8::/32"
+)]
+pub struct BadWhitelist(pub String);
+
+/// An address block of the whitelist; a plain address is a block of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpBlock {
+    network: IpAddr,
+    prefix: u32,
+}
+
+impl IpBlock {
+    pub fn parse(entry: &str) -> Result<Self, BadWhitelist> {
+        Self::parse_trimmed(entry.trim()).ok_or_else(|| BadWhitelist(entry.to_string()))
+    }
+
+    fn parse_trimmed(text: &str) -> Option<Self> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        // Canonical, so that a v4-mapped entry matches the v4 addresses clients are
+        // canonicalised to.
+        let network: IpAddr = address.parse::<IpAddr>().ok()?.to_canonical();
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            // `u32::from_str` takes a leading `+`, which no CIDR notation has.
+            Some(prefix) if prefix.bytes().all(|b| b.is_ascii_digit()) => prefix.parse().ok()?,
+            Some(_) => return None,
+            None => bits,
+        };
+        (prefix <= bits).then_some(Self { network, prefix })
+    }
+
+    /// Whether `ip` (canonical: v4-mapped addresses as v4) is in the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip) {
+            (IpAddr::V4(network), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix).unwrap_or(0);
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix).unwrap_or(0);
+                u128::from(network) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -125,5 +191,79 @@ mod defaults {
     }
     pub fn max_errors() -> i64 {
         5
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn whitelist_entries_are_addresses_or_blocks() {
+        let block = IpBlock::parse("10.1.0.0/16").unwrap();
+        assert!(block.contains(ip("10.1.200.3")));
+        assert!(!block.contains(ip("10.2.0.1")));
+        assert!(!block.contains(ip("::1")));
+        let one = IpBlock::parse(" 192.0.2.7 ").unwrap();
+        assert!(one.contains(ip("192.0.2.7")));
+        assert!(!one.contains(ip("192.0.2.8")));
+        assert!(
+            IpBlock::parse("0.0.0.0/0")
+                .unwrap()
+                .contains(ip("203.0.113.1"))
+        );
+        let v6 = IpBlock::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        // A v4-mapped entry matches the v4 address clients are canonicalised to.
+        assert!(
+            IpBlock::parse("::ffff:192.0.2.7")
+                .unwrap()
+                .contains(ip("192.0.2.7"))
+        );
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "host",
+            "office-nat",
+            "::/129",
+            "1.2.3.4/",
+        ] {
+            assert_eq!(
+                IpBlock::parse(bad),
+                Err(BadWhitelist(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_whitelist_is_refused_at_its_first_bad_entry_with_what_to_write_instead() {
+        let limits = LoginLimits {
+            whitelist: vec![
+                "10.0.0.0/8".into(),
+                "office-nat".into(),
+                "10.0.0.0/33".into(),
+            ],
+            ..LoginLimits::default()
+        };
+        let error = limits.whitelist_blocks().unwrap_err();
+        assert_eq!(error, BadWhitelist("office-nat".into()));
+        assert_eq!(
+            error.to_string(),
+            "loginLimits.whitelist entry \"office-nat\" is not an IP address or CIDR block: list \
+             addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or 2001:db8::/32"
+        );
+        let good = LoginLimits {
+            whitelist: vec!["10.0.0.0/8".into(), "2001:db8::1".into()],
+            ..LoginLimits::default()
+        };
+        assert_eq!(good.whitelist_blocks().unwrap().len(), 2);
     }
 }

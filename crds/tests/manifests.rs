@@ -333,6 +333,22 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
         json!({"mailboxSelector": selector, "loginLimits": {"userWindowSeconds": 2_592_001}}),
         "windowSeconds must be between 1 second and 30 days",
     );
+    let whitelisted = "loginLimits.whitelist entries must be IP addresses or CIDR blocks: list \
+                       addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or 2001:db8::/32";
+    for bad in ["10.0.0.0/33", "office-nat", "::/129", "10.0.0.0/"] {
+        reject(
+            json!({"mailboxSelector": selector,
+                   "loginLimits": {"whitelist": ["10.0.0.0/8", bad]}}),
+            whitelisted,
+        );
+    }
+    admit(
+        "proxypools",
+        "ProxyPool",
+        json!({"mailboxSelector": selector,
+               "loginLimits": {"whitelist": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1"]}}),
+    )
+    .unwrap();
     admit(
         "proxypools",
         "ProxyPool",

@@ -887,6 +887,16 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
         "spec.replicas",
     )
     .await;
+    rejected(
+        &typed_pools,
+        proxy_pool(
+            "whitelist",
+            json!({"mailboxSelector": {"matchLabels": {"a": "b"}},
+                   "loginLimits": {"whitelist": ["10.0.0.0/8", "10.0.0.0/33", "office-nat"]}}),
+        ),
+        "loginLimits.whitelist entries must be IP addresses or CIDR blocks",
+    )
+    .await;
 
     apply(
         &typed_servers,

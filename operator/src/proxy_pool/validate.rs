@@ -54,6 +54,11 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
                 .to_string(),
         );
     }
+    // The CRD's rule is the API server's parsing; this is the proxies', which is the one that
+    // counts: a whitelist they cannot parse would stop every new proxy at startup.
+    if let Err(error) = spec.login_limits.whitelist_blocks() {
+        invalid.push(format!("spec.{error}"));
+    }
     let owner = pool.controller_owner_ref(&());
     let namespace = pool.metadata.namespace.as_deref();
     let (Some(owner), Some(namespace)) = (owner, namespace) else {
@@ -157,6 +162,20 @@ mod tests {
             panic!("expected invalid");
         };
         assert!(message.contains("NodePort or LoadBalancer"), "{message}");
+
+        let whitelist = pool(
+            "main",
+            json!({"loginLimits": {"ipLimit": 10, "whitelist": ["10.0.0.0/8", "10.0.0.0/33"]}}),
+        );
+        assert_eq!(
+            validate(&whitelist, &deref(&whitelist, None)).unwrap_err(),
+            Problem::Invalid(
+                "spec.loginLimits.whitelist entry \"10.0.0.0/33\" is not an IP address or CIDR \
+                 block: list addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or \
+                 2001:db8::/32"
+                    .into()
+            )
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mailproxy_crds::settings::LoginLimits;
+use mailproxy_crds::settings::{BadWhitelist, IpBlock, LoginLimits};
 
 use super::Protocol;
 use super::cache::{CacheKey, IpScope, RouteCache};
@@ -38,13 +38,6 @@ pub enum ThrottleDecision {
     /// Too many logins of this user in the window.
     RejectedUser,
 }
-
-/// A whitelist entry that is neither an IP address nor a CIDR block.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "login limits: whitelist entry {0:?} is not an IP address or CIDR block (such as 10.0.0.0/8)"
-)]
-pub struct BadWhitelist(pub String);
 
 /// The throttle of one proxy; cheap to clone, its limits replaceable when the route table
 /// reloads.
@@ -61,7 +54,7 @@ struct Limits {
     ip_window: Duration,
     user: u64,
     user_window: Duration,
-    whitelist: Vec<Cidr>,
+    whitelist: Vec<IpBlock>,
 }
 
 impl LoginThrottle {
@@ -190,97 +183,14 @@ impl Limits {
             ip_window: window(settings.ip_window_seconds),
             user: limit(settings.user_limit),
             user_window: window(settings.user_window_seconds),
-            whitelist: settings
-                .whitelist
-                .iter()
-                .map(|entry| Cidr::parse(entry).ok_or_else(|| BadWhitelist(entry.clone())))
-                .collect::<Result<_, _>>()?,
+            whitelist: settings.whitelist_blocks()?,
         })
-    }
-}
-
-/// An address block; a plain address is a block of one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cidr {
-    network: IpAddr,
-    prefix: u32,
-}
-
-impl Cidr {
-    fn parse(text: &str) -> Option<Self> {
-        let text = text.trim();
-        let (address, prefix) = match text.split_once('/') {
-            Some((address, prefix)) => (address, Some(prefix)),
-            None => (text, None),
-        };
-        let network: IpAddr = address.parse::<IpAddr>().ok()?.to_canonical();
-        let bits = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(prefix) if prefix.bytes().all(|b| b.is_ascii_digit()) => prefix.parse().ok()?,
-            Some(_) => return None,
-            None => bits,
-        };
-        (prefix <= bits).then_some(Self { network, prefix })
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, ip) {
-            (IpAddr::V4(network), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix).unwrap_or(0);
-                u32::from(network) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(network), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix).unwrap_or(0);
-                u128::from(network) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(text: &str) -> IpAddr {
-        text.parse().unwrap()
-    }
-
-    #[test]
-    fn whitelist_entries_are_addresses_or_blocks() {
-        let block = Cidr::parse("10.1.0.0/16").unwrap();
-        assert!(block.contains(ip("10.1.200.3")));
-        assert!(!block.contains(ip("10.2.0.1")));
-        assert!(!block.contains(ip("::1")));
-        let one = Cidr::parse(" 192.0.2.7 ").unwrap();
-        assert!(one.contains(ip("192.0.2.7")));
-        assert!(!one.contains(ip("192.0.2.8")));
-        assert!(
-            Cidr::parse("0.0.0.0/0")
-                .unwrap()
-                .contains(ip("203.0.113.1"))
-        );
-        let v6 = Cidr::parse("2001:db8::/32").unwrap();
-        assert!(v6.contains(ip("2001:db8:ffff::1")));
-        assert!(!v6.contains(ip("2001:db9::1")));
-        // A v4-mapped entry matches the v4 address clients are canonicalised to.
-        assert!(
-            Cidr::parse("::ffff:192.0.2.7")
-                .unwrap()
-                .contains(ip("192.0.2.7"))
-        );
-        for bad in [
-            "",
-            "10.0.0.0/33",
-            "10.0.0.0/-1",
-            "10.0.0.0/+8",
-            "host",
-            "::/129",
-            "1.2.3.4/",
-        ] {
-            assert_eq!(Cidr::parse(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn invalid_whitelists_are_refused() {
