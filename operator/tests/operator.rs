@@ -788,6 +788,56 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
         condition(&recovered, "Degraded"),
         Some(("False".into(), "ReconcileSucceeded".into()))
     );
+
+    // The proxies mount the lookup secret as a required volume: its pods would never start.
+    let lookup = json!({"name": "lookup", "key": "shared"});
+    apply(
+        &pools,
+        "st",
+        proxy_pool(
+            "st",
+            json!({"mailboxSelector": selector, "replicas": 1, "tls": {"secretName": "later"},
+                   "lookup": {"secretRef": lookup}}),
+        ),
+    )
+    .await;
+    let no_secret = wait_for("False", "LookupSecretNotFound").await;
+    assert_eq!(condition(&no_secret, "Degraded").unwrap().0, "True");
+    let message = &no_secret.status.unwrap().conditions[0].message;
+    assert!(
+        message.contains("\"lookup\" (spec.lookup.secretRef.name) does not exist"),
+        "{message}"
+    );
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let secret = |key: &str| -> Secret {
+        serde_json::from_value(
+            json!({"metadata": {"name": "lookup"}, "stringData": {key: "s3cret"}}),
+        )
+        .unwrap()
+    };
+    secrets
+        .create(&PostParams::default(), &secret("other"))
+        .await
+        .unwrap();
+    eventually("the condition names the missing key", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "st").await?;
+        let ready = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        ready
+            .filter(|c| {
+                c.reason == "LookupSecretNotFound" && c.message.contains("has no key \"shared\"")
+            })
+            .map(|_| ())
+            .ok_or_else(|| format!("{:?}", pool.status))
+    })
+    .await;
+    secrets
+        .replace("lookup", &PostParams::default(), &secret("shared"))
+        .await
+        .unwrap();
+    wait_for("False", "ProxiesNotReady").await;
 }
 
 async fn rejected<K>(api: &Api<K>, object: serde_json::Value, expected: &str)

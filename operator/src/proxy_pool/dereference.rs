@@ -1,6 +1,6 @@
 //! Stage 1: read what a ProxyPool points at and what it already has: the MailboxServers its
-//! selector matches, its TLS Secret, its current route table and Deployment, and the children
-//! it owns (for drift correction).
+//! selector matches, its TLS and lookup Secrets, its current route table and Deployment, and the
+//! children it owns (for drift correction).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -31,9 +31,19 @@ pub struct Dereferenced {
     pub servers: Vec<MailboxServer>,
     /// Whether `spec.tls.secretName` exists (`None` without TLS).
     pub tls_secret_found: Option<bool>,
+    /// Whether the Secret key `spec.lookup.secretRef` names exists (`None` without one).
+    pub lookup_secret: Option<SecretKeyFound>,
     pub routes: Option<ConfigMap>,
     pub deployment: Option<Deployment>,
     pub children: Children,
+}
+
+/// How much of a Secret key reference resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretKeyFound {
+    Yes,
+    NoSecret,
+    NoKey,
 }
 
 pub async fn dereference(
@@ -77,6 +87,22 @@ pub async fn dereference(
         }
         None => None,
     };
+    // The proxies mount the key as a required volume: without it their pods never start.
+    let lookup_secret = match &pool.spec.lookup.secret_ref {
+        Some(reference) => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let secret = secrets
+                .get_opt(&reference.name)
+                .await
+                .map_err(kube_error::<Secret>("get", namespace, &reference.name))?;
+            Some(match secret {
+                None => SecretKeyFound::NoSecret,
+                Some(secret) if has_key(&secret, &reference.key) => SecretKeyFound::Yes,
+                Some(_) => SecretKeyFound::NoKey,
+            })
+        }
+        None => None,
+    };
     let routes_name = names::routes(&name);
     let routes = Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .get_opt(&routes_name)
@@ -103,10 +129,19 @@ pub async fn dereference(
         selector,
         servers,
         tls_secret_found,
+        lookup_secret,
         routes,
         deployment,
         children,
     })
+}
+
+/// The API server turns `stringData` into `data` on write, so `data` holds every key.
+fn has_key(secret: &Secret, key: &str) -> bool {
+    secret
+        .data
+        .as_ref()
+        .is_some_and(|data| data.contains_key(key))
 }
 
 /// Names of the objects of kind `K` labelled as the pool's children and owned by its uid.

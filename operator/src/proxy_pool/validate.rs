@@ -1,13 +1,13 @@
 //! Stage 2: decide whether a pool can be built. A spec the API server accepted can still be
 //! unusable (a selector operator it does not check, a name too long for the derived names); a
-//! missing dependency (the TLS Secret) may appear later.
+//! missing dependency (the TLS Secret, the lookup secret) may appear later.
 
 use kube::{Resource, ResourceExt};
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::proxy_pool::ServiceType;
 
 use super::build::{Pool, config::listeners};
-use super::dereference::Dereferenced;
+use super::dereference::{Dereferenced, SecretKeyFound};
 use crate::labels::MAX_POOL_NAME;
 
 /// Why a pool is not built this time.
@@ -83,6 +83,28 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
             ),
         });
     }
+    if let Some(reference) = &spec.lookup.secret_ref {
+        let (secret, key) = (&reference.name, &reference.key);
+        let missing = match deref.lookup_secret {
+            Some(SecretKeyFound::NoSecret) => Some(format!(
+                "Secret {secret:?} (spec.lookup.secretRef.name) does not exist in namespace \
+                 {namespace}: create it with the lookup shared secret under key {key:?}, or fix \
+                 spec.lookup.secretRef"
+            )),
+            Some(SecretKeyFound::NoKey) => Some(format!(
+                "Secret {secret:?} in namespace {namespace} has no key {key:?} \
+                 (spec.lookup.secretRef.key): add the lookup shared secret under that key, or fix \
+                 spec.lookup.secretRef.key"
+            )),
+            Some(SecretKeyFound::Yes) | None => None,
+        };
+        if let Some(message) = missing {
+            return Err(Problem::Missing {
+                reason: "LookupSecretNotFound",
+                message,
+            });
+        }
+    }
     Ok(Pool {
         name,
         namespace,
@@ -111,6 +133,7 @@ mod tests {
                 .map_err(|e| e.to_string()),
             servers: Vec::new(),
             tls_secret_found,
+            lookup_secret: None,
             routes: None,
             deployment: None,
             children: Default::default(),
@@ -192,5 +215,38 @@ mod tests {
             }
         );
         assert!(validate(&pool, &deref(&pool, Some(true))).is_ok());
+    }
+
+    #[test]
+    fn a_missing_lookup_secret_or_key_is_a_missing_dependency() {
+        let pool = pool(
+            "main",
+            json!({"lookup": {"secretRef": {"name": "lookup", "key": "secret"}}}),
+        );
+        let with = |found| Dereferenced {
+            lookup_secret: Some(found),
+            ..deref(&pool, None)
+        };
+        assert_eq!(
+            validate(&pool, &with(SecretKeyFound::NoSecret)).unwrap_err(),
+            Problem::Missing {
+                reason: "LookupSecretNotFound",
+                message: "Secret \"lookup\" (spec.lookup.secretRef.name) does not exist in \
+                          namespace mail: create it with the lookup shared secret under key \
+                          \"secret\", or fix spec.lookup.secretRef"
+                    .into()
+            }
+        );
+        assert_eq!(
+            validate(&pool, &with(SecretKeyFound::NoKey)).unwrap_err(),
+            Problem::Missing {
+                reason: "LookupSecretNotFound",
+                message: "Secret \"lookup\" in namespace mail has no key \"secret\" \
+                          (spec.lookup.secretRef.key): add the lookup shared secret under that \
+                          key, or fix spec.lookup.secretRef.key"
+                    .into()
+            }
+        );
+        assert!(validate(&pool, &with(SecretKeyFound::Yes)).is_ok());
     }
 }
