@@ -5,9 +5,13 @@
 //! - [`route_table::RouteTable`]: the static routing state the operator compiles for each pool
 //!   and its proxies read.
 //!
+//! - [`cache_key`]: the memcached key format the proxies cache routes under and the operator
+//!   purges.
+//!
 //! [`manifests`] renders the CustomResourceDefinitions committed beside this crate, so that
 //! `kubectl apply -f crds/` installs the API.
 
+pub mod cache_key;
 pub mod mailbox_server;
 pub mod manifests;
 pub mod proxy_config;

@@ -7,17 +7,13 @@
 
 use std::time::Duration;
 
+use mailproxy_crds::cache_key::{ROUTE_PROTOCOLS, route_account};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// Protocols whose routes the proxies cache (Zimbra's key names).
-pub const PROTOCOLS: [&str; 6] = ["imap", "imapssl", "pop3", "pop3ssl", "http", "httpssl"];
-
-/// memcached refuses longer keys.
-const MAX_KEY_LEN: usize = 250;
-
 /// `route:proto=<protocol>;user=<account>` for every protocol and account (as written and in
-/// lower case, the two forms a proxy may have cached).
+/// lower case, the two forms a proxy may have cached), in the proxies' own key format: escaped,
+/// and hashed when too long for memcached.
 pub fn route_keys(accounts: &[String]) -> Vec<String> {
     let mut keys = Vec::new();
     for account in accounts {
@@ -28,12 +24,12 @@ pub fn route_keys(accounts: &[String]) -> Vec<String> {
             &[account.as_str(), lower.as_str()]
         };
         for form in forms {
-            for protocol in PROTOCOLS {
-                let key = format!("route:proto={protocol};user={form}");
-                if key.len() <= MAX_KEY_LEN && !key.bytes().any(|b| b <= b' ' || b == 0x7f) {
-                    keys.push(key);
-                }
-            }
+            // An empty name has no key: no proxy caches a route for it.
+            keys.extend(
+                ROUTE_PROTOCOLS
+                    .iter()
+                    .filter_map(|protocol| route_account(protocol, form).ok()),
+            );
         }
     }
     keys
@@ -122,8 +118,22 @@ mod tests {
         assert!(keys.contains(&"route:proto=imap;user=Alice@Example.com".to_string()));
         assert!(keys.contains(&"route:proto=httpssl;user=alice@example.com".to_string()));
         assert!(keys.contains(&"route:proto=pop3ssl;user=bob@example.com".to_string()));
+    }
+
+    #[test]
+    fn keys_are_the_ones_the_proxies_cache_under_escaped_and_hashed() {
+        let keys = route_keys(&["a b%c@example.com".into()]);
+        assert!(
+            keys.contains(&"route:proto=imap;user=a%20b%25c@example.com".to_string()),
+            "{keys:?}"
+        );
         let long = format!("{}@example.com", "x".repeat(300));
-        assert!(route_keys(&[long]).is_empty());
+        let keys = route_keys(&[long]);
+        assert_eq!(keys.len(), 6);
+        assert!(keys.iter().all(|key| key.len() == 32), "{keys:?}");
+        // The MD5 of route:proto=imap;user=<long>, as memcached holds it.
+        assert_eq!(keys[0], "878e5b8bf85202f51799bc5974d57c95");
+        assert!(route_keys(&[String::new()]).is_empty());
     }
 
     #[tokio::test]

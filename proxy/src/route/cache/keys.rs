@@ -1,33 +1,19 @@
 //! Zimbra's memcached key formats, so that a fleet mixing mailproxy and Zimbra's nginx (and
-//! Zimbra's `zmproxypurge`) reads and deletes the same entries.
-//!
-//! Every variable part (a login, an account id, a virtual host) is escaped the way Zimbra's nginx
-//! escapes throttle keys (`NGX_ESCAPE_MEMCACHED`: `%XX` for space, `%` and control bytes), so no
-//! login can smuggle a space or CRLF into the memcached text protocol. For ordinary names the
-//! escaped form is the name itself, and the key equals Zimbra's byte for byte. A key longer than
-//! memcached's 250-byte limit becomes the lower-case hex MD5 of the full key, as in Zimbra.
+//! Zimbra's `zmproxypurge`) reads and deletes the same entries. The escaping and hashing (and the
+//! account route key the operator purges) are [`mailproxy_crds::cache_key`]'s.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::IpAddr;
 
-use md5::{Digest, Md5};
+use mailproxy_crds::cache_key::{KeyBuilder as Builder, route_account};
+pub use mailproxy_crds::cache_key::{KeyError, MAX_KEY_LEN, is_qualified};
 
 use crate::route::{LoginContext, Protocol};
-
-/// memcached's key length limit.
-pub const MAX_KEY_LEN: usize = 250;
 
 /// A key that is safe to put on a memcached command line: at most [`MAX_KEY_LEN`] bytes, no
 /// space, no control byte. Only the constructors below make one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey(String);
-
-/// A key that cannot be built.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    #[error("a route cache key needs a non-empty {0}")]
-    Empty(&'static str),
-}
 
 /// Which connections an IP throttle counter counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,18 +59,14 @@ impl CacheKey {
             key.raw("@");
             key.display(client_ip.to_canonical());
         }
-        Ok(key.finish())
+        Ok(Self(key.finish()))
     }
 
     /// `route:proto=<proto>;user=<account>` without a client address whatever the name: the key
     /// of a qualified account, and the key Zimbra writes for unqualified names when it is told to
     /// allow them. Purge deletes both forms.
     pub fn route_account(protocol: Protocol, account: &str) -> Result<Self, KeyError> {
-        let mut key = Builder::new("route:proto=");
-        key.raw(protocol.as_str());
-        key.raw(";user=");
-        key.escaped("account name", account)?;
-        Ok(key.finish())
+        route_account(protocol.as_str(), account).map(Self)
     }
 
     /// `route:proto=<proto>;id=<zimbraId>`: web routing by an auth token's account id.
@@ -93,7 +75,7 @@ impl CacheKey {
         key.raw(protocol.as_str());
         key.raw(";id=");
         key.escaped("account id", id)?;
-        Ok(key.finish())
+        Ok(Self(key.finish()))
     }
 
     /// `alias:user=<login>;ip=<proxy-ip>` or `alias:user=<login>;vhost=<host>`. The host is
@@ -111,7 +93,7 @@ impl CacheKey {
                 key.escaped("virtual host", &host.to_ascii_lowercase())?;
             }
         }
-        Ok(key.finish())
+        Ok(Self(key.finish()))
     }
 
     /// `throttle:ip=<ip>` or `throttle:proto=<i|p>,ip=<ip>`.
@@ -124,21 +106,21 @@ impl CacheKey {
         }
         key.raw("ip=");
         key.display(ip.to_canonical());
-        key.finish()
+        Self(key.finish())
     }
 
     /// `throttle:user=<account>`.
     pub fn throttle_user(account: &str) -> Result<Self, KeyError> {
         let mut key = Builder::new("throttle:user=");
         key.escaped("account name", account)?;
-        Ok(key.finish())
+        Ok(Self(key.finish()))
     }
 
     /// `whitelist:ip=<ip>`.
     pub fn whitelist_ip(ip: IpAddr) -> Self {
         let mut key = Builder::new("whitelist:ip=");
         key.display(ip.to_canonical());
-        key.finish()
+        Self(key.finish())
     }
 
     pub fn as_str(&self) -> &str {
@@ -152,70 +134,11 @@ impl fmt::Display for CacheKey {
     }
 }
 
-/// Zimbra's test for a qualified login: an `@` anywhere but at the very end.
-pub fn is_qualified(login: &str) -> bool {
-    login
-        .char_indices()
-        .any(|(at, c)| c == '@' && at + 1 < login.len())
-}
-
-/// Bytes a memcached key cannot hold (space, control bytes) and `%`, the escape itself.
-fn needs_escape(byte: u8) -> bool {
-    byte <= b' ' || byte == b'%' || byte == 0x7f
-}
-
-struct Builder(String);
-
-impl Builder {
-    fn new(prefix: &str) -> Self {
-        let mut text = String::with_capacity(64);
-        text.push_str(prefix);
-        Self(text)
-    }
-
-    fn raw(&mut self, text: &str) {
-        self.0.push_str(text);
-    }
-
-    fn display(&mut self, value: impl fmt::Display) {
-        // Writing to a String cannot fail.
-        let _ = write!(self.0, "{value}");
-    }
-
-    fn escaped(&mut self, what: &'static str, text: &str) -> Result<(), KeyError> {
-        if text.is_empty() {
-            return Err(KeyError::Empty(what));
-        }
-        if !text.bytes().any(needs_escape) {
-            self.0.push_str(text);
-            return Ok(());
-        }
-        for c in text.chars() {
-            if c.is_ascii() && needs_escape(c as u8) {
-                let _ = write!(self.0, "%{:02X}", c as u32);
-            } else {
-                self.0.push(c);
-            }
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> CacheKey {
-        if self.0.len() <= MAX_KEY_LEN {
-            return CacheKey(self.0);
-        }
-        let digest = Md5::digest(self.0.as_bytes());
-        let mut hex = String::with_capacity(32);
-        for byte in digest {
-            let _ = write!(hex, "{byte:02x}");
-        }
-        CacheKey(hex)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mailproxy_crds::cache_key::ROUTE_PROTOCOLS;
+    use md5::{Digest, Md5};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -223,6 +146,11 @@ mod tests {
 
     fn is_safe(key: &CacheKey) -> bool {
         key.as_str().len() <= MAX_KEY_LEN && key.as_str().bytes().all(|b| b > b' ' && b != 0x7f)
+    }
+
+    #[test]
+    fn the_operator_purges_the_protocols_routes_are_cached_under() {
+        assert_eq!(Protocol::ALL.map(Protocol::as_str), ROUTE_PROTOCOLS);
     }
 
     #[test]
