@@ -24,9 +24,6 @@ pub enum Error {
     #[error("{0} has no namespace: mailproxy resources are namespaced")]
     NoNamespace(String),
 
-    #[error("the pool store is gone: the ProxyPool controller stopped")]
-    StoreGone,
-
     #[error("MailboxServer finalizer failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -43,7 +40,6 @@ impl Error {
             },
             Error::List { .. } => "list",
             Error::NoNamespace(_) => "no_namespace",
-            Error::StoreGone => "store_gone",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(error)
                 | kube::runtime::finalizer::Error::CleanupFailed(error) => error.metric_label(),

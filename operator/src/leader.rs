@@ -14,12 +14,8 @@ use crate::{Context, Metrics, Settings, mailbox_server, proxy_pool};
 /// Runs both controllers until the future is dropped.
 pub async fn run_controllers(ctx: Arc<Context>) {
     let pools = proxy_pool::controller(&ctx);
-    let pool_store = pools.store();
     let servers = mailbox_server::controller(&ctx);
-    let state = Arc::new(mailbox_server::State {
-        ctx: ctx.clone(),
-        pools: pool_store,
-    });
+    let state = Arc::new(mailbox_server::State { ctx: ctx.clone() });
     tokio::join!(
         proxy_pool::run(pools, ctx),
         mailbox_server::run(servers, state)

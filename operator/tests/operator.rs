@@ -840,6 +840,67 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
     wait_for("False", "ProxiesNotReady").await;
 }
 
+/// The MailboxServer controller reads the pools from the API server when its own pool watch
+/// triggers it, not from the ProxyPool controller's store (a separate watch that may lag, and
+/// left the status stale when it did): here that controller does not run at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_server_status_follows_the_pools_without_the_pool_controller() {
+    use mailproxy_operator::{Context, Metrics, mailbox_server};
+    use std::sync::Arc;
+
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = namespace(&client, "mbs-alone").await;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings(&ns, "mbs-alone"),
+        Arc::new(Metrics::default()),
+    ));
+    let controller = mailbox_server::controller(&ctx);
+    let task = tokio::spawn(mailbox_server::run(
+        controller,
+        Arc::new(mailbox_server::State { ctx }),
+    ));
+    let reason_of = |want: &'static str, pools: &'static [&'static str]| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            eventually(
+                &format!("server a is {want} by {pools:?}"),
+                SOON,
+                || async {
+                    let server: MailboxServer = get(&client, &ns, "a").await?;
+                    let status = server.status.unwrap_or_default();
+                    (status.conditions.first().map(|c| c.reason.as_str()) == Some(want)
+                        && status.pools == pools)
+                        .then_some(())
+                        .ok_or_else(|| format!("{status:?}"))
+                },
+            )
+            .await
+        }
+    };
+    apply(
+        &servers(&client, &ns),
+        "a",
+        mailbox_server("a", json!({"pool": "x"}), json!({"host": "a.example.com"})),
+    )
+    .await;
+    reason_of("NotSelected", &[]).await;
+    let pools = pools(&client, &ns);
+    let selecting = |value: &str| {
+        proxy_pool(
+            "p",
+            json!({"mailboxSelector": {"matchLabels": {"pool": value}}}),
+        )
+    };
+    apply(&pools, "p", selecting("x")).await;
+    reason_of("Routed", &["p"]).await;
+    apply(&pools, "p", selecting("y")).await;
+    reason_of("NotSelected", &[]).await;
+    task.abort();
+}
+
 async fn rejected<K>(api: &Api<K>, object: serde_json::Value, expected: &str)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,

@@ -15,7 +15,7 @@ use mailproxy_crds::MailboxServer;
 use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
 
 use super::purge::{purge, route_keys};
-use super::{State, selecting_pools};
+use super::{State, pools_selecting};
 use crate::error::{Result, kube_error};
 use crate::labels::names;
 
@@ -82,7 +82,7 @@ pub async fn cleanup(server: &MailboxServer, state: &State) -> Result<Action> {
         .as_ref()
         .map(|s| s.pools.iter().cloned().collect())
         .unwrap_or_default();
-    pools.extend(selecting_pools(&state.pools.state(), server));
+    pools.extend(pools_selecting(&ctx.client, server).await?);
 
     // The pools drop the server from their tables as soon as they see it is being deleted;
     // purging before that could let a proxy cache a route to it again.

@@ -9,15 +9,16 @@ pub mod reconcile;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
 use mailproxy_crds::{MailboxServer, ProxyPool};
 
 use crate::Context;
 use crate::backoff::watch_backoff;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::proxy_pool::selects;
 
 /// The controller's name in metrics.
@@ -25,15 +26,13 @@ pub const CONTROLLER: &str = "mailboxserver";
 /// Held until the server's cached routes are purged.
 pub const FINALIZER: &str = "mailproxy.io/purge-routes";
 
-/// What a MailboxServer reconcile needs besides the shared context.
+/// What a MailboxServer reconcile needs.
 pub struct State {
     pub ctx: Arc<Context>,
-    /// The ProxyPool controller's store.
-    pub pools: Store<ProxyPool>,
 }
 
 /// Names of the pools (in the server's namespace) whose selector matches it, sorted.
-pub fn selecting_pools(pools: &[Arc<ProxyPool>], server: &MailboxServer) -> Vec<String> {
+pub fn selecting_pools(pools: &[ProxyPool], server: &MailboxServer) -> Vec<String> {
     let mut names: Vec<String> = pools
         .iter()
         .filter(|pool| pool.metadata.deletion_timestamp.is_none() && selects(pool, server))
@@ -41,6 +40,24 @@ pub fn selecting_pools(pools: &[Arc<ProxyPool>], server: &MailboxServer) -> Vec<
         .collect();
     names.sort();
     names
+}
+
+/// The pools that select `server`, listed from the API server rather than read from a store: a
+/// reconcile triggered by a pool change must see that change, and the only store that has
+/// surely applied it is the trigger's own watch, which kube-runtime does not expose. The ProxyPool
+/// controller's store is a separate watch that may lag; a status computed from it would stay
+/// stale until the next change. A list is a consistent read of a namespace's few pools.
+pub async fn pools_selecting(client: &Client, server: &MailboxServer) -> Result<Vec<String>> {
+    let namespace = server.namespace().unwrap_or_default();
+    let pools = Api::<ProxyPool>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::List {
+            kind: "ProxyPool",
+            namespace: namespace.clone(),
+            source,
+        })?;
+    Ok(selecting_pools(&pools.items, server))
 }
 
 /// The servers to reconcile when `pool` changes: those it selects and those that list it.
@@ -141,18 +158,14 @@ mod tests {
 
     #[test]
     fn selection_and_pool_to_server_mapping() {
-        let pools = vec![
-            Arc::new(pool("b", "x")),
-            Arc::new(pool("a", "x")),
-            Arc::new(pool("c", "y")),
-        ];
+        let pools = vec![pool("b", "x"), pool("a", "x"), pool("c", "y")];
         assert_eq!(selecting_pools(&pools, &server("s", "x", &[])), ["a", "b"]);
         let mut deleting = pool("d", "x");
         deleting.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));
-        assert!(selecting_pools(&[Arc::new(deleting)], &server("s", "x", &[])).is_empty());
+        assert!(selecting_pools(&[deleting], &server("s", "x", &[])).is_empty());
 
         let mut new = server("new", "x", &[]).as_ref().clone();
         new.metadata.finalizers = None;

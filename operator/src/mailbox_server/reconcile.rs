@@ -9,10 +9,9 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
-use kube::runtime::reflector::Store;
-use mailproxy_crds::{MailboxServer, MailboxServerStatus, ProxyPool};
+use mailproxy_crds::{MailboxServer, MailboxServerStatus};
 
-use super::{CONTROLLER, FINALIZER, State, selecting_pools};
+use super::{CONTROLLER, FINALIZER, State, pools_selecting};
 use crate::FIELD_MANAGER;
 use crate::conditions::{Decided, merge};
 use crate::error::{Error, Result, kube_error};
@@ -89,8 +88,7 @@ pub fn status(server: &MailboxServer, pools: Vec<String>, now: &Time) -> Mailbox
 }
 
 async fn update_status(server: &MailboxServer, state: &State) -> Result<Action> {
-    pools_ready(&state.pools).await?;
-    let pools = selecting_pools(&state.pools.state(), server);
+    let pools = pools_selecting(&state.ctx.client, server).await?;
     let status = status(server, pools, &Time(Timestamp::now()));
     if server.status.as_ref() != Some(&status) {
         let namespace = server.namespace().unwrap_or_default();
@@ -115,21 +113,6 @@ async fn update_status(server: &MailboxServer, state: &State) -> Result<Action> 
     }
     Ok(Action::await_change())
 }
-
-/// Waits for the ProxyPool store's first list. kube-runtime 5.0's `Store::wait_until_ready`
-/// shares one oneshot receiver, which keeps a single waker, among all its waiters: the pool
-/// controller's own runner waits on it too and can take the wakeup, leaving this reconcile
-/// pending for good. Polling anew every 100 ms registers again and sees readiness regardless.
-async fn pools_ready(pools: &Store<ProxyPool>) -> Result<()> {
-    loop {
-        match tokio::time::timeout(POOL_STORE_POLL, pools.wait_until_ready()).await {
-            Ok(ready) => return ready.map_err(|_| Error::StoreGone),
-            Err(_elapsed) => continue,
-        }
-    }
-}
-
-const POOL_STORE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -169,28 +152,5 @@ mod tests {
         assert_eq!(status_of(&draining.conditions, READY), Some("False"));
         assert_eq!(status_of(&draining.conditions, DRAINING), Some("True"));
         assert_eq!(draining.pools, ["a"]);
-    }
-
-    #[tokio::test]
-    async fn waiting_for_the_pool_store_survives_a_second_waiter_taking_the_wakeup() {
-        use kube::runtime::{reflector, watcher};
-        use std::pin::pin;
-
-        let (store, mut writer) = reflector::store::<ProxyPool>();
-        let waiting = tokio::spawn({
-            let store = store.clone();
-            async move { pools_ready(&store).await }
-        });
-        tokio::task::yield_now().await;
-        let mut other_waiter = pin!(store.wait_until_ready());
-        assert!(futures::poll!(other_waiter.as_mut()).is_pending());
-
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        let finished = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
-        assert!(
-            matches!(finished, Ok(Ok(Ok(())))),
-            "the first waiter saw the store ready"
-        );
     }
 }

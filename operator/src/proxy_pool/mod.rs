@@ -60,8 +60,7 @@ pub fn pools_for_server(
         .collect()
 }
 
-/// Builds the controller with its watches. Its store of pools is shared with the
-/// MailboxServer controller.
+/// Builds the controller with its watches.
 pub fn controller(ctx: &Context) -> Controller<ProxyPool> {
     let client = ctx.client.clone();
     let settings = &ctx.settings;
