@@ -352,13 +352,13 @@ fn lookup_client(config: &ProxyConfig) -> anyhow::Result<LookupClient> {
     Ok(LookupClient::new(lookup)?)
 }
 
-/// Login limits follow the route table; an invalid whitelist keeps the limits in force.
 const STARTTLS_ONLY_WITHOUT_CERTIFICATE: &str = "the route table says `starttls: only` but no \
      certificate is configured: add tls.certificates, or set starttls to on or off";
 
-/// Applies what a new route table changes outside the sessions. A table that says `only` where
-/// no certificate can honour it is still served, failing closed: every cleartext login is
-/// refused until it is fixed, so it is reported on each change.
+/// Applies what a new route table changes outside the sessions. Login limits follow it; an
+/// invalid whitelist keeps the limits in force. A table that says `only` where no certificate
+/// can honour it is still served, failing closed: every cleartext login is refused until it is
+/// fixed, so it is reported on each change.
 fn follow_settings(
     mut table: TableHandle,
     throttle: LoginThrottle,
