@@ -508,6 +508,7 @@ struct UpstreamLogin<'a> {
     credentials: &'a Credentials,
 }
 
+/// Logs in upstream, then relays until either side is done.
 async fn log_in_and_relay(
     context: &SessionContext,
     connection: &Connection,
@@ -515,6 +516,51 @@ async fn log_in_and_relay(
     record: &mut Record,
     prelogin: PreLogin,
 ) -> Outcome {
+    let session = match log_in(context, connection, settings, record, prelogin).await {
+        Ok(session) => session,
+        Err(outcome) => return outcome,
+    };
+    let end = relay::relay(
+        session.client,
+        session.upstream,
+        session.to_upstream,
+        session.to_client,
+        settings.idle,
+        &record.traffic,
+        UpstreamEnd::EndsSession,
+    )
+    .await;
+    match end {
+        RelayEnd::Closed => Outcome::Relayed,
+        RelayEnd::Idle => Outcome::IdleTimeout,
+        RelayEnd::Failed(error) => {
+            tracing::debug!(%error, "relay ended with an error");
+            Outcome::Relayed
+        }
+    }
+}
+
+/// A session logged in on both sides, with the bytes each side sent beyond the login.
+///
+/// The login's state (route, credentials, answers) ends with [`log_in`] rather than living on
+/// beside the relay: an idle session holds only what the relay needs, and the task's size is
+/// most of an idle session's memory.
+struct LoggedIn {
+    client: Stream,
+    upstream: Stream,
+    to_upstream: Vec<u8>,
+    to_client: Vec<u8>,
+}
+
+/// Finds the route and logs in upstream as the client, answering the client either way; `Err`
+/// is how the session ended.
+async fn log_in(
+    context: &SessionContext,
+    connection: &Connection,
+    settings: &Settings,
+    record: &mut Record,
+    prelogin: PreLogin,
+) -> Result<LoggedIn, Outcome> {
     let PreLogin {
         mut client,
         credentials,
@@ -530,7 +576,7 @@ async fn log_in_and_relay(
         && context.throttle.check_user(&name).await == ThrottleDecision::RejectedUser
     {
         let _ = send(&mut client, &dialect.user_rejected(), answer_by()).await;
-        return Outcome::Throttled;
+        return Err(Outcome::Throttled);
     }
     let (plain, ssl) = connection.kind.protocols();
     let login = LoginContext {
@@ -546,12 +592,12 @@ async fn log_in_and_relay(
         Err(ResolveError::Refused { message, wait }) => {
             tokio::time::sleep(wait).await;
             let _ = send(&mut client, &dialect.refused(&message), answer_by()).await;
-            return Outcome::Refused;
+            return Err(Outcome::Refused);
         }
         Err(ResolveError::Unavailable { reason }) => {
             tracing::warn!(user = %name, %reason, "no route for a login");
             let _ = send(&mut client, &dialect.unavailable(), answer_by()).await;
-            return Outcome::Unavailable;
+            return Err(Outcome::Unavailable);
         }
     };
     let route = &target.resolved.route;
@@ -583,35 +629,21 @@ async fn log_in_and_relay(
             context.metrics.logged_in(protocol, started.elapsed());
             // Counted under the name it was checked under, so that the check sees the count.
             context.throttle.count_user(&name).await;
-            if let Err(outcome) = send(&mut client, &dialect.logged_in(&text), answer_by()).await {
-                return outcome;
-            }
+            send(&mut client, &dialect.logged_in(&text), answer_by()).await?;
             let (upstream, leftover) = upstream.into_parts();
-            let end = relay::relay(
+            Ok(LoggedIn {
                 client,
                 upstream,
-                pending,
-                leftover,
-                settings.idle,
-                &record.traffic,
-                UpstreamEnd::EndsSession,
-            )
-            .await;
-            match end {
-                RelayEnd::Closed => Outcome::Relayed,
-                RelayEnd::Idle => Outcome::IdleTimeout,
-                RelayEnd::Failed(error) => {
-                    tracing::debug!(%error, "relay ended with an error");
-                    Outcome::Relayed
-                }
-            }
+                to_upstream: pending,
+                to_client: leftover,
+            })
         }
         Err(LoginFailure::Refused(text)) => {
             target.forget(context).await;
             tokio::time::sleep(context.upstream_failure_wait).await;
             let text = target.mail.pass_errors.then_some(text.as_slice());
             let _ = send(&mut client, &dialect.login_failed(text), answer_by()).await;
-            Outcome::LoginFailed
+            Err(Outcome::LoginFailed)
         }
         Err(LoginFailure::Error(error)) => {
             tracing::warn!(user = %name, upstream = %route.upstream, %error, "upstream login failed");
@@ -620,7 +652,7 @@ async fn log_in_and_relay(
             // login should look again rather than trust the cache.
             target.forget(context).await;
             let _ = send(&mut client, &dialect.unavailable(), answer_by()).await;
-            Outcome::UpstreamError
+            Err(Outcome::UpstreamError)
         }
     }
 }

@@ -11,7 +11,7 @@ use super::SessionContext;
 use super::proxy_protocol;
 use super::stream::Stream;
 use crate::route::resolver::{ResolveError, Resolved};
-use crate::route::{LoginContext, Protocol};
+use crate::route::{LoginContext, Protocol, Route};
 
 /// Longest line accepted from a mailbox server before the login is answered (capability lists
 /// are the long ones, well under this).
@@ -27,10 +27,11 @@ pub(crate) struct Target {
     /// The login as resolved: its protocol is the one the connection uses (`imapssl` when the
     /// server wants TLS), which is also the cache key a failed login must forget.
     pub(crate) login: LoginContext,
-    /// When the server wants TLS: the plain-protocol resolution that said so. Its cache entry
-    /// is forgotten with the other one, or a stale route there would keep deciding TLS and the
-    /// server's settings for the account.
-    plain: Option<(LoginContext, Resolved)>,
+    /// When the server wants TLS: the plain protocol and the route it resolved to, which said
+    /// so. Its cache entry is forgotten with the other one, or a stale route there would keep
+    /// deciding TLS for the account. (Not the whole resolution: every byte here is held by
+    /// every relayed session.)
+    plain: Option<(Protocol, Route)>,
     pub(crate) mail: MailUpstream,
 }
 
@@ -43,8 +44,12 @@ impl Target {
     pub(crate) async fn forget(&self, context: &SessionContext) {
         let resolver = &context.resolver;
         resolver.forget(&self.login, &self.resolved.route).await;
-        if let Some((login, resolved)) = &self.plain {
-            resolver.forget(login, &resolved.route).await;
+        if let Some((protocol, route)) = &self.plain {
+            let login = LoginContext {
+                protocol: *protocol,
+                ..self.login.clone()
+            };
+            resolver.forget(&login, route).await;
         }
     }
 }
@@ -80,7 +85,7 @@ pub(crate) async fn route(
     Ok(Target {
         resolved: ssl_resolved,
         login: ssl_login,
-        plain: Some((login, resolved)),
+        plain: Some((login.protocol, resolved.route)),
         mail,
     })
 }
