@@ -272,7 +272,8 @@ impl Resolver {
     }
 
     /// Forgets what the cache knows of a login after the mailbox server refused it (the account
-    /// may have moved): its route, the route of the account it was rewritten to, and its alias.
+    /// may have moved) or its route led to a draining server: its route, the route of the
+    /// account it was rewritten to, and its alias.
     pub async fn forget(&self, login: &LoginContext, route: &Route) {
         if let Err(error) = self
             .inner
@@ -280,12 +281,12 @@ impl Resolver {
             .forget_login(login, route.account.as_deref())
             .await
         {
-            tracing::warn!(%error, "could not delete the cached route of a failed login");
+            tracing::warn!(%error, "could not delete the cached route of a login");
         }
     }
 
     /// Forgets the cached route of an account id (web routing by auth token) after its mailbox
-    /// server could not be reached: the account may have moved.
+    /// server could not be reached (the account may have moved) or is draining.
     pub async fn forget_account_id(&self, login: &LoginContext) {
         if let Err(error) = self
             .inner
@@ -293,7 +294,7 @@ impl Resolver {
             .delete_route_by_id(login.protocol, &login.user)
             .await
         {
-            tracing::warn!(%error, "could not delete the cached route of an unreachable account");
+            tracing::warn!(%error, "could not delete the cached route of an account id");
         }
     }
 
@@ -352,14 +353,7 @@ impl Resolver {
         let server = server_at(table, &route.upstream);
         if is_draining(table, server.as_deref()) {
             tracing::debug!(user = %login.user, server = ?server, "cached route points at a draining server; resolving the login again");
-            if let Err(error) = self
-                .inner
-                .cache
-                .forget_login(login, route.account.as_deref())
-                .await
-            {
-                tracing::warn!(%error, "could not delete a cached route to a draining server");
-            }
+            self.forget(login, &route).await;
             return None;
         }
         Some((route, server))
@@ -375,14 +369,7 @@ impl Resolver {
         let server = server_at(table, &upstream);
         if is_draining(table, server.as_deref()) {
             tracing::debug!(account_id = %login.user, server = ?server, "cached route points at a draining server; resolving the account id again");
-            if let Err(error) = self
-                .inner
-                .cache
-                .delete_route_by_id(login.protocol, &login.user)
-                .await
-            {
-                tracing::warn!(%error, "could not delete a cached route to a draining server");
-            }
+            self.forget_account_id(login).await;
             return None;
         }
         Some((upstream, server))
