@@ -29,8 +29,7 @@ pub(crate) struct Target {
     pub(crate) login: LoginContext,
     /// When the server wants TLS: the plain protocol and the route it resolved to, which said
     /// so. Its cache entry is forgotten with the other one, or a stale route there would keep
-    /// deciding TLS for the account. (Not the whole resolution: every byte here is held by
-    /// every relayed session.)
+    /// deciding TLS for the account.
     plain: Option<(Protocol, Route)>,
     pub(crate) mail: MailUpstream,
 }
@@ -76,16 +75,17 @@ pub(crate) async fn route(
             mail,
         });
     }
+    let plain_protocol = login.protocol;
     let ssl_login = LoginContext {
         protocol: ssl_protocol,
-        ..login.clone()
+        ..login
     };
     let ssl_resolved = resolver.resolve(&ssl_login).await?;
     let mail = server_settings(context, &ssl_resolved);
     Ok(Target {
         resolved: ssl_resolved,
         login: ssl_login,
-        plain: Some((login.protocol, resolved.route)),
+        plain: Some((plain_protocol, resolved.route)),
         mail,
     })
 }
