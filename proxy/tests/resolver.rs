@@ -14,7 +14,7 @@ use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
 use mailproxy::route::resolver::{ResolveError, Resolver, RouteSource};
 use mailproxy::route::table::TableHandle;
-use mailproxy::route::{Protocol, Upstream};
+use mailproxy::route::{LoginContext, Protocol, Upstream};
 use mailproxy_crds::route_table::RouteTable;
 use mailproxy_testkit::Memcached;
 
@@ -575,13 +575,20 @@ impl QualifyingHandler {
     }
 }
 
-#[tokio::test]
-async fn the_same_short_name_on_two_proxy_addresses_at_once_reaches_two_accounts() {
-    let (a, b) = (at("127.0.0.1", 1143), at("127.0.0.1", 2143));
+/// Resolves `john` arriving two ways at once (`arrive` sets one of `arrivals` on the login)
+/// against a handler that qualifies it by how it arrived, and checks that each login reaches
+/// its own account on its own port, with a lookup each.
+async fn short_name_arriving_two_ways(
+    protocol: Protocol,
+    arrivals: [&str; 2],
+    ports: [u16; 2],
+    arrive: fn(&mut LoginContext, &str),
+) {
+    let accounts = ["john@a.example", "john@b.example"];
     let handler = QualifyingHandler::start(
         &[
-            ("10.1.2.3", "john@a.example", a),
-            ("10.1.2.4", "john@b.example", b),
+            (arrivals[0], accounts[0], at("127.0.0.1", ports[0])),
+            (arrivals[1], accounts[1], at("127.0.0.1", ports[1])),
         ],
         2,
     )
@@ -591,46 +598,38 @@ async fn the_same_short_name_on_two_proxy_addresses_at_once_reaches_two_accounts
     // routed to the other account rather than as a timeout.
     table.settings.lookup_timeout_seconds = 15;
     let resolver = proxy(table);
-    let mut to_a = login("john", Protocol::Imap);
-    to_a.proxy_ip = Some("10.1.2.3".parse().unwrap());
+    let mut to_a = login("john", protocol);
+    arrive(&mut to_a, arrivals[0]);
     let mut to_b = to_a.clone();
-    to_b.proxy_ip = Some("10.1.2.4".parse().unwrap());
+    arrive(&mut to_b, arrivals[1]);
 
     let (on_a, on_b) = tokio::join!(resolver.resolve(&to_a), resolver.resolve(&to_b));
     let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
-    assert_eq!(on_a.route.account.as_deref(), Some("john@a.example"));
-    assert_eq!(on_a.route.upstream.port, 1143);
-    assert_eq!(on_b.route.account.as_deref(), Some("john@b.example"));
-    assert_eq!(on_b.route.upstream.port, 2143);
+    assert_eq!(on_a.route.account.as_deref(), Some(accounts[0]));
+    assert_eq!(on_a.route.upstream.port, ports[0]);
+    assert_eq!(on_b.route.account.as_deref(), Some(accounts[1]));
+    assert_eq!(on_b.route.upstream.port, ports[1]);
     assert_eq!(handler.asked(), 2);
 }
 
 #[tokio::test]
-async fn the_same_short_name_on_two_virtual_hosts_at_once_reaches_two_accounts() {
-    let (a, b) = (at("127.0.0.1", 8080), at("127.0.0.1", 9080));
-    let handler = QualifyingHandler::start(
-        &[
-            ("mail.a.example", "john@a.example", a),
-            ("mail.b.example", "john@b.example", b),
-        ],
-        2,
+async fn the_same_short_name_on_two_proxy_addresses_at_once_reaches_two_accounts() {
+    short_name_arriving_two_ways(
+        Protocol::Imap,
+        ["10.1.2.3", "10.1.2.4"],
+        [1143, 2143],
+        |login, proxy_ip| login.proxy_ip = Some(proxy_ip.parse().unwrap()),
     )
     .await;
-    let mut table = proxy_table(std::slice::from_ref(&handler.url), &[], 3600);
-    // Longer than the handler holds a lone request: one shared lookup then shows as a login
-    // routed to the other account rather than as a timeout.
-    table.settings.lookup_timeout_seconds = 15;
-    let resolver = proxy(table);
-    let mut to_a = login("john", Protocol::Http);
-    to_a.virtual_host = Some("mail.a.example".to_string());
-    let mut to_b = to_a.clone();
-    to_b.virtual_host = Some("mail.b.example".to_string());
+}
 
-    let (on_a, on_b) = tokio::join!(resolver.resolve(&to_a), resolver.resolve(&to_b));
-    let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
-    assert_eq!(on_a.route.account.as_deref(), Some("john@a.example"));
-    assert_eq!(on_a.route.upstream.port, 8080);
-    assert_eq!(on_b.route.account.as_deref(), Some("john@b.example"));
-    assert_eq!(on_b.route.upstream.port, 9080);
-    assert_eq!(handler.asked(), 2);
+#[tokio::test]
+async fn the_same_short_name_on_two_virtual_hosts_at_once_reaches_two_accounts() {
+    short_name_arriving_two_ways(
+        Protocol::Http,
+        ["mail.a.example", "mail.b.example"],
+        [8080, 9080],
+        |login, host| login.virtual_host = Some(host.to_string()),
+    )
+    .await;
 }

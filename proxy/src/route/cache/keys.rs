@@ -288,13 +288,4 @@ mod tests {
         );
         assert!(CacheKey::alias("a", AliasScope::VirtualHost("")).is_err());
     }
-
-    #[test]
-    fn qualified_means_an_at_before_the_end() {
-        assert!(is_qualified("a@b"));
-        assert!(is_qualified("@b"));
-        assert!(!is_qualified("a@"));
-        assert!(!is_qualified("a"));
-        assert!(!is_qualified(""));
-    }
 }
