@@ -42,7 +42,7 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 1024 * 1024)]
     pub message_size: usize,
     /// Idle logged-in sessions held open for the memory measurement.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = scenarios::IDLE_SESSIONS)]
     pub sessions: usize,
     /// Rounds of every measurement; the table shows each row's median. On a shared 2-core
     /// machine single runs vary by ±15 %.

@@ -81,7 +81,7 @@ enum Command {
     Idle {
         #[arg(long)]
         port: u16,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = scenarios::IDLE_SESSIONS)]
         sessions: usize,
         /// Proxy process ids whose VmRSS is summed (an nginx master and its workers).
         #[arg(long, value_delimiter = ',', required = true)]

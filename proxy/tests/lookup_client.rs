@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
 use mailproxy::lookupd::RequestOutcome;
 use mailproxy::route::lookup::{
-    AuthMethod, HandlerFailure, HandlerStatus, HandlerUrl, LookupClient, LookupClientConfig,
-    LookupConfigError, LookupError, LookupOutcome, MAX_WAIT, ResponseError,
+    AuthMethod, HandlerFailure, HandlerStatus, HandlerUrl, IDLE_CONNECTIONS_PER_HANDLER,
+    LookupClient, LookupClientConfig, LookupConfigError, LookupError, LookupOutcome, MAX_WAIT,
+    ResponseError,
 };
 use mailproxy::route::{Protocol, Route, Upstream};
 use mailproxy_crds::route_table::RouteTable;
@@ -43,12 +44,19 @@ fn alice_on_mbs1() -> LookupOutcome {
     }
 }
 
+/// A listener on a free loopback port and its lookup URL.
+async fn handler_listener() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/service/extension/nginx-lookup",
+        listener.local_addr().unwrap()
+    );
+    (listener, url)
+}
+
 /// A URL on a loopback port where nothing listens (bound, then closed).
 async fn refusing_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}/service/extension/nginx-lookup")
+    handler_listener().await.1
 }
 
 /// Accepts connections and holds them open without a byte of answer.
@@ -60,11 +68,7 @@ struct Silent {
 
 impl Silent {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/service/extension/nginx-lookup",
-            listener.local_addr().unwrap()
-        );
+        let (listener, url) = handler_listener().await;
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
         let task = tokio::spawn(async move {
@@ -103,11 +107,7 @@ struct Scripted {
 
 impl Scripted {
     async fn start(answer: Vec<u8>, keep_alive: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/service/extension/nginx-lookup",
-            listener.local_addr().unwrap()
-        );
+        let (listener, url) = handler_listener().await;
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (counter, log) = (connections.clone(), requests.clone());
@@ -149,6 +149,58 @@ impl Scripted {
 }
 
 impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers nothing until `storm` requests have arrived, each on its own connection (so a client
+/// must open that many), then answers them all, keeping connections open. Counts the
+/// connections still open.
+struct Gathering {
+    url: String,
+    open: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Gathering {
+    async fn start(storm: usize, answer: Vec<u8>) -> Self {
+        let (listener, url) = handler_listener().await;
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
+        let barrier = Arc::new(tokio::sync::Barrier::new(storm));
+        let answer = Arc::new(answer);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (counter, barrier, answer) = (counter.clone(), barrier.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let mut answered = false;
+                    loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                        if !answered && buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                            barrier.wait().await;
+                            answered = stream.write_all(&answer).await.is_ok();
+                        }
+                    }
+                    counter.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self { url, open, task }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gathering {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -569,6 +621,51 @@ async fn pooled_connection_and_request_headers_on_the_wire() {
             "{expected:?} missing from {request}"
         );
     }
+}
+
+/// A storm of concurrent lookups opens a connection each; once it is over, the client keeps only
+/// [`IDLE_CONNECTIONS_PER_HANDLER`] of them, since every kept connection costs memory.
+#[tokio::test]
+async fn a_lookup_storm_leaves_a_bounded_pool_of_idle_connections() {
+    let storm = IDLE_CONNECTIONS_PER_HANDLER + 16;
+    let answer = head(&[
+        "HTTP/1.1 200 OK",
+        "Content-Length: 0",
+        "Auth-Status: OK",
+        "Auth-Server: 127.0.0.1",
+        "Auth-Port: 1143",
+    ]);
+    let server = Gathering::start(storm, answer).await;
+    let client = Arc::new(client(
+        std::slice::from_ref(&server.url),
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    ));
+    let lookups: Vec<_> = (0..storm)
+        .map(|index| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .lookup(
+                        &login(&format!("user{index}@example.com"), Protocol::Imap),
+                        AuthMethod::Username,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        assert!(matches!(
+            lookup.await.unwrap(),
+            Ok(LookupOutcome::Found { .. })
+        ));
+    }
+    eventually(
+        "the storm's surplus connections closed",
+        Duration::from_secs(10),
+        async || (server.open() == IDLE_CONNECTIONS_PER_HANDLER).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]

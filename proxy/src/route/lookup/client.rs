@@ -51,6 +51,12 @@ pub const DEFAULT_DOWN_PERIOD: Duration = Duration::from_secs(60);
 /// How long a pooled connection to a handler stays open unused.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Unused connections kept per handler. A login storm opens as many connections as lookups run
+/// at once (100 logins arriving together: 100 connections), and each kept one costs the proxy
+/// its buffers and task (about 20 KiB) until [`POOL_IDLE_TIMEOUT`]; a steady lookup rate needs a
+/// few (rate × answer time: 10,000 misses a second at 1 ms is 10).
+pub const IDLE_CONNECTIONS_PER_HANDLER: usize = 32;
+
 /// hyper's read buffer, and so the largest response head it accepts (the parser's own caps
 /// are smaller; this only keeps a runaway handler from costing memory).
 const MAX_HEAD_BUFFER: usize = 64 * 1024;
@@ -360,6 +366,7 @@ impl LookupClient {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HANDLER)
             .pool_timer(TokioTimer::new())
             .http1_max_buf_size(MAX_HEAD_BUFFER)
             .build(connector);

@@ -17,7 +17,8 @@ use std::fmt;
 
 pub use client::{
     DEFAULT_DOWN_PERIOD, DEFAULT_TIMEOUT, FailedAttempt, HandlerFailure, HandlerStatus, HandlerUrl,
-    LookupClient, LookupClientConfig, LookupConfigError, LookupError, certificates_from_pem,
+    IDLE_CONNECTIONS_PER_HANDLER, LookupClient, LookupClientConfig, LookupConfigError, LookupError,
+    certificates_from_pem,
 };
 pub use request::{PASSWORD_PLACEHOLDER, RequestError, SECRET_HEADER, build_request};
 pub use response::{
