@@ -47,6 +47,12 @@ fn refused() -> LookupOutcome {
     }
 }
 
+fn draining(server: &str) -> LookupOutcome {
+    LookupOutcome::Draining {
+        server: server.to_string(),
+    }
+}
+
 async fn ask(client: &LookupClient, user: &str, protocol: Protocol) -> LookupOutcome {
     client
         .lookup(&login(user, protocol), AuthMethod::Username)
@@ -113,8 +119,12 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
         ask(&client, "carol@example.org", Protocol::Imap).await,
         found(2143, None, false)
     );
-    // A draining server gets no new routes; unknown accounts are refused with Zimbra's wait.
-    assert_eq!(ask(&client, "leaving", Protocol::Imap).await, refused());
+    // A draining server gets no new routes (and the refusal says why); unknown accounts are
+    // refused with Zimbra's wait.
+    assert_eq!(
+        ask(&client, "leaving", Protocol::Imap).await,
+        draining("old")
+    );
     assert_eq!(ask(&client, "nobody", Protocol::Imap).await, refused());
     assert_eq!(
         client
@@ -125,7 +135,8 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
         "no id map: zimbraId lookups are refused, not errors"
     );
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 6);
-    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Refused), 3);
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Refused), 2);
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Draining), 1);
     lookupd.stop().await;
 }
 
@@ -160,7 +171,7 @@ async fn reloads_changed_files_and_keeps_serving_on_bad_ones() {
         r#""host": "localhost", "draining": true,"#,
     ));
     eventually("mbs-2 draining", Duration::from_secs(10), async || {
-        (ask(&client, "alice", Protocol::Imap).await == refused()).then_some(())
+        (ask(&client, "alice", Protocol::Imap).await == draining("mbs-2")).then_some(())
     })
     .await;
 
@@ -184,7 +195,10 @@ async fn reloads_changed_files_and_keeps_serving_on_bad_ones() {
         errors("route_table")
     })
     .await;
-    assert_eq!(ask(&client, "alice", Protocol::Imap).await, refused());
+    assert_eq!(
+        ask(&client, "alice", Protocol::Imap).await,
+        draining("mbs-2")
+    );
     assert_eq!(
         ask(&client, "carol@example.org", Protocol::Imap).await,
         refused(),

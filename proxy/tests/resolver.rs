@@ -428,6 +428,24 @@ async fn a_route_cached_before_a_drain_is_deleted_and_the_login_resolved_again()
     }
 }
 
+/// Resolves `login`, whose mailbox is on the draining server `old`: it must fail as
+/// unavailable, since no other server can take it, and leave no route in the cache.
+async fn assert_unavailable_on_old(resolver: &Resolver, login: &LoginContext) {
+    let error = resolver.resolve(login).await.unwrap_err();
+    assert!(
+        matches!(&error, ResolveError::Unavailable { reason } if reason.contains("on old, which is draining")),
+        "the mailbox is on the draining server, so no other server can take it: {error:?}"
+    );
+    assert_eq!(
+        resolver
+            .cache()
+            .get_route(login.protocol, &login.user, login.client_ip)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn a_lookup_answer_naming_a_draining_server_is_not_used_nor_cached() {
     let handler = http_support::Handler::start(
@@ -437,20 +455,11 @@ async fn a_lookup_answer_naming_a_draining_server_is_not_used_nor_cached() {
     .await;
     let resolver = proxy(drain_table(&[handler.url()], &[]));
 
-    let leaving = login("leaving@fallback.example", Protocol::Imap);
-    let error = resolver.resolve(&leaving).await.unwrap_err();
-    assert!(
-        matches!(&error, ResolveError::Unavailable { reason } if reason.contains("on old, which is draining")),
-        "the mailbox is on the draining server, so the domain's server cannot take it: {error:?}"
-    );
-    assert_eq!(
-        resolver
-            .cache()
-            .get_route(leaving.protocol, &leaving.user, leaving.client_ip)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_unavailable_on_old(
+        &resolver,
+        &login("leaving@fallback.example", Protocol::Imap),
+    )
+    .await;
 
     let id = login("id-leaving", Protocol::Http);
     let error = resolver.resolve_account_id(&id).await.unwrap_err();
@@ -632,4 +641,28 @@ async fn the_same_short_name_on_two_virtual_hosts_at_once_reaches_two_accounts()
         |login, host| login.virtual_host = Some(host.to_string()),
     )
     .await;
+}
+
+/// lookupd refuses an account whose server is draining and says so in its refusal: the proxy
+/// must not fall back to the domain's server, where the mailbox does not live.
+#[tokio::test]
+async fn an_account_on_a_draining_server_is_unavailable_rather_than_sent_to_its_domain() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let handler = RunningLookupd::start(files.config()).await;
+    let mut table = proxy_table(&[handler.url()], &[], 3600);
+    table
+        .domains
+        .insert("example.com".to_string(), "domain-server".to_string());
+    let resolver = proxy(table);
+
+    assert_unavailable_on_old(&resolver, &login("leaving@example.com", Protocol::Imap)).await;
+    assert_eq!(handler.lookupd.requests(RequestOutcome::Draining), 1);
+
+    // An account lookupd does not know still falls back to the domain entry.
+    let resolved = resolver
+        .resolve(&login("stranger@example.com", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(resolved.source, RouteSource::TableDomain);
+    assert_eq!(resolved.server.as_deref(), Some("domain-server"));
 }

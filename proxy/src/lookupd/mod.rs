@@ -52,7 +52,7 @@ use tracing::{debug, error, info, warn};
 use self::directory::{Directory, DirectoryError};
 use self::route::{Decision, decide};
 use crate::route::Protocol;
-use crate::route::lookup::{SECRET_HEADER, escape_auth_user, unescape_auth_user};
+use crate::route::lookup::{DRAINING_HEADER, SECRET_HEADER, escape_auth_user, unescape_auth_user};
 
 /// Zimbra's `zimbraReverseProxyAuthWaitInterval` default.
 pub const DEFAULT_REFUSAL_WAIT: Duration = Duration::from_secs(10);
@@ -135,8 +135,11 @@ pub enum LookupdError {
 pub enum RequestOutcome {
     /// `Auth-Status: OK`.
     Found,
-    /// `Auth-Status: login failed` (unknown account, unsupported method, draining server).
+    /// `Auth-Status: login failed` (unknown account, unsupported method).
     Refused,
+    /// `Auth-Status: login failed` with `x-mailproxy-draining`: the account's server is
+    /// draining.
+    Draining,
     /// 400 or 405: a required header missing or unusable.
     BadRequest,
     /// 403: the shared secret was missing or wrong.
@@ -150,6 +153,7 @@ impl RequestOutcome {
         match self {
             RequestOutcome::Found => "found",
             RequestOutcome::Refused => "refused",
+            RequestOutcome::Draining => "draining",
             RequestOutcome::BadRequest => "bad_request",
             RequestOutcome::Forbidden => "forbidden",
             RequestOutcome::Unavailable => "unavailable",
@@ -428,6 +432,10 @@ impl Shared {
                 info!(%peer, client, user = %ask.user, protocol = %ask.protocol, reason, "lookup refused");
                 return (RequestOutcome::Refused, self.refusal());
             }
+            Decision::Draining { server } => {
+                info!(%peer, client, user = %ask.user, protocol = %ask.protocol, server, "lookup refused: the account's server is draining");
+                return (RequestOutcome::Draining, self.draining_refusal(server));
+            }
         };
         let ip = match resolve(routed.host, routed.port).await {
             Ok(ip) => ip,
@@ -469,10 +477,22 @@ impl Shared {
     }
 
     fn refusal(&self) -> Response<Full<Bytes>> {
-        auth_response(&[
+        auth_response(&self.refusal_headers())
+    }
+
+    /// A refusal that names the account's draining server, so that a proxy does not fall back
+    /// to a domain's server; other peers (stock nginx) see a plain refusal.
+    fn draining_refusal(&self, server: &str) -> Response<Full<Bytes>> {
+        let mut headers = self.refusal_headers();
+        headers.push((DRAINING_HEADER, server.to_string()));
+        auth_response(&headers)
+    }
+
+    fn refusal_headers(&self) -> Vec<(&'static str, String)> {
+        vec![
             ("auth-status", REFUSAL.to_string()),
             ("auth-wait", self.config.refusal_wait.as_secs().to_string()),
-        ])
+        ]
     }
 }
 

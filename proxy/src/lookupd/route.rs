@@ -2,8 +2,8 @@
 //!
 //! Order: the route table's pinned account, then the directory's account, then the route
 //! table's domain entry. A draining server gets no new routes: the table's accessors already
-//! skip it, and a directory account on a draining server is refused rather than sent to a
-//! domain's server where its mailbox does not live.
+//! skip it, and a directory account on a draining server is refused, saying so, rather than sent
+//! to a domain's server where its mailbox does not live.
 
 use mailproxy_crds::route_table::RouteTable;
 
@@ -29,6 +29,12 @@ pub(crate) enum Decision<'a> {
     Route(Routed<'a>),
     /// No route; the reason is for the log only (clients get Zimbra's generic message).
     Refuse(String),
+    /// The directory puts the account on this server, which is draining: refused too, and the
+    /// refusal says so, since no other server holds the mailbox (a proxy must not fall back to a
+    /// domain's server).
+    Draining {
+        server: &'a str,
+    },
 }
 
 pub(crate) fn decide<'a>(
@@ -50,7 +56,7 @@ pub(crate) fn decide<'a>(
                 ));
             }
             Some((name, server)) if server.draining => {
-                return Decision::Refuse(format!("{account} is on {name}, which is draining"));
+                return Decision::Draining { server: name };
             }
             Some((name, server)) => (name.as_str(), server),
         }
@@ -163,7 +169,6 @@ mod tests {
         for (login, reason) in [
             ("nobody", "no route for nobody@example.com"),
             ("moving", "not in the route table"),
-            ("leaving", "draining"),
             ("gone", "no route for gone@example.com"),
             ("weird", "port 70000"),
         ] {
@@ -172,5 +177,9 @@ mod tests {
                 other => panic!("{login} must be refused, got {other:?}"),
             }
         }
+        assert_eq!(
+            route(&table, "leaving", Protocol::Imap),
+            Decision::Draining { server: "old" }
+        );
     }
 }

@@ -488,6 +488,7 @@ impl Resolver {
                 });
             }
             Ok(LookupOutcome::Refused { message, wait }) => ResolveError::Refused { message, wait },
+            Ok(LookupOutcome::Draining { server }) => return Err(draining(login, &server)),
             Err(error) => ResolveError::Unavailable {
                 reason: error.to_string(),
             },
@@ -530,6 +531,7 @@ impl Resolver {
             Ok(LookupOutcome::Refused { message, wait }) => {
                 Err(ResolveError::Refused { message, wait })
             }
+            Ok(LookupOutcome::Draining { server }) => Err(draining(login, &server)),
             Err(error) => Err(ResolveError::Unavailable {
                 reason: error.to_string(),
             }),
@@ -630,13 +632,21 @@ fn refuse_draining(
     server: Option<&str>,
 ) -> Result<(), ResolveError> {
     match server {
-        Some(name) if is_draining(table, Some(name)) => Err(ResolveError::Unavailable {
-            reason: format!(
-                "the route lookup puts {} on {name}, which is draining (spec.drain)",
-                login.user
-            ),
-        }),
+        Some(name) if is_draining(table, Some(name)) => Err(draining(login, name)),
         _ => Ok(()),
+    }
+}
+
+/// The login's mailbox is on `server`, which is draining: as its own table says
+/// ([`refuse_draining`]) or as the handler says, refusing with
+/// [`crate::route::lookup::DRAINING_HEADER`] (a handler that knows of drains, like `mailproxy
+/// lookupd`, gives no route to a draining server). Either way no fallback takes the login.
+fn draining(login: &LoginContext, server: &str) -> ResolveError {
+    ResolveError::Unavailable {
+        reason: format!(
+            "the route lookup puts {} on {server}, which is draining (spec.drain)",
+            login.user
+        ),
     }
 }
 

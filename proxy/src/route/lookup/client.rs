@@ -519,6 +519,7 @@ impl LookupClient {
                     let label = match &outcome {
                         LookupOutcome::Found { .. } => "found",
                         LookupOutcome::Refused { .. } => "refused",
+                        LookupOutcome::Draining { .. } => "draining",
                     };
                     debug!(handler = %url, user = %login.user, protocol = %login.protocol, ?outcome, "route lookup answered");
                     self.metrics.finish(label, started);

@@ -22,8 +22,8 @@ pub use client::{
 };
 pub use request::{PASSWORD_PLACEHOLDER, RequestError, SECRET_HEADER, build_request};
 pub use response::{
-    LookupOutcome, MAX_HEADER_VALUE_BYTES, MAX_HEADERS_BYTES, MAX_WAIT, ResponseError,
-    parse_response, parse_response_head,
+    DRAINING_HEADER, LookupOutcome, MAX_HEADER_VALUE_BYTES, MAX_HEADERS_BYTES, MAX_WAIT,
+    ResponseError, parse_response, parse_response_head,
 };
 
 /// How the handler should find the account (`Auth-Method`).

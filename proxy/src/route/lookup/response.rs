@@ -21,6 +21,12 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 4 * 1024;
 /// like an outage, not throttling.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// mailproxy's own addition to a refusal (`mailproxy lookupd` sends it): the account's mailbox
+/// is on this MailboxServer, which is draining. Unlike a plain refusal, which lets the proxy
+/// fall back to the route table's domain entry, it makes the login unavailable: no other server
+/// holds the mailbox.
+pub const DRAINING_HEADER: &str = "x-mailproxy-draining";
+
 /// Most headers [`parse_response_head`] accepts (hyper's client allows 100).
 const MAX_HEADERS: usize = 100;
 
@@ -34,6 +40,9 @@ pub enum LookupOutcome {
     /// Any other `Auth-Status`: the handler's message and how long to hold the client before
     /// answering it (`Auth-Wait`, capped at [`MAX_WAIT`]).
     Refused { message: String, wait: Duration },
+    /// A refusal with [`DRAINING_HEADER`]: the MailboxServer that holds the account is
+    /// draining.
+    Draining { server: String },
 }
 
 /// Why an answer is not a usable lookup result. Values quoted in messages are cut to 64
@@ -56,6 +65,8 @@ pub enum ResponseError {
     BadWait(String),
     #[error("Auth-Cache-Alias {0:?} is neither TRUE nor FALSE")]
     BadCacheAlias(String),
+    #[error("{DRAINING_HEADER} {0:?} is not a MailboxServer name")]
+    BadDrainingServer(String),
     #[error("Auth-User {0:?} is empty or does not decode to UTF-8")]
     BadUser(String),
     #[error("the {header} header is not UTF-8")]
@@ -71,13 +82,14 @@ pub enum ResponseError {
 }
 
 /// The lookup protocol's response headers, by the name errors use.
-const KNOWN: [&str; 6] = [
+const KNOWN: [&str; 7] = [
     "Auth-Status",
     "Auth-Server",
     "Auth-Port",
     "Auth-User",
     "Auth-Wait",
     "Auth-Cache-Alias",
+    DRAINING_HEADER,
 ];
 
 /// Interprets a handler's answer from its status code and headers (names compare
@@ -115,10 +127,21 @@ pub fn parse_response<'a>(
         let value = std::str::from_utf8(value).map_err(|_| ResponseError::NotUtf8 { header })?;
         found[index] = Some(value.trim_matches([' ', '\t']));
     }
-    let [status, server, port, user, wait, cache_alias] = found;
+    let [status, server, port, user, wait, cache_alias, draining] = found;
     let status = status
         .filter(|s| !s.is_empty())
         .ok_or(ResponseError::MissingStatus)?;
+    if status != "OK"
+        && let Some(draining) = draining
+    {
+        return if is_server_name(draining) {
+            Ok(LookupOutcome::Draining {
+                server: draining.to_string(),
+            })
+        } else {
+            Err(ResponseError::BadDrainingServer(quote(draining)))
+        };
+    }
     if status != "OK" {
         return Ok(LookupOutcome::Refused {
             message: status.to_string(),
@@ -203,6 +226,15 @@ fn parse_server(value: &str) -> Result<String, ResponseError> {
     }
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain), as MailboxServers are named.
+fn is_server_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
+}
+
 fn parse_port(value: &str) -> Result<u16, ResponseError> {
     let digits = !value.is_empty() && value.len() <= 5 && value.bytes().all(|b| b.is_ascii_digit());
     match value.parse::<u16>() {
@@ -267,6 +299,48 @@ mod tests {
                 Some("first last%x@example.com"),
                 true
             ))
+        );
+    }
+
+    #[test]
+    fn a_refusal_naming_a_draining_server() {
+        let refusal = [
+            ("Auth-Status", "login failed"),
+            ("Auth-Wait", "10"),
+            ("x-mailproxy-draining", "mbs-2.example"),
+        ];
+        assert_eq!(
+            parse(200, &refusal),
+            Ok(LookupOutcome::Draining {
+                server: "mbs-2.example".to_string()
+            })
+        );
+        let bad = [("Auth-Status", "login failed"), (DRAINING_HEADER, "Mbs 2")];
+        assert_eq!(
+            parse(200, &bad),
+            Err(ResponseError::BadDrainingServer("Mbs 2".to_string()))
+        );
+        let twice = [
+            ("Auth-Status", "login failed"),
+            (DRAINING_HEADER, "a"),
+            (DRAINING_HEADER, "b"),
+        ];
+        assert_eq!(
+            parse(200, &twice),
+            Err(ResponseError::Duplicate {
+                header: DRAINING_HEADER
+            })
+        );
+        // A route is a route: the proxy checks its server against its own table.
+        let routed = [
+            ("Auth-Status", "OK"),
+            ("Auth-Server", "10.0.0.5"),
+            ("Auth-Port", "7143"),
+            (DRAINING_HEADER, "mbs-2"),
+        ];
+        assert_eq!(
+            parse(200, &routed),
+            Ok(found("10.0.0.5", 7143, None, false))
         );
     }
 
