@@ -1,5 +1,7 @@
 //! `MailboxServer`: one mailbox backend the proxy fleet routes to.
 
+use std::net::IpAddr;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -85,6 +87,46 @@ pub struct MailboxServerSpec {
     /// How proxies log in to this server's IMAP and POP3 services.
     #[serde(default)]
     pub mail_upstream: MailUpstream,
+}
+
+impl MailboxServerSpec {
+    /// What makes the server's address unusable by a proxy, by the CRD's rules for `host` and
+    /// `service`. The API server enforces them, but not on a MailboxServer stored before they
+    /// existed, and an address a proxy cannot use must not reach its route table.
+    pub fn address_problem(&self) -> Option<String> {
+        if let Some(host) = &self.host
+            && host.parse::<IpAddr>().is_err()
+            && !is_dns_subdomain(host)
+        {
+            return Some(format!(
+                "spec.host {host:?} is neither a DNS name (lower-case letters, digits, '-' and \
+                 '.', at most 253 characters) nor an IP address"
+            ));
+        }
+        if let Some(service) = &self.service
+            && !(service.len() <= 63 && is_dns1123_label(service))
+        {
+            return Some(format!(
+                "spec.service {service:?} is not a Service name (lower-case letters, digits and \
+                 '-', at most 63 characters)"
+            ));
+        }
+        None
+    }
+}
+
+/// Kubernetes' DNS-1123 subdomain (CEL `format.dns1123Subdomain`): dot-separated labels of
+/// lower-case letters, digits and '-' that start and end with a letter or digit, 253 at most.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns1123_label)
+}
+
+fn is_dns1123_label(label: &str) -> bool {
+    let alphanumeric = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !label.is_empty()
+        && label.starts_with(alphanumeric)
+        && label.ends_with(alphanumeric)
+        && label.chars().all(|c| alphanumeric(c) || c == '-')
 }
 
 /// Backend ports (Zimbra defaults).
@@ -223,4 +265,60 @@ pub struct MailboxServerStatus {
 
 fn default_true() -> bool {
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The problem with a MailboxServer whose `field` (host or service) is `value`.
+    fn problem(field: &str, value: &str) -> Option<String> {
+        serde_json::from_value::<MailboxServerSpec>(serde_json::json!({ field: value }))
+            .unwrap()
+            .address_problem()
+    }
+
+    #[test]
+    fn addresses_by_the_crd_rules() {
+        let good = [
+            ("host", "10.1.2.3"),
+            ("host", "2001:db8::1"),
+            ("host", "mbs1"),
+            ("host", "mbs-1.mail.example.com"),
+            ("host", "0mbs"),
+            ("service", "dovecot-0"),
+        ];
+        for (field, value) in good {
+            assert_eq!(problem(field, value), None, "{field} {value}");
+        }
+        let long_host = "a".repeat(254);
+        let long_service = "d".repeat(64);
+        let bad = [
+            ("host", ""),
+            ("host", "admin@mbs2"),
+            ("host", "mbs2.example.com:7072"),
+            ("host", "mbs-\u{fc}.example.com"),
+            ("host", "fe80::1%eth0"),
+            ("host", "[2001:db8::1]"),
+            ("host", "MBS1.example.com"),
+            ("host", "mbs1..example.com"),
+            ("host", "-mbs1"),
+            ("host", "mbs1-.example.com"),
+            ("host", "mbs 1"),
+            ("host", &long_host),
+            ("service", "Dovecot"),
+            ("service", "dovecot.mail"),
+            ("service", "-dovecot"),
+            ("service", &long_service),
+        ];
+        for (field, value) in bad {
+            let problem = problem(field, value);
+            assert!(
+                problem
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with(&format!("spec.{field}"))),
+                "{field} {value:?}: {problem:?}"
+            );
+        }
+    }
 }

@@ -44,7 +44,17 @@ pub async fn reconcile(server: Arc<MailboxServer>, state: Arc<State>) -> Result<
 pub fn status(server: &MailboxServer, pools: Vec<String>, now: &Time) -> MailboxServerStatus {
     let previous = server.status.clone().unwrap_or_default();
     let namespace = server.namespace().unwrap_or_default();
-    let ready = if server.spec.drain {
+    let ready = if let Some(problem) = server.spec.address_problem() {
+        Decided::new(
+            READY,
+            false,
+            "InvalidAddress",
+            format!(
+                "{problem}, so no pool routes to it; spec.host and spec.service cannot be \
+                 changed: delete this MailboxServer and create it again with a valid address"
+            ),
+        )
+    } else if server.spec.drain {
         Decided::new(
             READY,
             false,
@@ -121,9 +131,13 @@ mod tests {
     use serde_json::json;
 
     fn server(drain: bool) -> MailboxServer {
+        server_at("h", drain)
+    }
+
+    fn server_at(host: &str, drain: bool) -> MailboxServer {
         let mut server = MailboxServer::new(
             "mbs",
-            serde_json::from_value(json!({"host": "h", "drain": drain})).unwrap(),
+            serde_json::from_value(json!({"host": host, "drain": drain})).unwrap(),
         );
         server.metadata.namespace = Some("mail".into());
         server.metadata.generation = Some(3);
@@ -152,5 +166,19 @@ mod tests {
         assert_eq!(status_of(&draining.conditions, READY), Some("False"));
         assert_eq!(status_of(&draining.conditions, DRAINING), Some("True"));
         assert_eq!(draining.pools, ["a"]);
+    }
+
+    #[test]
+    fn not_ready_with_an_address_no_proxy_can_use() {
+        // Stored before the CRD's rule for spec.host existed.
+        let stored = status(&server_at("mbs2:7072", false), vec!["a".into()], &now());
+        assert_eq!(status_of(&stored.conditions, READY), Some("False"));
+        assert_eq!(stored.conditions[0].reason, "InvalidAddress");
+        assert!(
+            stored.conditions[0].message.contains("\"mbs2:7072\"")
+                && stored.conditions[0].message.contains("create it again"),
+            "{}",
+            stored.conditions[0].message
+        );
     }
 }

@@ -40,9 +40,13 @@ pub fn route_settings(spec: &ProxyPoolSpec) -> RouteSettings {
     }
 }
 
+/// The table of the selected `servers`, but for those whose address no proxy can use (stored
+/// before the CRD's rules; their own status says so): a proxy would fail on each of their
+/// logins and lookups.
 pub fn route_table(pool: &Pool<'_>, servers: &[MailboxServer]) -> RouteTable {
     let sources: Vec<ServerSource<'_>> = servers
         .iter()
+        .filter(|server| server.spec.address_problem().is_none())
         .filter_map(|server| {
             Some(ServerSource {
                 name: server.metadata.name.as_deref()?,
@@ -118,8 +122,15 @@ mod tests {
                 "int",
                 json!({"service": "dovecot", "domains": ["example.org"]}),
             ),
+            // Stored before the CRD's rule for spec.host: left out.
+            server(
+                "stored",
+                json!({"host": "mbs2:7072", "domains": ["example.net"]}),
+            ),
         ];
         let table = route_table(&pool, &servers);
+        assert_eq!(table.servers.len(), 2);
+        assert_eq!(table.pinned_domain("example.net"), None);
         assert_eq!(table.servers["ext"].host, "10.0.0.9");
         assert_eq!(table.servers["int"].host, "dovecot.mail.svc");
         assert_eq!(table.pinned_account("bob@example.com").unwrap().0, "ext");
