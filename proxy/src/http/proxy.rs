@@ -60,7 +60,7 @@ use crate::route::resolver::Resolver;
 use crate::route::{LoginContext, Protocol, Route, Upstream};
 use crate::session::relay::Traffic;
 use crate::session::stream::Stream;
-use crate::session::{accept_connection, signalled};
+use crate::session::{Accepted, Acceptor, signalled};
 
 /// The body type on both sides of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -710,8 +710,13 @@ pub async fn serve_listener(
     closing: watch::Receiver<bool>,
 ) {
     let label = if tls.is_some() { "https" } else { "http" };
-    while let Some((permit, tcp, peer)) =
-        accept_connection(&listener, &limit, &mut stop, label).await
+    let acceptor = Acceptor::new(listener);
+    while let Some(Accepted {
+        permit,
+        tcp,
+        peer,
+        local,
+    }) = acceptor.accept(&limit, &mut stop, label).await
     {
         let proxy = proxy.clone();
         let tls = tls.clone();
@@ -721,7 +726,7 @@ pub async fn serve_listener(
             let _permit = permit;
             tokio::select! {
                 biased;
-                () = connection(proxy, tcp, peer, tls, stop) => {}
+                () = connection(proxy, tcp, peer, local, tls, stop) => {}
                 () = signalled(&mut closing) => {}
             }
         });
@@ -732,11 +737,11 @@ async fn connection(
     proxy: Arc<HttpProxy>,
     tcp: TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _ = tcp.set_nodelay(true);
-    let Ok(local) = tcp.local_addr() else { return };
+    let Some(local) = local else { return };
     let mut conn = ConnectionInfo {
         peer,
         local,

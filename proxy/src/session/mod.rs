@@ -9,6 +9,7 @@
 //! table when a connection starts, so a new table applies to new sessions without touching
 //! those in progress.
 
+mod accept;
 pub(crate) mod activity;
 mod imap;
 mod metrics;
@@ -25,9 +26,10 @@ use std::time::Duration;
 use mailproxy_crds::route_table::RouteSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
+pub(crate) use self::accept::{Accepted, Acceptor};
 pub use self::metrics::SessionMetrics;
 use self::relay::{RelayEnd, Traffic, UpstreamEnd};
 use self::stream::Stream;
@@ -117,42 +119,19 @@ pub async fn serve_listener(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    while let Some((permit, tcp, peer)) =
-        accept_connection(&listener, &limit, &mut stop, kind.label()).await
-    {
+    let acceptor = Acceptor::new(listener);
+    while let Some(accepted) = acceptor.accept(&limit, &mut stop, kind.label()).await {
         let context = context.clone();
         tokio::spawn(async move {
-            session(&context, kind, tcp, peer).await;
+            let Accepted {
+                permit,
+                tcp,
+                peer,
+                local,
+            } = accepted;
+            session(&context, kind, tcp, peer, local).await;
             drop(permit);
         });
-    }
-}
-
-/// The next client of a listener, with its place among the connections `limit` allows: waits
-/// for a place, then for a connection. `None` once `stop` is signalled (or the limit closed).
-pub(crate) async fn accept_connection(
-    listener: &TcpListener,
-    limit: &Arc<Semaphore>,
-    stop: &mut watch::Receiver<bool>,
-    label: &str,
-) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
-    let permit = tokio::select! {
-        permit = limit.clone().acquire_owned() => permit.ok()?,
-        () = signalled(stop) => return None,
-    };
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = signalled(stop) => return None,
-        };
-        match accepted {
-            Ok((tcp, peer)) => return Some((permit, tcp, peer)),
-            Err(error) => {
-                // Out of descriptors, mostly: give sessions time to end rather than spin.
-                tracing::warn!(%error, listener = label, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
     }
 }
 
@@ -216,7 +195,13 @@ struct Record {
     traffic: Traffic,
 }
 
-async fn session(context: &SessionContext, kind: ListenerKind, tcp: TcpStream, peer: SocketAddr) {
+async fn session(
+    context: &SessionContext,
+    kind: ListenerKind,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) {
     let protocol = kind.label();
     let started = Instant::now();
     context.metrics.started(protocol);
@@ -228,7 +213,7 @@ async fn session(context: &SessionContext, kind: ListenerKind, tcp: TcpStream, p
     };
     let mut closing = context.closing.clone();
     let outcome = tokio::select! {
-        outcome = run(context, kind, tcp, peer, &mut record) => outcome,
+        outcome = run(context, kind, tcp, peer, local, &mut record) => outcome,
         () = signalled(&mut closing) => Outcome::Shutdown,
     };
     let from_client = record.traffic.bytes_from_client();
@@ -292,10 +277,10 @@ async fn run(
     kind: ListenerKind,
     tcp: TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     record: &mut Record,
 ) -> Outcome {
-    let _ = tcp.set_nodelay(true);
-    let Ok(local) = tcp.local_addr() else {
+    let Some(local) = local else {
         return Outcome::ClientGone;
     };
     let table = context.resolver.table().current();
