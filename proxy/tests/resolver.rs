@@ -666,3 +666,51 @@ async fn an_account_on_a_draining_server_is_unavailable_rather_than_sent_to_its_
     assert_eq!(resolved.source, RouteSource::TableDomain);
     assert_eq!(resolved.server.as_deref(), Some("domain-server"));
 }
+
+/// Handlers answer with IP addresses; a MailboxServer named by a host name is still recognised,
+/// by what its name resolves to and its ports: its settings apply and its drain holds.
+#[tokio::test]
+async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_name() {
+    let handler = http_support::Handler::start(
+        [
+            ("staying@example.com".to_string(), at("127.0.0.1", 7143)),
+            ("leaving@example.com".to_string(), at("127.0.0.1", 8143)),
+        ]
+        .into(),
+        [].into(),
+    )
+    .await;
+    let mut table = RouteTable::from_json(
+        r#"{
+            "servers": {
+                "named": {"host": "localhost", "ports": {"imap": 7143}},
+                "old": {"host": "localhost", "ports": {"imap": 8143}, "draining": true},
+                "new": {"host": "10.8.8.8"}
+            },
+            "domains": {"example.com": "new"}
+        }"#,
+    )
+    .unwrap();
+    table.lookup_handlers = vec![handler.url()];
+    let resolver = proxy(table);
+    let staying = Upstream::new("127.0.0.1", 7143);
+    eventually("localhost resolved", Duration::from_secs(10), async || {
+        resolver.server_at(&staying)
+    })
+    .await;
+
+    let resolved = resolver
+        .resolve(&login("staying@example.com", Protocol::Imap))
+        .await
+        .unwrap();
+    assert_eq!(resolved.source, RouteSource::Lookup);
+    assert_eq!(resolved.route.upstream, staying);
+    assert_eq!(resolved.server.as_deref(), Some("named"));
+    assert_eq!(
+        resolver.server_at(&Upstream::new("127.0.0.1", 9999)),
+        None,
+        "an address of the servers on none of their ports is neither of them"
+    );
+
+    assert_unavailable_on_old(&resolver, &login("leaving@example.com", Protocol::Imap)).await;
+}

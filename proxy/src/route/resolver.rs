@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use super::cache::keys::is_qualified;
 use super::cache::{AliasScope, RouteCache};
 use super::lookup::{AuthMethod, LookupClient, LookupError, LookupOutcome};
-use super::table::TableHandle;
+use super::table::{REFRESH_INTERVAL, ServerAddresses, TableHandle};
 use super::{LoginContext, Protocol, Route, Upstream};
 
 /// Where a route came from.
@@ -158,6 +158,8 @@ struct Inner {
     table: TableHandle,
     cache: RouteCache,
     lookup: Arc<LookupClient>,
+    /// The table's servers by the addresses their host names resolve to.
+    addresses: ServerAddresses,
     flights: Mutex<HashMap<FlightKey, Flight>>,
     metrics: Metrics,
 }
@@ -171,6 +173,7 @@ impl Resolver {
                 table,
                 cache,
                 lookup,
+                addresses: ServerAddresses::default(),
                 flights: Mutex::new(HashMap::new()),
                 metrics: Metrics::default(),
             }),
@@ -186,16 +189,34 @@ impl Resolver {
     }
 
     /// Applies the current table's handlers, timeouts and memcached servers now, and every
-    /// later table as it arrives (until the table source stops).
+    /// later table as it arrives (until the table source stops); resolves the table's server
+    /// host names on each table and every [`REFRESH_INTERVAL`].
     pub fn follow_table(&self) -> tokio::task::JoinHandle<()> {
         let resolver = self.clone();
         let mut table = self.inner.table.clone();
         resolver.apply(&table.current());
         tokio::spawn(async move {
-            while let Some(current) = table.changed().await {
-                resolver.apply(&current);
+            let mut current = table.current();
+            loop {
+                resolver.inner.addresses.refresh(&current).await;
+                tokio::select! {
+                    changed = table.changed() => match changed {
+                        Some(changed) => {
+                            resolver.apply(&changed);
+                            current = changed;
+                        }
+                        None => return,
+                    },
+                    () = tokio::time::sleep(REFRESH_INTERVAL) => {}
+                }
             }
         })
+    }
+
+    /// The current table's MailboxServer at `upstream`: by its host as the table names it, or
+    /// by the address its host name resolved to (see [`Resolver::follow_table`]).
+    pub fn server_at(&self, upstream: &Upstream) -> Option<String> {
+        server_at(&self.inner.table.current(), &self.inner.addresses, upstream)
     }
 
     fn apply(&self, table: &RouteTable) {
@@ -350,7 +371,7 @@ impl Resolver {
         table: &RouteTable,
     ) -> Option<(Route, Option<String>)> {
         let route = self.cached(login).await?;
-        let server = server_at(table, &route.upstream);
+        let server = server_at(table, &self.inner.addresses, &route.upstream);
         if is_draining(table, server.as_deref()) {
             tracing::debug!(user = %login.user, server = ?server, "cached route points at a draining server; resolving the login again");
             self.forget(login, &route).await;
@@ -366,7 +387,7 @@ impl Resolver {
         table: &RouteTable,
     ) -> Option<(Upstream, Option<String>)> {
         let upstream = self.cached_by_id(login).await?;
-        let server = server_at(table, &upstream);
+        let server = server_at(table, &self.inner.addresses, &upstream);
         if is_draining(table, server.as_deref()) {
             tracing::debug!(account_id = %login.user, server = ?server, "cached route points at a draining server; resolving the account id again");
             self.forget_account_id(login).await;
@@ -478,7 +499,7 @@ impl Resolver {
         let outcome = self.inner.lookup.lookup(login, AuthMethod::Username).await;
         let refusal = match outcome {
             Ok(LookupOutcome::Found { route, cache_alias }) => {
-                let server = server_at(&table, &route.upstream);
+                let server = server_at(&table, &self.inner.addresses, &route.upstream);
                 refuse_draining(login, &table, server.as_deref())?;
                 self.remember(login, &route, cache_alias, &table).await;
                 return Ok(Resolved {
@@ -511,7 +532,7 @@ impl Resolver {
         }
         match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
             Ok(LookupOutcome::Found { route, .. }) => {
-                let server = server_at(&table, &route.upstream);
+                let server = server_at(&table, &self.inner.addresses, &route.upstream);
                 refuse_draining(login, &table, server.as_deref())?;
                 let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
                 if let Err(error) = self
@@ -650,18 +671,30 @@ fn draining(login: &LoginContext, server: &str) -> ResolveError {
     }
 }
 
-/// The table's server at an address, if one matches by host and any of its ports.
-fn server_at(table: &RouteTable, upstream: &Upstream) -> Option<String> {
-    table
-        .servers
-        .iter()
-        .find(|(_, server)| {
-            server.host.eq_ignore_ascii_case(&upstream.host)
-                && Protocol::ALL
-                    .iter()
-                    .any(|p| p.port_of(&server.ports) == i32::from(upstream.port))
-        })
-        .map(|(name, _)| name.clone())
+/// The table's server at an address, if one matches by host and any of its ports: by the host
+/// as the table names it, or by the address its host name resolves to (`addresses`), since
+/// handlers answer with IP addresses.
+fn server_at(
+    table: &RouteTable,
+    addresses: &ServerAddresses,
+    upstream: &Upstream,
+) -> Option<String> {
+    let serves_port = |server: &RouteServer| {
+        Protocol::ALL
+            .iter()
+            .any(|p| p.port_of(&server.ports) == i32::from(upstream.port))
+    };
+    let by_host = table.servers.iter().find(|(_, server)| {
+        server.host.eq_ignore_ascii_case(&upstream.host) && serves_port(server)
+    });
+    if let Some((name, _)) = by_host {
+        return Some(name.clone());
+    }
+    let ip = upstream.host.parse::<IpAddr>().ok()?;
+    addresses
+        .servers_at(ip)
+        .into_iter()
+        .find(|name| table.servers.get(name).is_some_and(&serves_port))
 }
 
 #[cfg(test)]

@@ -5,11 +5,13 @@
 //! with one atomic load, so a reload never blocks a login and never drops a session. A table that
 //! fails to parse is logged and ignored: the proxy keeps serving the last good one.
 
+mod addresses;
 mod configmap;
 mod file;
 
 use std::sync::Arc;
 
+pub use addresses::{REFRESH_INTERVAL, ServerAddresses};
 pub use configmap::ConfigMapSource;
 pub use file::watch_file;
 use mailproxy_crds::route_table::RouteTable;

@@ -1,0 +1,118 @@
+//! The route table's servers by IP address.
+//!
+//! A Route Lookup Handler answers with an IP address (Zimbra's protocol: `Auth-Server` is an IP
+//! literal; `mailproxy lookupd` resolves host names), while a MailboxServer is most often named
+//! by a host name (`spec.host`, or its Service's cluster name). To know which server a learned
+//! route points at (its `mailUpstream` settings, whether it is draining), the proxy resolves
+//! the table's host names itself, when the table changes and every [`REFRESH_INTERVAL`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::future::join_all;
+use mailproxy_crds::route_table::RouteTable;
+
+/// How often host names are resolved again while the table stays the same (a Service's
+/// ClusterIP is stable, an external name may move).
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Bound on resolving one host name.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The table's server names by the IP addresses their host names resolve to.
+#[derive(Default)]
+pub struct ServerAddresses {
+    by_ip: ArcSwap<HashMap<IpAddr, Vec<String>>>,
+}
+
+impl ServerAddresses {
+    /// The names of the servers whose host name resolved to `ip` (servers named by an IP
+    /// address are found by the table itself).
+    pub fn servers_at(&self, ip: IpAddr) -> Vec<String> {
+        self.by_ip
+            .load()
+            .get(&ip.to_canonical())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Resolves the host names of `table`'s servers and replaces the index with what they
+    /// resolve to now. A name that does not resolve (in time) is left out and logged.
+    pub async fn refresh(&self, table: &RouteTable) {
+        let names = table
+            .servers
+            .iter()
+            .filter(|(_, server)| server.host.parse::<IpAddr>().is_err());
+        let resolved = join_all(names.map(|(name, server)| async move {
+            let host = server.host.as_str();
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await
+            {
+                Ok(Ok(addresses)) => Some((name, addresses.map(|a| a.ip()).collect::<Vec<_>>())),
+                Ok(Err(error)) => {
+                    tracing::debug!(server = %name, host, %error, "cannot resolve a mailbox server's host name");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(server = %name, host, "resolving a mailbox server's host name timed out");
+                    None
+                }
+            }
+        }))
+        .await;
+        let mut by_ip: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        for (name, addresses) in resolved.into_iter().flatten() {
+            for ip in addresses {
+                let names = by_ip.entry(ip.to_canonical()).or_default();
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        self.by_ip.store(Arc::new(by_ip));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn host_names_resolve_to_their_servers() {
+        let table = RouteTable::from_json(
+            r#"{"servers": {
+                "named": {"host": "localhost"},
+                "literal": {"host": "10.0.0.9"},
+                "nowhere": {"host": "no-such-host.invalid"}
+            }}"#,
+        )
+        .unwrap();
+        let addresses = ServerAddresses::default();
+        assert!(
+            addresses
+                .servers_at("127.0.0.1".parse().unwrap())
+                .is_empty()
+        );
+        addresses.refresh(&table).await;
+        assert_eq!(
+            addresses.servers_at("127.0.0.1".parse().unwrap()),
+            ["named"]
+        );
+        assert_eq!(
+            addresses.servers_at("::ffff:127.0.0.1".parse().unwrap()),
+            ["named"],
+            "an IPv4-mapped answer is the same address"
+        );
+        assert!(addresses.servers_at("10.0.0.9".parse().unwrap()).is_empty());
+
+        let renamed =
+            RouteTable::from_json(r#"{"servers": {"other": {"host": "localhost"}}}"#).unwrap();
+        addresses.refresh(&renamed).await;
+        assert_eq!(
+            addresses.servers_at("127.0.0.1".parse().unwrap()),
+            ["other"]
+        );
+    }
+}
