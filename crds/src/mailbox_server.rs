@@ -1,10 +1,12 @@
 //! `MailboxServer`: one mailbox backend the proxy fleet routes to.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
+
+use crate::route_table::is_host_name;
 
 /// A mailbox server (Zimbra mailbox, Dovecot, or any IMAP/POP3/HTTP backend) that proxies route
 /// to. Its name is the identity the route table and `mailproxy lookupd`'s directory refer to.
@@ -90,18 +92,22 @@ pub struct MailboxServerSpec {
 }
 
 impl MailboxServerSpec {
-    /// What makes the server's address unusable by a proxy, by the CRD's rules for `host` and
-    /// `service`. The API server enforces them, but not on a MailboxServer stored before they
-    /// existed, and an address a proxy cannot use must not reach its route table.
+    /// What makes the server's address unusable by a proxy. The API server enforces the CRD's
+    /// rules, but not on a MailboxServer stored before they existed; what counts here is what
+    /// the proxies' parsers take (a host with upper case or '_' breaks the CRD's rule and still
+    /// works), and a Service name a Service cannot have.
     pub fn address_problem(&self) -> Option<String> {
-        if let Some(host) = &self.host
-            && host.parse::<IpAddr>().is_err()
-            && !is_dns_subdomain(host)
-        {
-            return Some(format!(
-                "spec.host {host:?} is neither a DNS name (lower-case letters, digits, '-' and \
-                 '.', at most 253 characters) nor an IP address"
-            ));
+        if let Some(host) = &self.host {
+            let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+            let usable = host.parse::<IpAddr>().is_ok()
+                || literal.is_some_and(|h| h.parse::<Ipv6Addr>().is_ok())
+                || is_host_name(host);
+            if !usable {
+                return Some(format!(
+                    "spec.host {host:?} is neither a DNS name (letters, digits, '-' and '.', at \
+                     most 253 characters, no port) nor an IP address"
+                ));
+            }
         }
         if let Some(service) = &self.service
             && !(service.len() <= 63 && is_dns1123_label(service))
@@ -113,12 +119,6 @@ impl MailboxServerSpec {
         }
         None
     }
-}
-
-/// Kubernetes' DNS-1123 subdomain (CEL `format.dns1123Subdomain`): dot-separated labels of
-/// lower-case letters, digits and '-' that start and end with a letter or digit, 253 at most.
-fn is_dns_subdomain(name: &str) -> bool {
-    name.len() <= 253 && name.split('.').all(is_dns1123_label)
 }
 
 fn is_dns1123_label(label: &str) -> bool {
@@ -283,9 +283,13 @@ mod tests {
         let good = [
             ("host", "10.1.2.3"),
             ("host", "2001:db8::1"),
+            ("host", "[2001:db8::1]"),
             ("host", "mbs1"),
             ("host", "mbs-1.mail.example.com"),
             ("host", "0mbs"),
+            // Break the CRD's rule, but the proxies take them.
+            ("host", "MBS1.example.com"),
+            ("host", "mbs_1.example.com"),
             ("service", "dovecot-0"),
         ];
         for (field, value) in good {
@@ -299,12 +303,9 @@ mod tests {
             ("host", "mbs2.example.com:7072"),
             ("host", "mbs-\u{fc}.example.com"),
             ("host", "fe80::1%eth0"),
-            ("host", "[2001:db8::1]"),
-            ("host", "MBS1.example.com"),
-            ("host", "mbs1..example.com"),
-            ("host", "-mbs1"),
-            ("host", "mbs1-.example.com"),
+            ("host", "[10.1.2.3]"),
             ("host", "mbs 1"),
+            ("host", "mbs1/imap"),
             ("host", &long_host),
             ("service", "Dovecot"),
             ("service", "dovecot.mail"),

@@ -384,6 +384,18 @@ impl RouteTable {
     }
 }
 
+/// A host name as the proxies take it in routes, handler URLs and memcached addresses: ASCII
+/// letters, digits, '.', '-' and '_', at most 253 bytes. Looser than the CRD's rule for a
+/// MailboxServer's `spec.host` (a lower-case DNS-1123 subdomain): Zimbra's server names and
+/// MailboxServers stored before that rule may have upper case or '_'.
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
 /// IPv6 literals need brackets in `host:port` and URLs.
 fn bracket_ipv6(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {

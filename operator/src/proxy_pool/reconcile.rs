@@ -163,7 +163,8 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
         &pool,
         Outcome::Reconciled {
             route_table: &desired.route_table,
-            servers: deref.servers.len(),
+            // Those in the table: a server whose address no proxy can use is left out.
+            servers: desired.route_table.servers.len(),
         },
         Some(&applied.deployment),
         &now(),

@@ -484,7 +484,8 @@ impl Shared {
     /// to a domain's server; other peers (stock nginx) see a plain refusal.
     fn draining_refusal(&self, server: &str) -> Response<Full<Bytes>> {
         let mut headers = self.refusal_headers();
-        headers.push((DRAINING_HEADER, server.to_string()));
+        // A hand-written table may name a server anything; escaped, it is always a header value.
+        headers.push((DRAINING_HEADER, server.escape_default().to_string()));
         auth_response(&headers)
     }
 

@@ -21,6 +21,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use mailproxy_crds::route_table::is_host_name;
+
 /// The protocol of the connection to the mailbox server, named as the lookup protocol's
 /// `Auth-Protocol` header and Zimbra's cache keys name it. The `ssl` variants are chosen by how
 /// the proxy talks to the upstream, not by how the client connected.
@@ -137,11 +139,8 @@ impl FromStr for Upstream {
             }
             (host, port)
         };
-        let valid_host = !host.is_empty()
-            && host.len() <= 253
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+        // A host with ':' is an IPv6 address, checked in brackets above.
+        let valid_host = host.contains(':') || is_host_name(host);
         let port: u16 = port.parse().map_err(|_| bad())?;
         if !valid_host || port == 0 {
             return Err(bad());

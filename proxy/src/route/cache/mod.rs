@@ -25,6 +25,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailproxy_crds::route_table::is_host_name;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -638,12 +639,7 @@ fn parse_server(server: &str) -> Result<String, CacheError> {
     if let Ok(upstream) = Upstream::from_str(server) {
         return Ok(upstream.to_string());
     }
-    let valid_host = !server.is_empty()
-        && server.len() <= 253
-        && server
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if valid_host {
+    if is_host_name(server) {
         Ok(Upstream::new(server, MEMCACHED_PORT).to_string())
     } else if let Ok(ip) = server.parse::<std::net::Ipv6Addr>() {
         Ok(Upstream::new(ip.to_string(), MEMCACHED_PORT).to_string())

@@ -26,7 +26,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use mailproxy_crds::route_table::RouteTable;
+use mailproxy_crds::route_table::{RouteTable, is_host_name};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -125,10 +125,7 @@ impl FromStr for HandlerUrl {
                 }
             }
             None => {
-                if !host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-                {
+                if !is_host_name(host) {
                     return Err(bad(
                         "the host must be a DNS name, an IPv4 address or an IPv6 address in brackets",
                     ));

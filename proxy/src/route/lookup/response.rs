@@ -7,6 +7,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
+use mailproxy_crds::route_table::is_host_name;
+
 use super::unescape_auth_user;
 use crate::route::{Route, Upstream};
 
@@ -65,8 +67,6 @@ pub enum ResponseError {
     BadWait(String),
     #[error("Auth-Cache-Alias {0:?} is neither TRUE nor FALSE")]
     BadCacheAlias(String),
-    #[error("{DRAINING_HEADER} {0:?} is not a MailboxServer name")]
-    BadDrainingServer(String),
     #[error("Auth-User {0:?} is empty or does not decode to UTF-8")]
     BadUser(String),
     #[error("the {header} header is not UTF-8")]
@@ -132,15 +132,12 @@ pub fn parse_response<'a>(
         .filter(|s| !s.is_empty())
         .ok_or(ResponseError::MissingStatus)?;
     if status != "OK"
-        && let Some(draining) = draining
+        && let Some(draining) = draining.filter(|name| !name.is_empty())
     {
-        return if is_server_name(draining) {
-            Ok(LookupOutcome::Draining {
-                server: draining.to_string(),
-            })
-        } else {
-            Err(ResponseError::BadDrainingServer(quote(draining)))
-        };
+        // The name is for messages and logs only: any value is taken, escaped and cut.
+        return Ok(LookupOutcome::Draining {
+            server: quote(&draining.escape_default().to_string()),
+        });
     }
     if status != "OK" {
         return Ok(LookupOutcome::Refused {
@@ -214,25 +211,11 @@ fn parse_server(value: &str) -> Result<String, ResponseError> {
     }
     // The character set of `Upstream`'s parser, so that a route read back from the route cache
     // parses to the same upstream.
-    let host_name = !value.is_empty()
-        && value.len() <= 253
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if host_name {
+    if is_host_name(value) {
         Ok(value.to_string())
     } else {
         Err(ResponseError::BadServer(quote(value)))
     }
-}
-
-/// A Kubernetes object name (DNS-1123 subdomain), as MailboxServers are named.
-fn is_server_name(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 253
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
 }
 
 fn parse_port(value: &str) -> Result<u16, ResponseError> {
@@ -315,10 +298,16 @@ mod tests {
                 server: "mbs-2.example".to_string()
             })
         );
-        let bad = [("Auth-Status", "login failed"), (DRAINING_HEADER, "Mbs 2")];
+        // Whatever a handler sends is a drain, named safely for a log line.
+        let odd = [
+            ("Auth-Status", "login failed"),
+            (DRAINING_HEADER, "Mbs\n2\u{fc}"),
+        ];
         assert_eq!(
-            parse(200, &bad),
-            Err(ResponseError::BadDrainingServer("Mbs 2".to_string()))
+            parse(200, &odd),
+            Ok(LookupOutcome::Draining {
+                server: "Mbs\\n2\\u{fc}".to_string()
+            })
         );
         let twice = [
             ("Auth-Status", "login failed"),
