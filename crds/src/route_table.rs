@@ -230,8 +230,9 @@ impl RouteTable {
     }
 
     /// Compiles the table from the MailboxServers a pool selects. Draining servers stay in
-    /// `servers` (sessions may still be relayed to them) but get no pinned accounts or domains, no
-    /// lookups and no web traffic. When two servers claim the same account or domain, the first
+    /// `servers` (sessions may still be relayed to them) and keep their pinned accounts, whose
+    /// mailboxes are there (a proxy answers their logins as unavailable rather than routing them
+    /// elsewhere), but get no domains, no lookups and no web traffic. When two servers claim the same account or domain, the first
     /// by name wins, so the result does not depend on list order. Web backends are listed with
     /// their https port when the settings ask for TLS to them, else their http port (as garpb).
     pub fn compile(
@@ -257,14 +258,14 @@ impl RouteTable {
                     mail_upstream: spec.mail_upstream.clone(),
                 },
             );
-            if spec.drain {
-                continue;
-            }
             for account in &spec.accounts {
                 table
                     .accounts
                     .entry(account.to_ascii_lowercase())
                     .or_insert_with(|| source.name.to_string());
+            }
+            if spec.drain {
+                continue;
             }
             for domain in &spec.domains {
                 table
@@ -342,12 +343,15 @@ impl RouteTable {
         digest[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The server an account is pinned to (names compare case-insensitively).
+    /// The server an account is pinned to (names compare case-insensitively), draining or not:
+    /// the account's mailbox is there, so a drain makes it unavailable, not routed elsewhere.
     pub fn pinned_account(&self, account: &str) -> Option<(&str, &RouteServer)> {
-        self.serving(self.accounts.get(&account.to_ascii_lowercase())?)
+        let name = self.accounts.get(&account.to_ascii_lowercase())?;
+        let (name, server) = self.servers.get_key_value(name)?;
+        Some((name.as_str(), server))
     }
 
-    /// The server a domain falls back to.
+    /// The server a domain falls back to; none while that server drains.
     pub fn pinned_domain(&self, domain: &str) -> Option<(&str, &RouteServer)> {
         self.serving(self.domains.get(&domain.to_ascii_lowercase())?)
     }
@@ -483,7 +487,9 @@ mod tests {
         let mut a = spec(&["alice@example.com"], &["example.com"]);
         a.drain = true;
         let table = RouteTable::compile(&[source("a", "h", &a)], RouteSettings::default(), vec![]);
-        assert!(table.pinned_account("alice@example.com").is_none());
+        // The pinned account's mailbox is there: it stays pinned, to a draining server.
+        let (name, server) = table.pinned_account("alice@example.com").unwrap();
+        assert!(name == "a" && server.draining);
         assert!(table.pinned_domain("example.com").is_none());
         assert!(table.lookup_handlers.is_empty());
         assert_eq!(table.garpb(), "    server localhost:8080;\n");

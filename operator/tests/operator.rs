@@ -481,7 +481,13 @@ async fn the_route_table_follows_mailbox_servers_within_seconds() {
         t.servers.get("s1").is_some_and(|s| s.draining)
     })
     .await;
-    assert!(table.pinned_account("one@example.com").is_none());
+    // Its pinned account stays pinned to it (the mailbox is there; proxies answer it as
+    // unavailable), but it takes no lookups.
+    assert!(
+        table
+            .pinned_account("one@example.com")
+            .is_some_and(|(name, server)| name == "s1" && server.draining)
+    );
     assert!(!table.lookup_handlers.iter().any(|h| h.contains("10.2.0.1")));
     latencies.insert("drained", drained);
     eventually("s1 reports Draining", SOON, || async {

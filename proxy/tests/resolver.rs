@@ -714,3 +714,15 @@ async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_nam
 
     assert_unavailable_on_old(&resolver, &login("leaving@example.com", Protocol::Imap)).await;
 }
+
+/// An account pinned to a draining server: its mailbox is there, so the login is unavailable,
+/// not sent to its domain's server.
+#[tokio::test]
+async fn an_account_pinned_to_a_draining_server_is_unavailable() {
+    let mut table = drain_table(&[], &[]);
+    table
+        .accounts
+        .insert("pinned@fallback.example".to_string(), "old".to_string());
+    let resolver = proxy(table);
+    assert_unavailable_on_old(&resolver, &login("Pinned@fallback.example", Protocol::Imap)).await;
+}

@@ -1,9 +1,9 @@
 //! Where lookupd sends a login, decided from the route table and the directory alone (no I/O).
 //!
 //! Order: the route table's pinned account, then the directory's account, then the route
-//! table's domain entry. A draining server gets no new routes: the table's accessors already
-//! skip it, and a directory account on a draining server is refused, saying so, rather than sent
-//! to a domain's server where its mailbox does not live.
+//! table's domain entry. A draining server gets no new routes: its domains are skipped, and an
+//! account pinned to it or put on it by the directory is refused, saying so, rather than sent to
+//! a domain's server where its mailbox does not live.
 
 use mailproxy_crds::route_table::RouteTable;
 
@@ -46,8 +46,11 @@ pub(crate) fn decide<'a>(
     let qualified = directory.qualify(login);
     let account = directory.account_of(&qualified).to_string();
     let domain = account.rsplit_once('@').map(|(_, domain)| domain);
-    let (name, server) = if let Some(pinned) = table.pinned_account(&account) {
-        pinned
+    let (name, server) = if let Some((name, server)) = table.pinned_account(&account) {
+        if server.draining {
+            return Decision::Draining { server: name };
+        }
+        (name, server)
     } else if let Some(name) = directory.server_of(&account) {
         match table.servers.get_key_value(name) {
             None => {
@@ -169,7 +172,6 @@ mod tests {
         for (login, reason) in [
             ("nobody", "no route for nobody@example.com"),
             ("moving", "not in the route table"),
-            ("gone", "no route for gone@example.com"),
             ("weird", "port 70000"),
         ] {
             match route(&table, login, Protocol::Imap) {
@@ -177,9 +179,13 @@ mod tests {
                 other => panic!("{login} must be refused, got {other:?}"),
             }
         }
-        assert_eq!(
-            route(&table, "leaving", Protocol::Imap),
-            Decision::Draining { server: "old" }
-        );
+        // In the directory, or pinned in the table: on the draining server either way.
+        for login in ["leaving", "gone"] {
+            assert_eq!(
+                route(&table, login, Protocol::Imap),
+                Decision::Draining { server: "old" },
+                "{login}"
+            );
+        }
     }
 }

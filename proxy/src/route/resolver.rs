@@ -231,6 +231,13 @@ impl Resolver {
     pub async fn resolve(&self, login: &LoginContext) -> Result<Resolved, ResolveError> {
         let table = self.inner.table.current();
         if let Some((name, server)) = table.pinned_account(&login.user) {
+            // The account's mailbox is on that server: while it drains, nothing else can take
+            // the login.
+            if server.draining {
+                let error = draining(login, name);
+                self.count_failure(&error);
+                return Err(error);
+            }
             return Ok(self.count(pinned(
                 name,
                 server,
