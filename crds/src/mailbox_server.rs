@@ -38,7 +38,9 @@ pub struct MailboxServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     // The host becomes part of lookup handler URLs and `host:port` upstreams on every proxy of
     // the pool, so anything else (a port, user info, `%`, non-ASCII) must be refused here.
-    #[x_kube(validation = Rule::new("isIP(self) || !format.dns1123Subdomain().validate(self).hasValue()").message("spec.host must be a DNS name or IP address: lower-case letters, digits, '-' and '.' (at most 253 characters, such as mbs1.example.com), or an IPv4 or IPv6 address without brackets; no port (set spec.ports instead)"))]
+    // A last label that is a number is an IPv4 address in a form the resolver reads in its own
+    // way (010.0.0.1 is 8.0.0.1): see `route_table::is_host_name`.
+    #[x_kube(validation = Rule::new("isIP(self) || (!format.dns1123Subdomain().validate(self).hasValue() && !self.matches('(^|[.])(0[xX][0-9a-fA-F]*|[0-9]+)$'))").message("spec.host must be a DNS name or IP address: lower-case letters, digits, '-' and '.' (at most 253 characters, such as mbs1.example.com, not ending in a number), or an IPv4 or IPv6 address without brackets and leading zeros; no port (set spec.ports instead)"))]
     #[schemars(length(max = 253))]
     pub host: Option<String>,
 
@@ -105,7 +107,7 @@ impl MailboxServerSpec {
             if !usable {
                 return Some(format!(
                     "spec.host {host:?} is neither a DNS name (letters, digits, '-' and '.', at \
-                     most 253 characters, no port) nor an IP address"
+                     most 253 characters, not ending in a number, no port) nor an IP address"
                 ));
             }
         }
@@ -304,6 +306,7 @@ mod tests {
             ("host", "mbs-\u{fc}.example.com"),
             ("host", "fe80::1%eth0"),
             ("host", "[10.1.2.3]"),
+            ("host", "010.0.0.1"),
             ("host", "mbs 1"),
             ("host", "mbs1/imap"),
             ("host", &long_host),

@@ -392,9 +392,21 @@ impl RouteTable {
 /// letters, digits, '.', '-' and '_', at most 253 bytes. Looser than the CRD's rule for a
 /// MailboxServer's `spec.host` (a lower-case DNS-1123 subdomain): Zimbra's server names and
 /// MailboxServers stored before that rule may have upper case or '_'.
+///
+/// A name whose last label is a number (`010.0.0.1`, `10.1`, `0x7f`) is refused: no top-level
+/// domain is one, and the system resolver reads such a name as an IPv4 address in the old BSD
+/// forms, octal and hex included, so `010.0.0.1` would reach 8.0.0.1.
 pub fn is_host_name(host: &str) -> bool {
+    let last_label = host.rsplit('.').next().unwrap_or_default();
+    let numeric = !last_label.is_empty()
+        && (last_label.bytes().all(|b| b.is_ascii_digit())
+            || last_label
+                .get(..2)
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case("0x"))
+                && last_label[2..].bytes().all(|b| b.is_ascii_hexdigit()));
     !host.is_empty()
         && host.len() <= 253
+        && !numeric
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
@@ -480,6 +492,36 @@ mod tests {
             !older.settings.web_upstream_tls,
             "off unless a table says so"
         );
+    }
+
+    #[test]
+    fn host_names_as_the_proxies_take_them() {
+        for host in [
+            "mbs1",
+            "MBS_1.example.com",
+            "mbs1.mail.svc",
+            "10-0-0-1.example.com",
+            "a.0xyz",
+        ] {
+            assert!(is_host_name(host), "{host}");
+        }
+        let long = "a".repeat(254);
+        for host in [
+            "",
+            "mbs1:7143",
+            "mbs 1",
+            "mbs1/x",
+            "m\u{fc}",
+            &long,
+            "010.0.0.1",
+            "10.1",
+            "0x7f",
+            "0X7F.1",
+            "mbs.123",
+            "mbs.0x",
+        ] {
+            assert!(!is_host_name(host), "{host:?}");
+        }
     }
 
     #[test]

@@ -965,6 +965,9 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
         ("zone", "fe80::1%eth0"),
         ("upper", "MBS2.example.com"),
         ("dots", "mbs2..example.com"),
+        ("octal", "010.0.0.1"),
+        ("short", "10.1"),
+        ("hex", "0x0a000001"),
     ] {
         rejected(
             &typed_servers,

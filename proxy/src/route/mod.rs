@@ -140,7 +140,7 @@ impl FromStr for Upstream {
             (host, port)
         };
         // A host with ':' is an IPv6 address, checked in brackets above.
-        let valid_host = host.contains(':') || is_host_name(host);
+        let valid_host = host.contains(':') || host.parse::<IpAddr>().is_ok() || is_host_name(host);
         let port: u16 = port.parse().map_err(|_| bad())?;
         if !valid_host || port == 0 {
             return Err(bad());
@@ -214,6 +214,10 @@ mod tests {
             "[nothex]:1",
             "[::1]:x",
             "h\r\n:1",
+            // IPv4 in the resolver's old forms: 010.0.0.1 would be 8.0.0.1.
+            "010.0.0.1:7143",
+            "10.1:7143",
+            "0x7f000001:7143",
         ] {
             assert!(
                 text.parse::<Upstream>().is_err(),

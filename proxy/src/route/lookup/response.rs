@@ -441,7 +441,16 @@ mod tests {
                 "{port:?}"
             );
         }
-        for server in ["", "a b", "host\u{1}", "[10.0.0.1]", "x/y", "h:1"] {
+        for server in [
+            "",
+            "a b",
+            "host\u{1}",
+            "[10.0.0.1]",
+            "x/y",
+            "h:1",
+            "010.0.0.1",
+            "0x7f.1",
+        ] {
             assert_eq!(
                 ok(&[("Auth-Server", server), ("Auth-Port", "1")]),
                 Err(ResponseError::BadServer(server.into())),
