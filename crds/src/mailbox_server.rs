@@ -99,6 +99,13 @@ impl MailboxServerSpec {
     /// the proxies' parsers take (a host with upper case or '_' breaks the CRD's rule and still
     /// works), and a Service name a Service cannot have.
     pub fn address_problem(&self) -> Option<String> {
+        if self.host.is_some() == self.service.is_some() {
+            return Some(
+                "set exactly one of spec.host (a DNS name or IP outside the cluster) or \
+                 spec.service (a Service in this namespace)"
+                    .to_string(),
+            );
+        }
         if let Some(host) = &self.host {
             let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
             let usable = host.parse::<IpAddr>().is_ok()
@@ -322,6 +329,16 @@ mod tests {
                     .as_deref()
                     .is_some_and(|p| p.starts_with(&format!("spec.{field}"))),
                 "{field} {value:?}: {problem:?}"
+            );
+        }
+        for neither_or_both in [
+            serde_json::json!({}),
+            serde_json::json!({"host": "mbs1", "service": "dovecot"}),
+        ] {
+            let spec: MailboxServerSpec = serde_json::from_value(neither_or_both).unwrap();
+            assert!(
+                spec.address_problem()
+                    .is_some_and(|p| p.starts_with("set exactly one"))
             );
         }
     }
