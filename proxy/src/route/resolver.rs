@@ -195,22 +195,29 @@ impl Resolver {
         let resolver = self.clone();
         let mut table = self.inner.table.clone();
         resolver.apply(&table.current());
+        // Resolving names may take seconds; a new table's handlers and memcached servers must
+        // not wait for it.
+        tokio::spawn(self.clone().follow_server_addresses());
         tokio::spawn(async move {
-            let mut current = table.current();
-            loop {
-                resolver.inner.addresses.refresh(&current).await;
-                tokio::select! {
-                    changed = table.changed() => match changed {
-                        Some(changed) => {
-                            resolver.apply(&changed);
-                            current = changed;
-                        }
-                        None => return,
-                    },
-                    () = tokio::time::sleep(REFRESH_INTERVAL) => {}
-                }
+            while let Some(current) = table.changed().await {
+                resolver.apply(&current);
             }
         })
+    }
+
+    async fn follow_server_addresses(self) {
+        let mut table = self.inner.table.clone();
+        let mut current = table.current();
+        loop {
+            self.inner.addresses.refresh(&current).await;
+            tokio::select! {
+                changed = table.changed() => match changed {
+                    Some(changed) => current = changed,
+                    None => return,
+                },
+                () = tokio::time::sleep(REFRESH_INTERVAL) => {}
+            }
+        }
     }
 
     /// The current table's MailboxServer at `upstream`: by its host as the table names it, or
