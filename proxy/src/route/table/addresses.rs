@@ -6,9 +6,9 @@
 //! route points at (its `mailUpstream` settings, whether it is draining), the proxy resolves
 //! the table's host names itself, when the table changes and every [`REFRESH_INTERVAL`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,9 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct ServerAddresses {
     by_ip: ArcSwap<HashMap<IpAddr, Vec<String>>>,
+    /// The table's host names that did not resolve last time: a warning when a name stops
+    /// resolving, not every [`REFRESH_INTERVAL`] while it stays so.
+    unresolved: Mutex<HashSet<String>>,
 }
 
 impl ServerAddresses {
@@ -48,29 +51,42 @@ impl ServerAddresses {
             .filter(|(_, server)| server.host.parse::<IpAddr>().is_err());
         let resolved = join_all(names.map(|(name, server)| async move {
             let host = server.host.as_str();
-            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await
-            {
-                Ok(Ok(addresses)) => Some((name, addresses.map(|a| a.ip()).collect::<Vec<_>>())),
-                Ok(Err(error)) => {
-                    tracing::debug!(server = %name, host, %error, "cannot resolve a mailbox server's host name");
-                    None
-                }
-                Err(_) => {
-                    tracing::debug!(server = %name, host, "resolving a mailbox server's host name timed out");
-                    None
-                }
-            }
+            let addresses =
+                match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0)))
+                    .await
+                {
+                    Ok(Ok(addresses)) => Ok(addresses.map(|a| a.ip()).collect::<Vec<_>>()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+                };
+            (name, host, addresses)
         }))
         .await;
         let mut by_ip: HashMap<IpAddr, Vec<String>> = HashMap::new();
-        for (name, addresses) in resolved.into_iter().flatten() {
-            for ip in addresses {
-                let names = by_ip.entry(ip.to_canonical()).or_default();
-                if !names.contains(name) {
-                    names.push(name.clone());
+        let mut unresolved = HashSet::new();
+        let mut before = self.unresolved.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, host, addresses) in resolved {
+            match addresses {
+                Ok(addresses) => {
+                    for ip in addresses {
+                        let names = by_ip.entry(ip.to_canonical()).or_default();
+                        if !names.contains(name) {
+                            names.push(name.clone());
+                        }
+                    }
+                }
+                Err(error) => {
+                    if before.contains(host) {
+                        tracing::debug!(server = %name, host, %error, "a mailbox server's host name still does not resolve");
+                    } else {
+                        tracing::warn!(server = %name, host, %error, "a mailbox server's host name does not resolve: routes learned for its address get none of its settings, and a drain does not stop them");
+                    }
+                    unresolved.insert(host.to_string());
                 }
             }
         }
+        *before = unresolved;
+        drop(before);
         self.by_ip.store(Arc::new(by_ip));
     }
 }
@@ -100,6 +116,11 @@ mod tests {
             addresses.servers_at("127.0.0.1".parse().unwrap()),
             ["named"]
         );
+        let unresolved = |addresses: &ServerAddresses| addresses.unresolved.lock().unwrap().clone();
+        assert_eq!(
+            unresolved(&addresses),
+            HashSet::from(["no-such-host.invalid".to_string()])
+        );
         assert_eq!(
             addresses.servers_at("::ffff:127.0.0.1".parse().unwrap()),
             ["named"],
@@ -113,6 +134,10 @@ mod tests {
         assert_eq!(
             addresses.servers_at("127.0.0.1".parse().unwrap()),
             ["other"]
+        );
+        assert!(
+            unresolved(&addresses).is_empty(),
+            "only the current table's names"
         );
     }
 }
