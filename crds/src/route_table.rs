@@ -6,6 +6,7 @@
 //! memcached servers (gamcs), plus the pool's protocol and timeout settings.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde::{Deserialize, Serialize};
@@ -232,9 +233,10 @@ impl RouteTable {
     /// Compiles the table from the MailboxServers a pool selects. Draining servers stay in
     /// `servers` (sessions may still be relayed to them) and keep their pinned accounts, whose
     /// mailboxes are there (a proxy answers their logins as unavailable rather than routing them
-    /// elsewhere), but get no domains, no lookups and no web traffic. When two servers claim the same account or domain, the first
-    /// by name wins, so the result does not depend on list order. Web backends are listed with
-    /// their https port when the settings ask for TLS to them, else their http port (as garpb).
+    /// elsewhere), but get no domains, no lookups and no web traffic. When two servers claim the
+    /// same account or domain, the first by name wins, so the result does not depend on list
+    /// order. Web backends are listed with their https port when the settings ask for TLS to
+    /// them, else their http port (as garpb).
     pub fn compile(
         servers: &[ServerSource<'_>],
         settings: RouteSettings,
@@ -388,15 +390,19 @@ impl RouteTable {
     }
 }
 
-/// A host name as the proxies take it in routes, handler URLs and memcached addresses: ASCII
-/// letters, digits, '.', '-' and '_', at most 253 bytes. Looser than the CRD's rule for a
-/// MailboxServer's `spec.host` (a lower-case DNS-1123 subdomain): Zimbra's server names and
-/// MailboxServers stored before that rule may have upper case or '_'.
+/// A host name or IPv4 address as the proxies take it in routes, handler URLs and memcached
+/// addresses: ASCII letters, digits, '.', '-' and '_', at most 253 bytes. Looser than the CRD's
+/// rule for a MailboxServer's `spec.host` (a lower-case DNS-1123 subdomain): Zimbra's server
+/// names and MailboxServers stored before that rule may have upper case or '_'.
 ///
-/// A name whose last label is a number (`010.0.0.1`, `10.1`, `0x7f`) is refused: no top-level
-/// domain is one, and the system resolver reads such a name as an IPv4 address in the old BSD
-/// forms, octal and hex included, so `010.0.0.1` would reach 8.0.0.1.
+/// A name whose last label is a number is an IPv4 address in its dotted-decimal form
+/// (`10.0.0.1`) or refused (`010.0.0.1`, `10.1`, `0x7f`): no top-level domain is a number, and
+/// the system resolver reads such a name as an IPv4 address in the old BSD forms, octal and hex
+/// included, so `010.0.0.1` would reach 8.0.0.1.
 pub fn is_host_name(host: &str) -> bool {
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
     let last_label = host.rsplit('.').next().unwrap_or_default();
     let numeric = !last_label.is_empty()
         && (last_label.bytes().all(|b| b.is_ascii_digit())
@@ -502,6 +508,7 @@ mod tests {
             "mbs1.mail.svc",
             "10-0-0-1.example.com",
             "a.0xyz",
+            "10.0.0.1",
         ] {
             assert!(is_host_name(host), "{host}");
         }

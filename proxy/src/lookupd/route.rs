@@ -29,9 +29,9 @@ pub(crate) enum Decision<'a> {
     Route(Routed<'a>),
     /// No route; the reason is for the log only (clients get Zimbra's generic message).
     Refuse(String),
-    /// The directory puts the account on this server, which is draining: refused too, and the
-    /// refusal says so, since no other server holds the mailbox (a proxy must not fall back to a
-    /// domain's server).
+    /// The table pins the account to this server, or the directory puts it there, and it is
+    /// draining: refused too, and the refusal says so, since no other server holds the mailbox
+    /// (a proxy must not fall back to a domain's server).
     Draining {
         server: &'a str,
     },

@@ -140,7 +140,7 @@ impl FromStr for Upstream {
             (host, port)
         };
         // A host with ':' is an IPv6 address, checked in brackets above.
-        let valid_host = host.contains(':') || host.parse::<IpAddr>().is_ok() || is_host_name(host);
+        let valid_host = host.contains(':') || is_host_name(host);
         let port: u16 = port.parse().map_err(|_| bad())?;
         if !valid_host || port == 0 {
             return Err(bad());

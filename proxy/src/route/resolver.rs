@@ -672,14 +672,15 @@ fn refuse_draining(
     }
 }
 
-/// The login's mailbox is on `server`, which is draining: as its own table says
-/// ([`refuse_draining`]) or as the handler says, refusing with
-/// [`crate::route::lookup::DRAINING_HEADER`] (a handler that knows of drains, like `mailproxy
-/// lookupd`, gives no route to a draining server). Either way no fallback takes the login.
+/// The login's mailbox is on `server`, which is draining: as its own table says (a pinned
+/// account, or a lookup answer checked by [`refuse_draining`]) or as the handler says, refusing
+/// with [`crate::route::lookup::DRAINING_HEADER`] (a handler that knows of drains, like
+/// `mailproxy lookupd`, gives no route to a draining server). Either way no fallback takes the
+/// login.
 fn draining(login: &LoginContext, server: &str) -> ResolveError {
     ResolveError::Unavailable {
         reason: format!(
-            "the route lookup puts {} on {server}, which is draining (spec.drain)",
+            "the mailbox of {} is on {server}, which is draining (spec.drain)",
             login.user
         ),
     }

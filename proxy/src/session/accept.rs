@@ -62,13 +62,18 @@ impl Acceptor {
     fn prepare(&self, tcp: &TcpStream) -> Option<SocketAddr> {
         match self.nodelay.load(Ordering::Relaxed) {
             NODELAY_INHERITED => {}
-            NODELAY_UNKNOWN if tcp.nodelay().unwrap_or(false) => {
-                self.nodelay.store(NODELAY_INHERITED, Ordering::Relaxed);
+            NODELAY_PER_CONNECTION => {
+                let _ = tcp.set_nodelay(true);
             }
             _ => {
-                self.nodelay
-                    .store(NODELAY_PER_CONNECTION, Ordering::Relaxed);
-                let _ = tcp.set_nodelay(true);
+                let inherited = tcp.nodelay().unwrap_or(false);
+                let state = if inherited {
+                    NODELAY_INHERITED
+                } else {
+                    let _ = tcp.set_nodelay(true);
+                    NODELAY_PER_CONNECTION
+                };
+                self.nodelay.store(state, Ordering::Relaxed);
             }
         }
         self.local.or_else(|| tcp.local_addr().ok())

@@ -639,7 +639,7 @@ fn parse_server(server: &str) -> Result<String, CacheError> {
     if let Ok(upstream) = Upstream::from_str(server) {
         return Ok(upstream.to_string());
     }
-    if server.parse::<std::net::Ipv4Addr>().is_ok() || is_host_name(server) {
+    if is_host_name(server) {
         Ok(Upstream::new(server, MEMCACHED_PORT).to_string())
     } else if let Ok(ip) = server.parse::<std::net::Ipv6Addr>() {
         Ok(Upstream::new(ip.to_string(), MEMCACHED_PORT).to_string())

@@ -125,7 +125,7 @@ impl FromStr for HandlerUrl {
                 }
             }
             None => {
-                if host.parse::<std::net::Ipv4Addr>().is_err() && !is_host_name(host) {
+                if !is_host_name(host) {
                     return Err(bad(
                         "the host must be a DNS name, an IPv4 address or an IPv6 address in brackets",
                     ));

@@ -131,15 +131,13 @@ pub fn parse_response<'a>(
     let status = status
         .filter(|s| !s.is_empty())
         .ok_or(ResponseError::MissingStatus)?;
-    if status != "OK"
-        && let Some(draining) = draining.filter(|name| !name.is_empty())
-    {
-        // The name is for messages and logs only: any value is taken, escaped and cut.
-        return Ok(LookupOutcome::Draining {
-            server: quote(&draining.escape_default().to_string()),
-        });
-    }
     if status != "OK" {
+        if let Some(draining) = draining.filter(|name| !name.is_empty()) {
+            // The name is for messages and logs only: any value is taken, escaped and cut.
+            return Ok(LookupOutcome::Draining {
+                server: quote(&draining.escape_default().to_string()),
+            });
+        }
         return Ok(LookupOutcome::Refused {
             message: status.to_string(),
             wait: wait.map(parse_wait).transpose()?.unwrap_or(Duration::ZERO),
