@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use mailproxy::dns::Dns;
 use mailproxy::lookupd::{Lookupd, LookupdConfig, RequestOutcome};
 use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig};
@@ -90,6 +91,7 @@ fn resolver(runtime: &Runtime, handler: &Handler, memcached: Option<&Memcached>)
         TableHandle::fixed(table),
         RouteCache::new(RouteCacheConfig::default()),
         Arc::new(lookup),
+        Dns::from_system_config(),
     );
     let _guard = runtime.enter();
     resolver.follow_table();

@@ -6,10 +6,12 @@
 //! - [`http`]: the web proxy (Zimbra web routing, HTTP/1.1, HTTP/2, WebSocket).
 //! - [`lookupd`]: the reference Route Lookup Handler (`mailproxy lookupd`).
 //! - [`session`]: the mail session driver (accept, pre-login, upstream login, relay).
+//! - [`dns`]: host names to addresses (cached by TTL), and connections to named servers.
 //! - [`tls`]: certificates with SNI and reload, TLS to mailbox servers.
 //! - [`serve`]: `mailproxy serve`, a configuration file turned into a running proxy
 //!   ([`serve::Server`] starts one in-process).
 
+pub mod dns;
 pub mod http;
 pub mod lookupd;
 pub mod mail;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
+use mailproxy::dns::Dns;
 use mailproxy::lookupd::RequestOutcome;
 use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
@@ -46,6 +47,7 @@ fn proxy(table: RouteTable) -> Resolver {
         TableHandle::fixed(table),
         RouteCache::new(RouteCacheConfig::default()),
         Arc::new(lookup),
+        Dns::from_system_config(),
     );
     resolver.follow_table();
     resolver

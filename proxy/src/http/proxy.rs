@@ -946,6 +946,7 @@ fn upstream_uri(upstream: &Upstream, tls: bool, original: &Uri) -> Result<Uri, F
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::Dns;
 
     fn conn(peer: &str, tls: bool) -> ConnectionInfo {
         ConnectionInfo {
@@ -1034,11 +1035,17 @@ mod tests {
             TableHandle::fixed(table),
             RouteCache::new(RouteCacheConfig::default()),
             Arc::new(LookupClient::new(LookupClientConfig::default()).unwrap()),
+            Dns::from_system_config(),
         );
         let (_stop, stop) = watch::channel(false);
         let (_closing, closing) = watch::channel(false);
         let settings = HttpSettings::default();
-        let connector = WebConnector::new(None, settings.upstream_connect_timeout).unwrap();
+        let connector = WebConnector::new(
+            None,
+            settings.upstream_connect_timeout,
+            Dns::from_system_config(),
+        )
+        .unwrap();
         let proxy = Arc::new(HttpProxy::new(resolver, settings, connector));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -20,9 +20,9 @@ use http::uri::Scheme;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, TlsStream};
 
+use crate::dns::Dns;
 use crate::route::Upstream;
 use crate::session::stream::Stream;
 use crate::tls::TlsError;
@@ -33,6 +33,7 @@ use crate::tls::TlsError;
 pub struct WebConnector {
     tls: TlsConnector,
     connect_timeout: Duration,
+    dns: Dns,
 }
 
 impl std::fmt::Debug for WebConnector {
@@ -85,13 +86,18 @@ pub fn is_handshake_failure(error: &(dyn std::error::Error + 'static)) -> bool {
 
 impl WebConnector {
     /// A connector trusting the system's CAs and those of `ca_file`; `connect_timeout` bounds the
-    /// TCP connect and, separately, the TLS handshake.
-    pub fn new(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<Self, TlsError> {
+    /// TCP connect and, separately, the TLS handshake; `dns` resolves backend host names.
+    pub fn new(
+        ca_file: Option<&Path>,
+        connect_timeout: Duration,
+        dns: Dns,
+    ) -> Result<Self, TlsError> {
         let mut config = crate::tls::client_config(ca_file)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             tls: TlsConnector::from(Arc::new(config)),
             connect_timeout,
+            dns,
         })
     }
 
@@ -99,7 +105,7 @@ impl WebConnector {
     /// the upstream's host: its DNS name, or its IP address).
     pub async fn connect(&self, upstream: &Upstream, tls: bool) -> Result<Stream, ConnectError> {
         let timeout = self.connect_timeout;
-        let connecting = TcpStream::connect((upstream.host.as_str(), upstream.port));
+        let connecting = self.dns.connect(&upstream.host, upstream.port);
         let tcp = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(source)) => {
@@ -116,7 +122,6 @@ impl WebConnector {
                 });
             }
         };
-        let _ = tcp.set_nodelay(true);
         if !tls {
             return Ok(Stream::Plain(tcp));
         }

@@ -51,6 +51,7 @@ use tracing::{debug, error, info, warn};
 
 use self::directory::{Directory, DirectoryError};
 use self::route::{Decision, decide};
+use crate::dns::Dns;
 use crate::route::Protocol;
 use crate::route::lookup::{DRAINING_HEADER, SECRET_HEADER, escape_auth_user, unescape_auth_user};
 
@@ -198,6 +199,8 @@ struct Shared {
     table: ArcSwap<RouteTable>,
     directory: ArcSwap<Directory>,
     tls: Option<TlsAcceptor>,
+    /// Resolves the mailbox servers' host names (answers carry IP addresses).
+    dns: Dns,
     requests: Family<OutcomeLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
 }
@@ -241,6 +244,7 @@ impl Lookupd {
                 table: ArcSwap::from_pointee(table),
                 directory: ArcSwap::from_pointee(directory),
                 tls,
+                dns: Dns::from_system_config(),
                 requests: Family::default(),
                 reloads: Family::default(),
                 loaded_stamps,
@@ -437,7 +441,7 @@ impl Shared {
                 return (RequestOutcome::Draining, self.draining_refusal(server));
             }
         };
-        let ip = match resolve(routed.host, routed.port).await {
+        let ip = match resolve(&self.dns, routed.host).await {
             Ok(ip) => ip,
             Err(error) => {
                 warn!(host = routed.host, server = routed.server, %error, "cannot resolve a mailbox server");
@@ -549,21 +553,17 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 
 /// The address nginx needs: an IP literal as is, else the host's first IPv4 address, else its
 /// first IPv6 one (Zimbra's choice in dual-stack mode).
-async fn resolve(host: &str, port: u16) -> std::io::Result<IpAddr> {
+async fn resolve(dns: &Dns, host: &str) -> std::io::Result<IpAddr> {
     let host = host
         .strip_prefix('[')
         .and_then(|inner| inner.strip_suffix(']'))
         .unwrap_or(host);
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    addresses
+    let addresses = dns.lookup(host).await?;
+    Ok(addresses
         .iter()
-        .find(|address| address.is_ipv4())
-        .or_else(|| addresses.first())
-        .map(SocketAddr::ip)
-        .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))
+        .find(|ip| ip.is_ipv4())
+        .unwrap_or(&addresses[0])
+        .to_owned())
 }
 
 fn read(path: &Path) -> Result<String, LookupdError> {

@@ -29,6 +29,7 @@ use super::cache::{AliasScope, RouteCache};
 use super::lookup::{AuthMethod, LookupClient, LookupError, LookupOutcome};
 use super::table::{REFRESH_INTERVAL, ServerAddresses, TableHandle};
 use super::{LoginContext, Protocol, Route, Upstream};
+use crate::dns::Dns;
 
 /// Where a route came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,14 +167,15 @@ struct Inner {
 
 impl Resolver {
     /// A resolver over a live route table. The cache's memcached servers and the client's
-    /// handlers follow the table: see [`Resolver::follow_table`].
-    pub fn new(table: TableHandle, cache: RouteCache, lookup: Arc<LookupClient>) -> Self {
+    /// handlers follow the table: see [`Resolver::follow_table`]. `dns` resolves the table's
+    /// server host names.
+    pub fn new(table: TableHandle, cache: RouteCache, lookup: Arc<LookupClient>, dns: Dns) -> Self {
         Self {
             inner: Arc::new(Inner {
                 table,
                 cache,
                 lookup,
-                addresses: ServerAddresses::default(),
+                addresses: ServerAddresses::new(dns),
                 flights: Mutex::new(HashMap::new()),
                 metrics: Metrics::default(),
             }),

@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::dns::Dns;
 use crate::http::proxy::{HttpProxy, HttpSettings};
 use crate::http::upstream::WebConnector;
 use crate::route::cache::{RouteCache, RouteCacheConfig};
@@ -134,9 +135,11 @@ impl Server {
         };
         let upstream_tls = UpstreamConnector::new(config.upstream_tls.ca_file.as_deref())
             .context("cannot set up TLS to the mailbox servers")?;
+        let dns = Dns::from_system_config();
         let web_connector = WebConnector::new(
             config.http.upstream_ca_file.as_deref(),
             options.http.upstream_connect_timeout,
+            dns.clone(),
         )
         .context("cannot set up TLS to the web backends (http.upstreamCaFile)")?;
         let table = route_table(config).await?;
@@ -153,7 +156,7 @@ impl Server {
         let cache = RouteCache::new(options.route_cache.clone());
         let throttle = LoginThrottle::new(&current.settings.login_limits, cache.clone())
             .context("the route table's login limits are invalid")?;
-        let resolver = Resolver::new(table.clone(), cache.clone(), lookup.clone());
+        let resolver = Resolver::new(table.clone(), cache.clone(), lookup.clone(), dns.clone());
         background.push(resolver.follow_table());
         background.push(follow_settings(table, throttle.clone(), starttls_unusable));
 
@@ -176,6 +179,7 @@ impl Server {
             throttle,
             tls,
             upstream_tls,
+            dns,
             metrics,
             upstream_failure_wait: options.upstream_failure_wait,
             via: options.via,

@@ -34,6 +34,7 @@ pub use self::metrics::SessionMetrics;
 use self::relay::{RelayEnd, Traffic, UpstreamEnd};
 use self::stream::Stream;
 use self::upstream::{UpstreamConnection, UpstreamError};
+use crate::dns::Dns;
 use crate::mail::imap::ClientId;
 use crate::mail::{
     Credentials, LoginMechanism, PreLoginEvent, PreLoginMachine, StartTls, split_login_suffix,
@@ -99,6 +100,8 @@ pub struct SessionContext {
     /// configured, in which case STARTTLS is not offered.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub upstream_tls: UpstreamConnector,
+    /// Resolves mailbox server host names and connects to them.
+    pub dns: Dns,
     pub metrics: SessionMetrics,
     /// How long a session waits before answering a login the mailbox server refused (the
     /// counterpart of a lookup's Auth-Wait, which slows down password guessing).

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 
 use mailproxy_crds::mailbox_server::{MailUpstream, OriginForwarding};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::SessionContext;
 use super::proxy_protocol;
@@ -155,13 +154,14 @@ impl UpstreamConnection {
         local: SocketAddr,
     ) -> Result<Self, UpstreamError> {
         let upstream = &target.resolved.route.upstream;
-        let mut tcp = TcpStream::connect((upstream.host.as_str(), upstream.port))
+        let mut tcp = context
+            .dns
+            .connect(&upstream.host, upstream.port)
             .await
             .map_err(|source| UpstreamError::Connect {
                 upstream: upstream.to_string(),
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
         if target.mail.origin == OriginForwarding::ProxyProtocol {
             tcp.write_all(&proxy_protocol::header(client, local))
                 .await?;

@@ -15,6 +15,8 @@ use arc_swap::ArcSwap;
 use futures::future::join_all;
 use mailproxy_crds::route_table::RouteTable;
 
+use crate::dns::Dns;
+
 /// How often host names are resolved again while the table stays the same (a Service's
 /// ClusterIP is stable, an external name may move).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
@@ -23,8 +25,8 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The table's server names by the IP addresses their host names resolve to.
-#[derive(Default)]
 pub struct ServerAddresses {
+    dns: Dns,
     by_ip: ArcSwap<HashMap<IpAddr, Vec<String>>>,
     /// The table's host names that did not resolve last time: a warning when a name stops
     /// resolving, not every [`REFRESH_INTERVAL`] while it stays so.
@@ -32,6 +34,15 @@ pub struct ServerAddresses {
 }
 
 impl ServerAddresses {
+    /// An empty index whose names `dns` resolves.
+    pub fn new(dns: Dns) -> Self {
+        Self {
+            dns,
+            by_ip: ArcSwap::default(),
+            unresolved: Mutex::default(),
+        }
+    }
+
     /// The names of the servers whose host name resolved to `ip` (servers named by an IP
     /// address are found by the table itself).
     pub fn servers_at(&self, ip: IpAddr) -> Vec<String> {
@@ -51,14 +62,12 @@ impl ServerAddresses {
             .filter(|(_, server)| server.host.parse::<IpAddr>().is_err());
         let resolved = join_all(names.map(|(name, server)| async move {
             let host = server.host.as_str();
-            let addresses =
-                match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0)))
-                    .await
-                {
-                    Ok(Ok(addresses)) => Ok(addresses.map(|a| a.ip()).collect::<Vec<_>>()),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
-                };
+            let addresses = match tokio::time::timeout(RESOLVE_TIMEOUT, self.dns.lookup(host)).await
+            {
+                Ok(Ok(addresses)) => Ok(addresses),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+            };
             (name, host, addresses)
         }))
         .await;
@@ -105,7 +114,7 @@ mod tests {
             }}"#,
         )
         .unwrap();
-        let addresses = ServerAddresses::default();
+        let addresses = ServerAddresses::new(Dns::from_system_config());
         assert!(
             addresses
                 .servers_at("127.0.0.1".parse().unwrap())

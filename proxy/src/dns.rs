@@ -1,0 +1,225 @@
+//! Host names to addresses, and connections to servers named either way.
+//!
+//! A MailboxServer is most often named by its Service's cluster name (`dovecot.mail.svc`), and
+//! every login, web connection and lookupd answer needs its address. The C library's resolver
+//! would cost each of them a thread of tokio's blocking pool and, in a pod (`ndots:5` in
+//! resolv.conf), a DNS query for every search domain tried before the name resolves. Names go
+//! through hickory's resolver instead: asynchronous, with resolv.conf's name servers, search
+//! list and ndots, /etc/hosts, and a cache that keeps each answer for its DNS TTL (5 s for a
+//! Kubernetes Service by CoreDNS's default), so a login storm costs a few queries, not one each.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::TokioResolver;
+use tokio::net::TcpStream;
+
+/// Resolves host names and connects to servers; cheap to clone, one per process.
+#[derive(Clone)]
+pub struct Dns {
+    names: Names,
+}
+
+#[derive(Clone)]
+enum Names {
+    Cached(Box<TokioResolver>),
+    /// Without a readable resolv.conf: the C library's resolver, one lookup per call.
+    System,
+}
+
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.names {
+            Names::Cached(_) => "cached",
+            Names::System => "system",
+        };
+        f.debug_struct("Dns").field("names", &kind).finish()
+    }
+}
+
+impl Dns {
+    /// Names resolved as `/etc/resolv.conf` says, with a cache. A system without a readable
+    /// resolv.conf (or one hickory cannot read) resolves through the C library instead, with a
+    /// warning: everything still works, at the cost of a lookup per connection.
+    pub fn from_system_config() -> Self {
+        let resolver = TokioResolver::builder_tokio().and_then(|builder| builder.build());
+        let names = match resolver {
+            Ok(resolver) => Names::Cached(Box::new(resolver)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot set up the caching DNS resolver from /etc/resolv.conf; host names are resolved by the C library, once per connection");
+                Names::System
+            }
+        };
+        Self { names }
+    }
+
+    /// The addresses of `host` (an IP literal is its own address). Never empty on success.
+    pub async fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let addresses: Vec<IpAddr> = match &self.names {
+            Names::Cached(resolver) => match resolver.lookup_ip(host).await {
+                Ok(found) => found.iter().collect(),
+                Err(error) if error.is_nx_domain() || error.is_no_records_found() => Vec::new(),
+                Err(error) => {
+                    return Err(io::Error::other(format!("cannot resolve {host}: {error}")));
+                }
+            },
+            Names::System => tokio::net::lookup_host((host, 0))
+                .await
+                .map_err(|error| {
+                    io::Error::new(error.kind(), format!("cannot resolve {host}: {error}"))
+                })?
+                .map(|address| address.ip())
+                .collect(),
+        };
+        if addresses.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host} has no address (no such host name in DNS or /etc/hosts)"),
+            ));
+        }
+        Ok(addresses)
+    }
+
+    /// Connects to `host:port`, trying the host's addresses in order until one accepts (the
+    /// error is the last address's). Small writes go out at once (`TCP_NODELAY`): commands and
+    /// answers are small and each waits for the other side.
+    pub async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let mut last_error = None;
+        for ip in self.lookup(host).await? {
+            match TcpStream::connect(SocketAddr::new(ip, port)).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other(format!("{host} has no address"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use tokio::net::{TcpListener, UdpSocket};
+
+    use super::*;
+
+    /// A DNS server on a loopback UDP port that answers `A` queries for names under `test.`
+    /// with 127.0.0.1, everything else with no records (both kept for an hour), and counts the
+    /// queries.
+    async fn dns_server() -> (Dns, Arc<AtomicUsize>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let counted = queries.clone();
+        tokio::spawn(async move {
+            let mut buffer = [0; 512];
+            loop {
+                let (length, peer) = socket.recv_from(&mut buffer).await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let query = Message::from_vec(&buffer[..length]).unwrap();
+                let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+                answer.metadata.message_type = MessageType::Response;
+                answer.metadata.recursion_available = true;
+                for question in &query.queries {
+                    answer.add_query(question.clone());
+                    if question.query_type() == RecordType::A
+                        && question.name().to_ascii().ends_with(".test.")
+                    {
+                        answer.add_answer(Record::from_rdata(
+                            question.name().clone(),
+                            3600,
+                            RData::A(rdata::A::new(127, 0, 0, 1)),
+                        ));
+                    } else {
+                        // No such record: the zone's SOA gives the answer's TTL, as real
+                        // servers do.
+                        let zone = Name::from_ascii("test.").unwrap();
+                        let soa = rdata::SOA::new(zone.clone(), zone.clone(), 1, 60, 60, 60, 3600);
+                        answer.add_authority(Record::from_rdata(zone, 3600, RData::SOA(soa)));
+                    }
+                }
+                answer.metadata.response_code = ResponseCode::NoError;
+                let bytes = answer.to_vec().unwrap();
+                socket.send_to(&bytes, peer).await.unwrap();
+            }
+        });
+        let mut udp = ConnectionConfig::udp();
+        udp.port = port;
+        let server = NameServerConfig::new(IpAddr::from([127, 0, 0, 1]), true, vec![udp]);
+        let config = ResolverConfig::from_name_servers(vec![server]);
+        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .build()
+            .unwrap();
+        let dns = Dns {
+            names: Names::Cached(Box::new(resolver)),
+        };
+        (dns, queries)
+    }
+
+    #[tokio::test]
+    async fn a_name_is_asked_once_then_answered_from_the_cache() {
+        let (dns, queries) = dns_server().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        dns.connect("mbox.mail.test", port).await.unwrap();
+        let first = queries.load(Ordering::SeqCst);
+        assert!(first >= 1, "the first connection asked the DNS server");
+        for _ in 0..10 {
+            dns.connect("mbox.mail.test", port).await.unwrap();
+        }
+        assert_eq!(queries.load(Ordering::SeqCst), first);
+        assert_eq!(
+            dns.lookup("mbox.mail.test").await.unwrap(),
+            [IpAddr::from([127, 0, 0, 1])]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_without_addresses_says_so() {
+        let (dns, _) = dns_server().await;
+        let error = dns.connect("nowhere.example", 1).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert!(
+            error.to_string().contains("nowhere.example has no address"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_address_of_a_name_is_tried_in_turn() {
+        // localhost is ::1 then 127.0.0.1 for hickory; the listener is on the second only.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for dns in [
+            Dns::from_system_config(),
+            Dns {
+                names: Names::System,
+            },
+        ] {
+            let stream = dns.connect("localhost", port).await.unwrap();
+            assert_eq!(stream.peer_addr().unwrap().port(), port);
+            assert!(stream.nodelay().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn ip_literals_need_no_name_server() {
+        let (dns, queries) = dns_server().await;
+        assert_eq!(
+            dns.lookup("::1").await.unwrap(),
+            [IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1])]
+        );
+        assert_eq!(queries.load(Ordering::SeqCst), 0);
+    }
+}
