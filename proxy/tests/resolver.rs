@@ -697,7 +697,7 @@ async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_nam
     let resolver = proxy(table);
     let staying = Upstream::new("127.0.0.1", 7143);
     eventually("localhost resolved", Duration::from_secs(10), async || {
-        resolver.server_at(&staying)
+        resolver.server_at(&staying, Protocol::Imap)
     })
     .await;
 
@@ -709,7 +709,7 @@ async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_nam
     assert_eq!(resolved.route.upstream, staying);
     assert_eq!(resolved.server.as_deref(), Some("named"));
     assert_eq!(
-        resolver.server_at(&Upstream::new("127.0.0.1", 9999)),
+        resolver.server_at(&Upstream::new("127.0.0.1", 9999), Protocol::Imap),
         None,
         "an address of the servers on none of their ports is neither of them"
     );

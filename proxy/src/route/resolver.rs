@@ -222,10 +222,16 @@ impl Resolver {
         }
     }
 
-    /// The current table's MailboxServer at `upstream`: by its host as the table names it, or
-    /// by the address its host name resolved to (see [`Resolver::follow_table`]).
-    pub fn server_at(&self, upstream: &Upstream) -> Option<String> {
-        server_at(&self.inner.table.current(), &self.inner.addresses, upstream)
+    /// The current table's MailboxServer at `upstream` for a login of `protocol`: by its host as
+    /// the table names it, or by the address its host name resolved to (see
+    /// [`Resolver::follow_table`]).
+    pub fn server_at(&self, upstream: &Upstream, protocol: Protocol) -> Option<String> {
+        server_at(
+            &self.inner.table.current(),
+            &self.inner.addresses,
+            upstream,
+            protocol,
+        )
     }
 
     fn apply(&self, table: &RouteTable) {
@@ -387,7 +393,12 @@ impl Resolver {
         table: &RouteTable,
     ) -> Option<(Route, Option<String>)> {
         let route = self.cached(login).await?;
-        let server = server_at(table, &self.inner.addresses, &route.upstream);
+        let server = server_at(
+            table,
+            &self.inner.addresses,
+            &route.upstream,
+            login.protocol,
+        );
         if is_draining(table, server.as_deref()) {
             tracing::debug!(user = %login.user, server = ?server, "cached route points at a draining server; resolving the login again");
             self.forget(login, &route).await;
@@ -403,7 +414,7 @@ impl Resolver {
         table: &RouteTable,
     ) -> Option<(Upstream, Option<String>)> {
         let upstream = self.cached_by_id(login).await?;
-        let server = server_at(table, &self.inner.addresses, &upstream);
+        let server = server_at(table, &self.inner.addresses, &upstream, login.protocol);
         if is_draining(table, server.as_deref()) {
             tracing::debug!(account_id = %login.user, server = ?server, "cached route points at a draining server; resolving the account id again");
             self.forget_account_id(login).await;
@@ -515,7 +526,12 @@ impl Resolver {
         let outcome = self.inner.lookup.lookup(login, AuthMethod::Username).await;
         let refusal = match outcome {
             Ok(LookupOutcome::Found { route, cache_alias }) => {
-                let server = server_at(&table, &self.inner.addresses, &route.upstream);
+                let server = server_at(
+                    &table,
+                    &self.inner.addresses,
+                    &route.upstream,
+                    login.protocol,
+                );
                 refuse_draining(login, &table, server.as_deref())?;
                 self.remember(login, &route, cache_alias, &table).await;
                 return Ok(Resolved {
@@ -548,7 +564,12 @@ impl Resolver {
         }
         match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
             Ok(LookupOutcome::Found { route, .. }) => {
-                let server = server_at(&table, &self.inner.addresses, &route.upstream);
+                let server = server_at(
+                    &table,
+                    &self.inner.addresses,
+                    &route.upstream,
+                    login.protocol,
+                );
                 refuse_draining(login, &table, server.as_deref())?;
                 let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
                 if let Err(error) = self
@@ -688,30 +709,37 @@ fn draining(login: &LoginContext, server: &str) -> ResolveError {
     }
 }
 
-/// The table's server at an address, if one matches by host and any of its ports: by the host
-/// as the table names it, or by the address its host name resolves to (`addresses`), since
-/// handlers answer with IP addresses.
+/// The table's server at an address: by the host as the table names it, or by the address its
+/// host name resolves to (`addresses`), since handlers answer with IP addresses. A server whose
+/// port for `protocol` is the address's port comes first; else one with the port for any
+/// protocol, since a handler may answer a login with another protocol's port of the server (a
+/// drain must hold for it all the same).
 fn server_at(
     table: &RouteTable,
     addresses: &ServerAddresses,
     upstream: &Upstream,
+    protocol: Protocol,
 ) -> Option<String> {
-    let serves_port = |server: &RouteServer| {
-        Protocol::ALL
-            .iter()
-            .any(|p| p.port_of(&server.ports) == i32::from(upstream.port))
+    let port = i32::from(upstream.port);
+    let ip = upstream.host.parse::<IpAddr>().ok();
+    let resolved = ip.map(|ip| addresses.servers_at(ip)).unwrap_or_default();
+    let at_host = |name: &String, server: &RouteServer| {
+        server.host.eq_ignore_ascii_case(&upstream.host) || resolved.contains(name)
     };
-    let by_host = table.servers.iter().find(|(_, server)| {
-        server.host.eq_ignore_ascii_case(&upstream.host) && serves_port(server)
-    });
-    if let Some((name, _)) = by_host {
-        return Some(name.clone());
-    }
-    let ip = upstream.host.parse::<IpAddr>().ok()?;
-    addresses
-        .servers_at(ip)
-        .into_iter()
-        .find(|name| table.servers.get(name).is_some_and(&serves_port))
+    let find = |serves: &dyn Fn(&RouteServer) -> bool| {
+        table
+            .servers
+            .iter()
+            .find(|(name, server)| at_host(name, server) && serves(server))
+            .map(|(name, _)| name.clone())
+    };
+    find(&|server| protocol.port_of(&server.ports) == port).or_else(|| {
+        find(&|server| {
+            Protocol::ALL
+                .iter()
+                .any(|p| p.port_of(&server.ports) == port)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -731,6 +759,32 @@ mod tests {
 
     fn key(login: &LoginContext) -> FlightKey {
         FlightKey::of(login, AuthMethod::Username)
+    }
+
+    /// Two servers on one host whose ports overlap across protocols: the login's protocol says
+    /// which one an address is; another protocol's port still finds a server.
+    #[test]
+    fn a_shared_host_is_told_apart_by_the_port_of_the_logins_protocol() {
+        let table = RouteTable::from_json(
+            r#"{"servers": {
+                "a": {"host": "10.0.0.1", "ports": {"imap": 7143, "pop3": 7110}},
+                "b": {"host": "10.0.0.1", "ports": {"imap": 8143, "pop3": 7143}}
+            }}"#,
+        )
+        .unwrap();
+        let addresses = ServerAddresses::new(Dns::from_system_config());
+        let at = |port, protocol| {
+            server_at(
+                &table,
+                &addresses,
+                &Upstream::new("10.0.0.1", port),
+                protocol,
+            )
+        };
+        assert_eq!(at(7143, Protocol::Imap).as_deref(), Some("a"));
+        assert_eq!(at(7143, Protocol::Pop3).as_deref(), Some("b"));
+        assert_eq!(at(7110, Protocol::Imap).as_deref(), Some("a"));
+        assert_eq!(at(9999, Protocol::Imap), None);
     }
 
     #[test]
