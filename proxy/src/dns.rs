@@ -11,8 +11,21 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use hickory_resolver::TokioResolver;
+use std::time::Duration;
+
+use hickory_resolver::config::{LookupIpStrategy, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::Name;
+use hickory_resolver::{ResolverBuilder, TokioResolver};
 use tokio::net::TcpStream;
+
+/// Longest time an answer is kept, whatever its TTL: a record changed by hand (a server moved to
+/// a new address) is followed within this, as the route table's names are re-resolved.
+const POSITIVE_MAX_TTL: Duration = Duration::from_secs(60);
+
+/// Longest time "no such name" is kept: a MailboxServer created before its DNS record is
+/// reachable seconds after the record appears, not after the zone's negative TTL (up to hours).
+const NEGATIVE_MAX_TTL: Duration = Duration::from_secs(5);
 
 /// Resolves host names and connects to servers; cheap to clone, one per process.
 #[derive(Clone)]
@@ -42,7 +55,8 @@ impl Dns {
     /// resolv.conf (or one hickory cannot read) resolves through the C library instead, with a
     /// warning: everything still works, at the cost of a lookup per connection.
     pub fn from_system_config() -> Self {
-        let resolver = TokioResolver::builder_tokio().and_then(|builder| builder.build());
+        let resolver =
+            TokioResolver::builder_tokio().and_then(|builder| with_options(builder).build());
         let names = match resolver {
             Ok(resolver) => Names::Cached(Box::new(resolver)),
             Err(error) => {
@@ -53,23 +67,38 @@ impl Dns {
         Self { names }
     }
 
-    /// The addresses of `host` (an IP literal is its own address). Never empty on success.
+    /// The addresses of `host` (an IP literal, bracketed or not, is its own address). Never
+    /// empty on success.
     pub async fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
-        if let Ok(ip) = host.parse::<IpAddr>() {
+        let unbracketed = host
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .unwrap_or(host);
+        if let Ok(ip) = unbracketed.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
         let addresses: Vec<IpAddr> = match &self.names {
-            Names::Cached(resolver) => match resolver.lookup_ip(host).await {
-                Ok(found) => found.iter().collect(),
-                Err(error) if error.is_nx_domain() || error.is_no_records_found() => Vec::new(),
-                Err(error) => {
-                    return Err(io::Error::other(format!("cannot resolve {host}: {error}")));
+            Names::Cached(resolver) => {
+                // Relaxed: the proxies take `_` in host names (`mbs_1.example.com`), which the
+                // IDNA rules of a plain `&str` lookup refuse.
+                let name = Name::from_str_relaxed(host).map_err(|error| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{host:?} is not a host name: {error}"),
+                    )
+                })?;
+                match resolver.lookup_ip(name).await {
+                    Ok(found) => found.iter().collect(),
+                    Err(error) if error.is_nx_domain() || error.is_no_records_found() => Vec::new(),
+                    Err(error) => {
+                        return Err(io::Error::other(format!("{host} did not resolve: {error}")));
+                    }
                 }
-            },
+            }
             Names::System => tokio::net::lookup_host((host, 0))
                 .await
                 .map_err(|error| {
-                    io::Error::new(error.kind(), format!("cannot resolve {host}: {error}"))
+                    io::Error::new(error.kind(), format!("{host} did not resolve: {error}"))
                 })?
                 .map(|address| address.ip())
                 .collect(),
@@ -77,28 +106,49 @@ impl Dns {
         if addresses.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("{host} has no address (no such host name in DNS or /etc/hosts)"),
+                format!(
+                    "{host} did not resolve: no address for it in DNS or /etc/hosts (a name \
+                     without records, or the last of its search-list names)"
+                ),
             ));
         }
         Ok(addresses)
     }
 
     /// Connects to `host:port`, trying the host's addresses in order until one accepts (the
-    /// error is the last address's). Small writes go out at once (`TCP_NODELAY`): commands and
-    /// answers are small and each waits for the other side.
+    /// error is the last address's, named by it). The caller's timeout covers all of them, so
+    /// an address that drops connections takes the time the next ones would have had. Small
+    /// writes go out at once (`TCP_NODELAY`): commands and answers are small and each waits for
+    /// the other side.
     pub async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
         let mut last_error = None;
         for ip in self.lookup(host).await? {
-            match TcpStream::connect(SocketAddr::new(ip, port)).await {
+            let address = SocketAddr::new(ip, port);
+            match TcpStream::connect(address).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
                 }
-                Err(error) => last_error = Some(error),
+                Err(error) => {
+                    last_error = Some(io::Error::new(error.kind(), format!("{address}: {error}")))
+                }
             }
         }
         Err(last_error.unwrap_or_else(|| io::Error::other(format!("{host} has no address"))))
     }
+}
+
+/// IPv4 first, IPv6 only for a name without IPv4 addresses: one query for most names, and the
+/// address Zimbra's lookup servlet (and `mailproxy lookupd`) would pick. Answers are kept for
+/// their TTL within [`POSITIVE_MAX_TTL`] and [`NEGATIVE_MAX_TTL`].
+fn with_options(
+    mut builder: ResolverBuilder<TokioRuntimeProvider>,
+) -> ResolverBuilder<TokioRuntimeProvider> {
+    let options: &mut ResolverOpts = builder.options_mut();
+    options.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    options.positive_max_ttl = Some(POSITIVE_MAX_TTL);
+    options.negative_max_ttl = Some(NEGATIVE_MAX_TTL);
+    builder
 }
 
 #[cfg(test)]
@@ -109,14 +159,13 @@ mod tests {
     use hickory_proto::op::{Message, MessageType, ResponseCode};
     use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
     use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    use hickory_resolver::net::runtime::TokioRuntimeProvider;
     use tokio::net::{TcpListener, UdpSocket};
 
     use super::*;
 
     /// A DNS server on a loopback UDP port that answers `A` queries for names under `test.`
-    /// with 127.0.0.1, everything else with no records (both kept for an hour), and counts the
-    /// queries.
+    /// with 127.0.0.1 (`two.*.test`: 127.0.0.2 then 127.0.0.1), everything else with no records
+    /// (both kept for an hour), and counts the queries.
     async fn dns_server() -> (Dns, Arc<AtomicUsize>) {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let port = socket.local_addr().unwrap().port();
@@ -133,14 +182,16 @@ mod tests {
                 answer.metadata.recursion_available = true;
                 for question in &query.queries {
                     answer.add_query(question.clone());
-                    if question.query_type() == RecordType::A
-                        && question.name().to_ascii().ends_with(".test.")
-                    {
-                        answer.add_answer(Record::from_rdata(
-                            question.name().clone(),
-                            3600,
-                            RData::A(rdata::A::new(127, 0, 0, 1)),
-                        ));
+                    let name = question.name().to_ascii();
+                    if question.query_type() == RecordType::A && name.ends_with(".test.") {
+                        let last = if name.starts_with("two.") { 2 } else { 1 };
+                        for host in (1..=last).rev() {
+                            answer.add_answer(Record::from_rdata(
+                                question.name().clone(),
+                                3600,
+                                RData::A(rdata::A::new(127, 0, 0, host)),
+                            ));
+                        }
                     } else {
                         // No such record: the zone's SOA gives the answer's TTL, as real
                         // servers do.
@@ -158,9 +209,8 @@ mod tests {
         udp.port = port;
         let server = NameServerConfig::new(IpAddr::from([127, 0, 0, 1]), true, vec![udp]);
         let config = ResolverConfig::from_name_servers(vec![server]);
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .build()
-            .unwrap();
+        let builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        let resolver = with_options(builder).build().unwrap();
         let dns = Dns {
             names: Names::Cached(Box::new(resolver)),
         };
@@ -191,14 +241,42 @@ mod tests {
         let error = dns.connect("nowhere.example", 1).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
         assert!(
-            error.to_string().contains("nowhere.example has no address"),
+            error
+                .to_string()
+                .contains("nowhere.example did not resolve: no address"),
             "{error}"
         );
     }
 
     #[tokio::test]
     async fn every_address_of_a_name_is_tried_in_turn() {
-        // localhost is ::1 then 127.0.0.1 for hickory; the listener is on the second only.
+        let (dns, _) = dns_server().await;
+        // Nothing listens on 127.0.0.2, so the first address refuses.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = dns.connect("two.mail.test", port).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), listener.local_addr().unwrap());
+        drop(listener);
+        let error = dns.connect("two.mail.test", port).await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("127.0.0.1:{port}: ")),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn names_with_underscores_resolve() {
+        let (dns, _) = dns_server().await;
+        assert_eq!(
+            dns.lookup("mbs_1.mail.test").await.unwrap(),
+            [IpAddr::from([127, 0, 0, 1])]
+        );
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_with_and_without_resolv_conf() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         for dns in [
@@ -216,10 +294,12 @@ mod tests {
     #[tokio::test]
     async fn ip_literals_need_no_name_server() {
         let (dns, queries) = dns_server().await;
-        assert_eq!(
-            dns.lookup("::1").await.unwrap(),
-            [IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1])]
-        );
+        for literal in ["::1", "[::1]"] {
+            assert_eq!(
+                dns.lookup(literal).await.unwrap(),
+                [IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1])]
+            );
+        }
         assert_eq!(queries.load(Ordering::SeqCst), 0);
     }
 }

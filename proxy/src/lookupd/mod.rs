@@ -554,10 +554,6 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 /// The address nginx needs: an IP literal as is, else the host's first IPv4 address, else its
 /// first IPv6 one (Zimbra's choice in dual-stack mode).
 async fn resolve(dns: &Dns, host: &str) -> std::io::Result<IpAddr> {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|inner| inner.strip_suffix(']'))
-        .unwrap_or(host);
     let addresses = dns.lookup(host).await?;
     Ok(addresses
         .iter()
