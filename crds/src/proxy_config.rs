@@ -58,7 +58,12 @@ pub struct ProxyConfig {
     /// `http.upstreamCaFile`).
     #[serde(default)]
     pub upstream_tls: UpstreamTlsConfig,
-    /// On SIGTERM, how long live sessions may continue before they are closed.
+    /// On SIGTERM, how long the listeners keep accepting after `/readyz` turned 503, while load
+    /// balancers and Kubernetes endpoints stop sending new clients here.
+    #[serde(default)]
+    pub shutdown_delay_seconds: u64,
+    /// On SIGTERM, once the listeners have closed, how long live sessions may continue before
+    /// they are closed.
     #[serde(default = "defaults::shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
     /// Client connections served at once, across listeners; more wait in the kernel's backlog.
@@ -291,6 +296,7 @@ impl ProxyConfig {
         }
         let http = &config.http;
         for (name, value, min) in [
+            ("shutdownDelaySeconds", config.shutdown_delay_seconds, 0),
             ("shutdownGraceSeconds", config.shutdown_grace_seconds, 0),
             (
                 "http.headerReadTimeoutSeconds",

@@ -110,6 +110,32 @@ fn options() -> ServeOptions {
     }
 }
 
+/// Waits for the health port's `/readyz` to answer 503.
+async fn until_unready(health: u16) {
+    eventually(
+        "readyz to fail",
+        Duration::from_secs(10),
+        async || match http_get(health, "/readyz") {
+            Some(answer) if answer.starts_with("HTTP/1.1 503") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+}
+
+/// Waits for the listener on `port` to refuse connections.
+async fn until_closed(port: u16) {
+    eventually(
+        "the listener to close",
+        Duration::from_secs(10),
+        async || match Client::connect(port).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("a connection was accepted".to_string()),
+        },
+    )
+    .await;
+}
+
 /// The end-entity certificate the IMAPS listener presents.
 async fn served_certificate(port: u16, ca: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
@@ -201,24 +227,8 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
     // Shutdown: not ready, no new connections, live sessions go on for the grace, then close.
     let shutdown_started = Instant::now();
     stop.send(()).unwrap();
-    eventually(
-        "readyz to fail",
-        Duration::from_secs(10),
-        async || match http_get(setup.health, "/readyz") {
-            Some(answer) if answer.starts_with("HTTP/1.1 503") => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .await;
-    eventually(
-        "the listener to close",
-        Duration::from_secs(10),
-        async || match Client::connect(setup.imap).await {
-            Err(_) => Ok(()),
-            Ok(_) => Err("a connection was accepted".to_string()),
-        },
-    )
-    .await;
+    until_unready(setup.health).await;
+    until_closed(setup.imap).await;
     session.send("c NOOP\r\n").await;
     assert_eq!(
         session.line().await.as_deref(),
@@ -234,6 +244,45 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
     tokio::time::timeout(Duration::from_secs(10), running)
         .await
         .expect("run returns after the grace")
+        .unwrap()
+        .unwrap();
+}
+
+/// Between SIGTERM and the closing of its listeners the proxy is unready but still serves new
+/// clients: the ones endpoints and load balancers send before they notice are not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_proxy_serves_new_clients_until_its_delay_is_over() {
+    let fake = FakeImap::start().await;
+    let pki = Pki::new();
+    let mut setup = setup(
+        &pki,
+        &routes(&fake, json!({"f.test": "fake"}), json!({})),
+        0,
+    );
+    setup.config.shutdown_delay_seconds = 3;
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Client::logged_in(setup.imap, "u@f.test").await;
+
+    let shutdown_started = Instant::now();
+    stop.send(()).unwrap();
+    until_unready(setup.health).await;
+    let mut late = Client::logged_in(setup.imap, "u@f.test").await;
+    late.send("b NOOP\r\n").await;
+    assert_eq!(late.line().await.as_deref(), Some("b OK done"));
+    assert!(
+        shutdown_started.elapsed() < Duration::from_secs(3),
+        "the late client came within the delay"
+    );
+    until_closed(setup.imap).await;
+    let took = shutdown_started.elapsed();
+    assert!(took >= Duration::from_millis(2900), "closed after {took:?}");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run returns once the delay and the grace are over")
         .unwrap()
         .unwrap();
 }

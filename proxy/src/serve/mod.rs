@@ -4,8 +4,10 @@
 //! table, every bind) so that a bad configuration stops the process before it reports ready;
 //! [`Server::run`] serves until its shutdown future resolves, then drains:
 //!
-//! 1. `/readyz` turns 503 and the listeners close (Kubernetes stops routing new clients here);
-//! 2. sessions in progress go on for up to `shutdownGraceSeconds`;
+//! 1. `/readyz` turns 503 (Kubernetes stops routing new clients here), while the listeners
+//!    still accept for `shutdownDelaySeconds`: endpoints and load balancers take that long to
+//!    notice, and a closed port would refuse the clients they still send;
+//! 2. the listeners close; sessions in progress go on for up to `shutdownGraceSeconds`;
 //! 3. those still open are closed, and `run` returns.
 //!
 //! The route table and the certificates reload while sessions run: neither restarts anything.
@@ -106,6 +108,7 @@ pub struct Server {
     context: Arc<SessionContext>,
     closing: watch::Sender<bool>,
     max_connections: usize,
+    shutdown_delay: Duration,
     shutdown_grace: Duration,
     background: Vec<JoinHandle<()>>,
 }
@@ -204,6 +207,7 @@ impl Server {
             max_connections: config
                 .max_connections
                 .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
+            shutdown_delay: Duration::from_secs(config.shutdown_delay_seconds),
             shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
             background,
         })
@@ -233,6 +237,7 @@ impl Server {
             context,
             closing,
             max_connections,
+            shutdown_delay,
             shutdown_grace,
             background,
         } = self;
@@ -266,6 +271,13 @@ impl Server {
         }
         shutdown.await;
         ready.store(false, Ordering::Relaxed);
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_seconds = shutdown_delay.as_secs(),
+                "not ready; accepting connections until load balancers stop sending them"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+        }
         let _ = stop.send(true);
         for task in accepting {
             let _ = task.await;

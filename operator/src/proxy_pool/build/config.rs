@@ -26,6 +26,31 @@ pub const HEALTH_PORT: i32 = 8081;
 /// The proxy closes the sessions still open this long before the kubelet's SIGKILL.
 const SHUTDOWN_MARGIN_SECONDS: i64 = 5;
 
+/// How long a terminating proxy keeps accepting after it turned unready: the time kube-proxy
+/// and cloud load balancers take to stop sending it new connections, which would otherwise be
+/// refused during every rollout, scale-down and node drain.
+const SHUTDOWN_DELAY_SECONDS: u64 = 5;
+
+/// A proxy's shutdown within the pod's termination grace period: the delay first, then the
+/// sessions' grace, and a margin before the kubelet's SIGKILL.
+#[derive(Debug, PartialEq, Eq)]
+struct Shutdown {
+    delay: u64,
+    grace: u64,
+}
+
+impl Shutdown {
+    fn within(termination_grace_period_seconds: i64) -> Self {
+        let available =
+            u64::try_from(termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS).unwrap_or(0);
+        let delay = SHUTDOWN_DELAY_SECONDS.min(available);
+        Self {
+            delay,
+            grace: available - delay,
+        }
+    }
+}
+
 /// A client-facing listener of the pool, as the Deployment and the Service expose it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolListener {
@@ -62,6 +87,7 @@ pub fn listeners(spec: &ProxyPoolSpec) -> Vec<PoolListener> {
 
 pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
     let spec = pool.spec;
+    let shutdown = Shutdown::within(spec.pod.termination_grace_period_seconds);
     ProxyConfig {
         listeners: listeners(spec)
             .into_iter()
@@ -87,10 +113,8 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
                 .map(|_| LOOKUP_SECRET_FILE.into()),
         },
         upstream_tls: UpstreamTlsConfig::default(),
-        shutdown_grace_seconds: u64::try_from(
-            spec.pod.termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS,
-        )
-        .unwrap_or(0),
+        shutdown_delay_seconds: shutdown.delay,
+        shutdown_grace_seconds: shutdown.grace,
         max_connections: 100_000,
         http: http_config(spec),
     }
@@ -175,7 +199,8 @@ mod tests {
             RouteTableSource::config_map("mail", "main-routes")
         );
         assert_eq!(config.health_listen, "0.0.0.0:8081");
-        assert_eq!(config.shutdown_grace_seconds, 295);
+        assert_eq!(config.shutdown_delay_seconds, 5);
+        assert_eq!(config.shutdown_grace_seconds, 290);
         assert!(config.tls.is_none());
         assert!(config.lookup.secret_file.is_none());
         let map = config_map(&pool, &config);
@@ -209,5 +234,18 @@ mod tests {
             Some(std::path::Path::new(LOOKUP_SECRET_FILE))
         );
         ProxyConfig::parse(&config.to_yaml(), std::path::Path::new(CONFIG_FILE)).unwrap();
+    }
+
+    #[test]
+    fn the_shutdown_delay_and_grace_fit_the_termination_grace_period() {
+        assert_eq!(
+            Shutdown::within(300),
+            Shutdown {
+                delay: 5,
+                grace: 290
+            }
+        );
+        assert_eq!(Shutdown::within(8), Shutdown { delay: 3, grace: 0 });
+        assert_eq!(Shutdown::within(0), Shutdown { delay: 0, grace: 0 });
     }
 }
