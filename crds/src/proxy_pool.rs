@@ -402,7 +402,8 @@ impl ServiceType {
     }
 }
 
-/// Pod-level overrides for the proxy pods.
+/// Pod-level overrides for the proxy pods. The node selector, tolerations and priority class
+/// apply to the pool's memcached pods too.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodOverrides {

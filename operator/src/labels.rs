@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 /// Marks every object the operator manages.
 pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = crate::FIELD_MANAGER;
@@ -91,6 +93,86 @@ pub mod names {
 /// StatefulSet name plus 11 characters (63 at most).
 pub const MAX_POOL_NAME: usize = 42;
 
+/// Whether `name` can name a pool: its derived names are Services, whose names are DNS-1035
+/// labels (lower-case letters, digits and `-`, starting with a letter), which a custom
+/// resource's name need not be.
+pub fn is_pool_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.first().is_some_and(u8::is_ascii_lowercase)
+        && bytes
+            .last()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// What is wrong with the label keys and values of `selector`, which the API server would
+/// refuse in a list request (kube's `Selector` checks only the operators): a name of at most
+/// 63 characters, alphanumeric at both ends with `-`, `_` and `.` between, a key optionally
+/// prefixed by a DNS subdomain and `/`, a value possibly empty.
+pub fn selector_syntax_problem(selector: &LabelSelector) -> Option<String> {
+    let expressions = selector.match_expressions.iter().flatten();
+    let keys = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(key, _)| key)
+        .chain(expressions.clone().map(|expression| &expression.key));
+    let values = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(_, value)| value)
+        .chain(expressions.flat_map(|expression| expression.values.iter().flatten()));
+    if let Some(key) = keys.into_iter().find(|key| !is_label_key(key)) {
+        return Some(format!(
+            "label key {key:?} is not valid: a name of at most 63 letters, digits, '-', '_' or \
+             '.' (a letter or digit at both ends), optionally after a DNS subdomain and '/'"
+        ));
+    }
+    values
+        .into_iter()
+        .find(|value| !value.is_empty() && !is_label_name(value))
+        .map(|value| {
+            format!(
+                "label value {value:?} is not valid: at most 63 letters, digits, '-', '_' or \
+                 '.' (a letter or digit at both ends), or empty"
+            )
+        })
+}
+
+fn is_label_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    }
+}
+
+fn is_label_name(name: &str) -> bool {
+    is_segment(name, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+    })
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            is_segment(label, |b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'
+            })
+        })
+}
+
+/// 1 to 63 bytes, each `allowed`, alphanumeric at both ends.
+fn is_segment(segment: &str, allowed: impl Fn(&u8) -> bool) -> bool {
+    let bytes = segment.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes.iter().all(allowed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +193,60 @@ mod tests {
         );
         let longest = "p".repeat(MAX_POOL_NAME);
         assert!(names::memcached(&longest).len() + 11 <= 63);
+    }
+
+    #[test]
+    fn pool_names_must_make_service_names() {
+        for good in ["main", "mail-eu-1", "p"] {
+            assert!(is_pool_name(good), "{good}");
+        }
+        for bad in ["", "1pool", "mail.v1", "Main", "main-", "-main", "ma_in"] {
+            assert!(!is_pool_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn selectors_with_keys_or_values_the_api_server_refuses_are_found() {
+        let selector =
+            |value: serde_json::Value| -> LabelSelector { serde_json::from_value(value).unwrap() };
+        for good in [
+            serde_json::json!({"matchLabels": {"pool": "main", "example.com/tier": "gold_1.a"}}),
+            serde_json::json!({"matchLabels": {"pool": ""}}),
+            serde_json::json!({"matchExpressions": [
+                {"key": "pool", "operator": "In", "values": ["a", "b-2"]}]}),
+            serde_json::json!({}),
+        ] {
+            assert_eq!(
+                selector_syntax_problem(&selector(good.clone())),
+                None,
+                "{good}"
+            );
+        }
+        for (bad, says) in [
+            (
+                serde_json::json!({"matchLabels": {"pool": "main pool"}}),
+                "value \"main pool\"",
+            ),
+            (
+                serde_json::json!({"matchLabels": {"-pool": "a"}}),
+                "key \"-pool\"",
+            ),
+            (
+                serde_json::json!({"matchLabels": {"Example.com/pool": "a"}}),
+                "key \"Example.com/pool\"",
+            ),
+            (
+                serde_json::json!({"matchLabels": {"pool": "a".repeat(64)}}),
+                "value",
+            ),
+            (
+                serde_json::json!({"matchExpressions": [
+                    {"key": "pool", "operator": "In", "values": ["ok", "not ok"]}]}),
+                "value \"not ok\"",
+            ),
+        ] {
+            let problem = selector_syntax_problem(&selector(bad.clone())).expect("a problem");
+            assert!(problem.contains(says), "{bad}: {problem}");
+        }
     }
 }

@@ -772,6 +772,32 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
     );
     let message = &invalid.status.unwrap().conditions[0].message;
     assert!(message.contains("spec.mailboxSelector"), "{message}");
+
+    // A label value the API server would refuse in the list of MailboxServers.
+    apply(
+        &pools,
+        "st",
+        proxy_pool(
+            "st",
+            json!({"replicas": 1, "mailboxSelector": {"matchLabels": {"pool": "s t"}}}),
+        ),
+    )
+    .await;
+    let refused = eventually("the bad label value in the status", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "st").await?;
+        let message = pool
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.first())
+            .map(|condition| condition.message.clone())
+            .unwrap_or_default();
+        message
+            .contains("\"s t\"")
+            .then_some(message.clone())
+            .ok_or(message)
+    })
+    .await;
+    assert!(refused.contains("spec.mailboxSelector"), "{refused}");
     let events = events_with(&client, &ns, "st", &["InvalidSpec"]).await;
     assert!(events.iter().any(
         |e| e.reason.as_deref() == Some("InvalidSpec") && e.type_.as_deref() == Some("Warning")
@@ -849,6 +875,60 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
 /// The MailboxServer controller reads the pools from the API server when its own pool watch
 /// triggers it, not from the ProxyPool controller's store (a separate watch that may lag, and
 /// left the status stale when it did): here that controller does not run at all.
+/// A Service the user made under the name a pool's Service would take is left alone: the pool
+/// says so in its status and is built once the name is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_does_not_take_over_objects_it_did_not_make() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = namespace(&client, "conflict").await;
+    let _operator = start_operator(client.clone(), settings(&ns, "conflict-op"));
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let users: Service = serde_json::from_value(json!({
+        "metadata": {"name": "taken"},
+        "spec": {"selector": {"app": "users"}, "ports": [{"port": 25}]}
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &users)
+        .await
+        .unwrap();
+    let pools = pools(&client, &ns);
+    let spec = json!({"mailboxSelector": {"matchLabels": {"pool": "taken"}}, "replicas": 0});
+    apply(&pools, "taken", proxy_pool("taken", spec)).await;
+
+    let blocked = eventually("Ready=False NameConflict", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "taken").await?;
+        (condition(&pool, "Ready") == Some(("False".into(), "NameConflict".into())))
+            .then_some(pool.clone())
+            .ok_or_else(|| format!("{:?}", pool.status))
+    })
+    .await;
+    let message = &blocked.status.unwrap().conditions[0].message;
+    assert!(message.contains("Service/taken"), "{message}");
+    let untouched: Service = get(&client, &ns, "taken").await.unwrap();
+    assert_eq!(
+        untouched.spec.unwrap().selector,
+        Some(BTreeMap::from([("app".to_string(), "users".to_string())]))
+    );
+    assert!(untouched.metadata.owner_references.is_none());
+
+    services
+        .delete("taken", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the pool's own Service", SOON, || async {
+        let service: Service = get(&client, &ns, "taken").await?;
+        let owners = service.metadata.owner_references.unwrap_or_default();
+        owners
+            .iter()
+            .any(|owner| owner.kind == "ProxyPool" && owner.name == "taken")
+            .then_some(())
+            .ok_or_else(|| format!("owners {owners:?}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_server_status_follows_the_pools_without_the_pool_controller() {
     use mailproxy_operator::{Context, Metrics, mailbox_server};

@@ -93,21 +93,97 @@ where
         .map_err(kube_error::<K>("apply", namespace, &name))
 }
 
-async fn delete<K>(client: &Client, namespace: &str, name: &str) -> Result<()>
+/// What to do with a child named by kind and name.
+#[derive(Clone, Copy)]
+enum ByName<'a> {
+    Delete,
+    /// Whether an object of that name exists and has no owner reference to this uid.
+    IsForeign {
+        owner_uid: &'a str,
+    },
+}
+
+async fn by_name<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    action: ByName<'_>,
+) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
         + Debug,
 {
-    match Api::<K>::namespaced(client.clone(), namespace)
-        .delete(name, &DeleteParams::background())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(error) => Err(kube_error::<K>("delete", namespace, name)(error)),
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    match action {
+        ByName::Delete => match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(error) => Err(kube_error::<K>("delete", namespace, name)(error)),
+        },
+        ByName::IsForeign { owner_uid } => {
+            let found = api
+                .get_metadata_opt(name)
+                .await
+                .map_err(kube_error::<K>("get", namespace, name))?;
+            Ok(found.is_some_and(|object| {
+                !object
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|owner| owner.uid == owner_uid)
+            }))
+        }
     }
+}
+
+async fn by_kind(
+    client: &Client,
+    namespace: &str,
+    kind: &str,
+    name: &str,
+    action: ByName<'_>,
+) -> Result<bool> {
+    match kind {
+        "ServiceAccount" => by_name::<ServiceAccount>(client, namespace, name, action).await,
+        "Role" => by_name::<Role>(client, namespace, name, action).await,
+        "RoleBinding" => by_name::<RoleBinding>(client, namespace, name, action).await,
+        "ConfigMap" => by_name::<ConfigMap>(client, namespace, name, action).await,
+        "Service" => by_name::<Service>(client, namespace, name, action).await,
+        "StatefulSet" => by_name::<StatefulSet>(client, namespace, name, action).await,
+        "Deployment" => by_name::<Deployment>(client, namespace, name, action).await,
+        "PodDisruptionBudget" => {
+            by_name::<PodDisruptionBudget>(client, namespace, name, action).await
+        }
+        other => {
+            tracing::warn!(kind = other, name, "the operator does not manage this kind");
+            Ok(false)
+        }
+    }
+}
+
+/// `Kind/name` of the desired children that exist without belonging to the pool (no owner
+/// reference to `owner_uid`): a Service the user made, another pool's child of the same name
+/// (`main-memcached` of pool `main`, and pool `main-memcached`). A forced apply would take them
+/// over, and deleting the pool would then delete them. Only names the pool does not already own
+/// are asked about, so a built pool costs no request here.
+pub async fn foreign_children(
+    client: &Client,
+    namespace: &str,
+    deref: &Dereferenced,
+    desired: &Desired,
+    owner_uid: &str,
+) -> Result<Vec<String>> {
+    let mut foreign = Vec::new();
+    for (kind, name) in difference(&desired_names(desired), &deref.children) {
+        let action = ByName::IsForeign { owner_uid };
+        if by_kind(client, namespace, kind, &name, action).await? {
+            foreign.push(format!("{kind}/{name}"));
+        }
+    }
+    Ok(foreign)
 }
 
 /// Applies `desired` and prunes what is left over.
@@ -138,17 +214,7 @@ pub async fn apply_all(
     let wanted = desired_names(desired);
     let leftovers = difference(&deref.children, &wanted);
     for (kind, name) in &leftovers {
-        match *kind {
-            "ServiceAccount" => delete::<ServiceAccount>(client, namespace, name).await?,
-            "Role" => delete::<Role>(client, namespace, name).await?,
-            "RoleBinding" => delete::<RoleBinding>(client, namespace, name).await?,
-            "ConfigMap" => delete::<ConfigMap>(client, namespace, name).await?,
-            "Service" => delete::<Service>(client, namespace, name).await?,
-            "StatefulSet" => delete::<StatefulSet>(client, namespace, name).await?,
-            "Deployment" => delete::<Deployment>(client, namespace, name).await?,
-            "PodDisruptionBudget" => delete::<PodDisruptionBudget>(client, namespace, name).await?,
-            other => tracing::warn!(kind = other, name, "no delete for this kind"),
-        }
+        by_kind(client, namespace, kind, name, ByName::Delete).await?;
     }
     let label = |(kind, name): &(&'static str, String)| format!("{kind}/{name}");
     Ok(Applied {

@@ -13,6 +13,8 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, Resource, ResourceExt};
+
+use crate::labels::selector_syntax_problem;
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use serde::de::DeserializeOwned;
 
@@ -46,14 +48,23 @@ pub enum SecretKeyFound {
     NoKey,
 }
 
+/// The pool's `spec.mailboxSelector`, or what is wrong with it. A key or value the API server
+/// refuses would fail the list of MailboxServers, and with it every reconcile, before the
+/// pool's status could say why: it is found here, for `validate` to report.
+pub fn mailbox_selector(pool: &ProxyPool) -> Result<Selector, String> {
+    match selector_syntax_problem(&pool.spec.mailbox_selector) {
+        Some(problem) => Err(problem),
+        None => Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string()),
+    }
+}
+
 pub async fn dereference(
     client: &Client,
     pool: &ProxyPool,
     namespace: &str,
 ) -> Result<Dereferenced> {
     let name = pool.name_any();
-    let selector =
-        Selector::try_from(pool.spec.mailbox_selector.clone()).map_err(|e| e.to_string());
+    let selector = mailbox_selector(pool);
     let servers = match &selector {
         Ok(selector) => {
             let api: Api<MailboxServer> = Api::namespaced(client.clone(), namespace);

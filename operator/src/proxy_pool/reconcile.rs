@@ -39,40 +39,51 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
     let client = &ctx.client;
 
     let deref = dereference::dereference(client, &pool, &namespace).await?;
-    let valid = match validate(&pool, &deref) {
-        Ok(valid) => valid,
-        Err(problem) => {
-            let (reason, message, action) = match &problem {
-                Problem::Invalid(message) => {
-                    ("InvalidSpec", message.as_str(), Action::await_change())
-                }
-                Problem::Missing { reason, message } => {
-                    (*reason, message.as_str(), Action::requeue(MISSING_RETRY))
-                }
-            };
-            tracing::warn!(pool = %key, reason, message, "ProxyPool not built");
+    let blocked = |reason: &'static str, message: String, action: Action| {
+        let (ctx, pool, deref, key) = (&ctx, &pool, &deref, &key);
+        async move {
+            tracing::warn!(pool = %key, reason, message = message.as_str(), "ProxyPool not built");
             let status = status::status(
-                &pool,
-                Outcome::Blocked { reason, message },
+                pool,
+                Outcome::Blocked {
+                    reason,
+                    message: &message,
+                },
                 deref.deployment.as_ref(),
                 &now(),
             );
-            if status::write(client, &pool, status).await? {
-                ctx.event(
-                    &reference,
-                    EventType::Warning,
-                    reason,
-                    "Validate",
-                    message.to_string(),
-                )
-                .await;
+            if status::write(&ctx.client, pool, status).await? {
+                let reference = pool.object_ref(&());
+                ctx.event(&reference, EventType::Warning, reason, "Validate", message)
+                    .await;
             }
-            ctx.succeeded(&key);
-            return Ok(action);
+            ctx.succeeded(key);
+            Ok(action)
+        }
+    };
+    let valid = match validate(&pool, &deref) {
+        Ok(valid) => valid,
+        Err(Problem::Invalid(message)) => {
+            return blocked("InvalidSpec", message, Action::await_change()).await;
+        }
+        Err(Problem::Missing { reason, message }) => {
+            return blocked(reason, message, Action::requeue(MISSING_RETRY)).await;
         }
     };
 
     let desired = build::desired(&valid, &deref.servers);
+    let owner_uid = pool.uid().unwrap_or_default();
+    let foreign = apply::foreign_children(client, &namespace, &deref, &desired, &owner_uid).await?;
+    if !foreign.is_empty() {
+        let message = format!(
+            "{} already exist in namespace {namespace} and do not belong to this ProxyPool: the \
+             operator does not take over objects it did not make; rename the pool, or delete or \
+             rename those objects",
+            foreign.join(", ")
+        );
+        // Checked again later: another pool's leftovers go once the garbage collector is done.
+        return blocked("NameConflict", message, Action::requeue(MISSING_RETRY)).await;
+    }
     let applied = match apply::apply_all(client, &namespace, &deref, &desired).await {
         Ok(applied) => applied,
         Err(error) => {

@@ -8,7 +8,7 @@ use mailproxy_crds::proxy_pool::ServiceType;
 
 use super::build::{Pool, config::listeners};
 use super::dereference::{Dereferenced, SecretKeyFound};
-use crate::labels::MAX_POOL_NAME;
+use crate::labels::{MAX_POOL_NAME, is_pool_name};
 
 /// Why a pool is not built this time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +26,13 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
     let spec = &pool.spec;
     let name = pool.metadata.name.as_deref().unwrap_or_default();
     let mut invalid = Vec::new();
+    if !is_pool_name(name) {
+        invalid.push(format!(
+            "metadata.name {name:?} cannot name the pool's Services: ProxyPool names must be \
+             lower-case letters, digits and '-', starting with a letter and not ending with '-' \
+             (a DNS-1035 label): re-create the pool under such a name"
+        ));
+    }
     if name.len() > MAX_POOL_NAME {
         invalid.push(format!(
             "metadata.name {name:?} is {} characters; ProxyPool names may have at most \
@@ -117,7 +124,7 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
 mod tests {
     use super::*;
     use crate::proxy_pool::build::fixtures::spec;
-    use kube::core::Selector;
+    use crate::proxy_pool::dereference::mailbox_selector;
     use serde_json::json;
 
     fn pool(name: &str, spec_json: serde_json::Value) -> ProxyPool {
@@ -129,8 +136,7 @@ mod tests {
 
     fn deref(pool: &ProxyPool, tls_secret_found: Option<bool>) -> Dereferenced {
         Dereferenced {
-            selector: Selector::try_from(pool.spec.mailbox_selector.clone())
-                .map_err(|e| e.to_string()),
+            selector: mailbox_selector(pool),
             servers: Vec::new(),
             tls_secret_found,
             lookup_secret: None,
@@ -162,11 +168,29 @@ mod tests {
         };
         assert!(message.contains("spec.mailboxSelector"), "{message}");
 
+        let bad_value = pool(
+            "main",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "main pool"}}}),
+        );
+        let Err(Problem::Invalid(message)) = validate(&bad_value, &deref(&bad_value, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(
+            message.contains("spec.mailboxSelector") && message.contains("\"main pool\""),
+            "{message}"
+        );
+
         let long = pool(&"p".repeat(43), json!({}));
         let Err(Problem::Invalid(message)) = validate(&long, &deref(&long, None)) else {
             panic!("expected invalid");
         };
         assert!(message.contains("at most 42"), "{message}");
+
+        let dotted = pool("mail.v1", json!({}));
+        let Err(Problem::Invalid(message)) = validate(&dotted, &deref(&dotted, None)) else {
+            panic!("expected invalid");
+        };
+        assert!(message.contains("DNS-1035"), "{message}");
 
         let silent = pool(
             "main",

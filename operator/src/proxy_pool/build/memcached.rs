@@ -32,6 +32,7 @@ pub fn memcached_servers(pool: &Pool<'_>) -> Vec<String> {
 /// The headless Service and the StatefulSet, or nothing with 0 replicas.
 pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
     let spec = &pool.spec.memcached;
+    let spec_pod = &pool.spec.pod;
     if spec.replicas <= 0 {
         return None;
     }
@@ -111,6 +112,11 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    // The nodes the pool's pods may run on (dedicated, tainted mail nodes) hold
+                    // its cache too; affinity and spread constraints select proxy pods, not these.
+                    node_selector: Some(spec_pod.node_selector.clone()).filter(|m| !m.is_empty()),
+                    tolerations: Some(spec_pod.tolerations.clone()).filter(|v| !v.is_empty()),
+                    priority_class_name: spec_pod.priority_class_name.clone(),
                     automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -182,6 +188,25 @@ mod tests {
         assert_eq!(
             c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"],
             Quantity("288Mi".into())
+        );
+    }
+
+    #[test]
+    fn memcached_pods_go_where_the_pools_pods_may_go() {
+        let spec = spec(json!({"pod": {
+            "nodeSelector": {"role": "mail"},
+            "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "mail-critical",
+            "affinity": {"podAntiAffinity": {}}
+        }}));
+        let (_, stateful_set) = memcached(&pool(&spec)).unwrap();
+        let pod = stateful_set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["role"], "mail");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("mail"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("mail-critical"));
+        assert!(
+            pod.affinity.is_none(),
+            "the proxies' affinity selects proxy pods"
         );
     }
 }
