@@ -7,6 +7,7 @@
 //! - [`lookupd`]: the reference Route Lookup Handler (`mailproxy lookupd`).
 //! - [`session`]: the mail session driver (accept, pre-login, upstream login, relay).
 //! - [`dns`]: host names to addresses (cached by TTL), and connections to named servers.
+//! - [`mounted_file`]: following files Kubernetes replaces in place (Secrets, ConfigMaps).
 //! - [`tls`]: certificates with SNI and reload, TLS to mailbox servers.
 //! - [`serve`]: `mailproxy serve`, a configuration file turned into a running proxy
 //!   ([`serve::Server`] starts one in-process).
@@ -15,6 +16,7 @@ pub mod dns;
 pub mod http;
 pub mod lookupd;
 pub mod mail;
+pub mod mounted_file;
 pub mod route;
 pub mod serve;
 pub mod session;

@@ -245,8 +245,27 @@ async fn shared_secret_is_required_when_configured() {
         .await,
         found(1143, Some("alice@example.com"), true)
     );
-    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Forbidden), 3);
-    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 1);
+    // A rotated secret: the same client sends the new one from then on.
+    let rotated = client_for(lookupd.url(), Some("before-rotation"));
+    assert!(
+        rotated
+            .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
+            .await
+            .is_err()
+    );
+    rotated.replace_secret("s3cret").unwrap();
+    assert_eq!(
+        ask(&rotated, "alice", Protocol::Imap).await,
+        found(1143, Some("alice@example.com"), true)
+    );
+    // A secret that cannot be a header value is refused and the previous one stays.
+    assert!(rotated.replace_secret("line\nbreak").is_err());
+    assert_eq!(
+        ask(&rotated, "alice", Protocol::Imap).await,
+        found(1143, Some("alice@example.com"), true)
+    );
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Forbidden), 4);
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 3);
 }
 
 /// Collects what lookupd logs, to check that the password nginx sends never shows.

@@ -104,7 +104,7 @@ fn setup(pki: &Pki, routes: &str, grace_seconds: u64) -> Setup {
 
 fn options() -> ServeOptions {
     ServeOptions {
-        certificate_poll_interval: Duration::from_millis(100),
+        file_poll_interval: Duration::from_millis(100),
         upstream_failure_wait: Duration::ZERO,
         ..ServeOptions::default()
     }

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -52,6 +52,7 @@ use tracing::{debug, error, info, warn};
 use self::directory::{Directory, DirectoryError};
 use self::route::{Decision, decide};
 use crate::dns::Dns;
+use crate::mounted_file::{FileStamp, polls};
 use crate::route::Protocol;
 use crate::route::lookup::{DRAINING_HEADER, SECRET_HEADER, escape_auth_user, unescape_auth_user};
 
@@ -173,29 +174,11 @@ struct ReloadLabels {
     result: &'static str,
 }
 
-/// The identity of a file's content as `stat` sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: metadata.modified().ok(),
-        len: metadata.len(),
-        inode: metadata.ino(),
-    })
-}
-
 struct Shared {
     config: LookupdConfig,
     /// The stamps of the files as `Lookupd::new` loaded them: the reload loop compares against
     /// these, so a change between loading and serving is not mistaken for the baseline.
-    loaded_stamps: (Option<Stamp>, Option<Stamp>),
+    loaded_stamps: (Option<FileStamp>, Option<FileStamp>),
     table: ArcSwap<RouteTable>,
     directory: ArcSwap<Directory>,
     tls: Option<TlsAcceptor>,
@@ -230,8 +213,8 @@ impl Lookupd {
             return Err(LookupdError::BadSecret);
         }
         let loaded_stamps = (
-            stamp(&config.route_table),
-            config.directory.as_deref().and_then(stamp),
+            FileStamp::of(&config.route_table),
+            config.directory.as_deref().and_then(FileStamp::of),
         );
         let table = load_table(&config.route_table)?;
         let directory = match &config.directory {
@@ -588,8 +571,7 @@ async fn reload_loop(shared: Arc<Shared>) {
     let table_path = shared.config.route_table.clone();
     let directory_path = shared.config.directory.clone();
     let (mut table_stamp, mut directory_stamp) = shared.loaded_stamps;
-    let mut ticks = tokio::time::interval(shared.config.reload_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = polls(shared.config.reload_interval);
     loop {
         ticks.tick().await;
         let shared = shared.clone();
@@ -634,10 +616,10 @@ fn reload_if_changed(
     shared: &Shared,
     file: &'static str,
     path: &Path,
-    seen: Option<Stamp>,
+    seen: Option<FileStamp>,
     load: impl FnOnce(&Path) -> Result<(), LookupdError>,
-) -> Option<Stamp> {
-    let Some(now) = stamp(path) else {
+) -> Option<FileStamp> {
+    let Some(now) = FileStamp::of(path) else {
         // Gone for a moment (an editor's rename, a ConfigMap's symlink swap) or for good:
         // either way the last content keeps serving.
         debug!(path = %path.display(), "cannot stat the {file}");

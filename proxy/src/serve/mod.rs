@@ -51,8 +51,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// What the configuration file does not say.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// How often the certificate files are checked for a rotation.
-    pub certificate_poll_interval: Duration,
+    /// How often the mounted certificate and lookup secret files are checked for a rotation.
+    pub file_poll_interval: Duration,
     /// How long a session waits before answering a login the mailbox server refused. Zimbra
     /// waits too: it slows down password guessing through the proxy. One second costs a
     /// legitimate user with a typo nothing noticeable.
@@ -79,7 +79,7 @@ impl ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
-            certificate_poll_interval: Duration::from_secs(10),
+            file_poll_interval: Duration::from_secs(10),
             upstream_failure_wait: Duration::from_secs(1),
             via: std::env::var("HOSTNAME")
                 .ok()
@@ -127,7 +127,7 @@ impl Server {
             Some(tls) if !tls.certificates.is_empty() => {
                 let store = CertificateStore::load(&tls.certificates)
                     .context("cannot load the TLS certificates")?;
-                background.push(store.watch(options.certificate_poll_interval));
+                background.push(store.watch(options.file_poll_interval));
                 let server_config = crate::tls::server_config(store)?;
                 let mut web_config = (*server_config).clone();
                 web_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -156,6 +156,19 @@ impl Server {
         }
 
         let lookup = Arc::new(lookup_client(config)?);
+        if let Some(path) = &config.lookup.secret_file {
+            let client = lookup.clone();
+            background.push(crate::mounted_file::follow(
+                path.clone(),
+                options.file_poll_interval,
+                "lookup secret",
+                move |text| {
+                    client
+                        .replace_secret(text.trim())
+                        .map_err(|error| error.to_string())
+                },
+            ));
+        }
         let cache = RouteCache::new(options.route_cache.clone());
         let throttle = LoginThrottle::new(&current.settings.login_limits, cache.clone())
             .context("the route table's login limits are invalid")?;

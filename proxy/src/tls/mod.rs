@@ -12,7 +12,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mailproxy_crds::proxy_config::CertificateFiles;
@@ -22,6 +22,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
+
+use crate::mounted_file::{FileStamp, polls};
 
 /// Why certificates or trust anchors could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -96,25 +98,6 @@ fn load_pair(files: &CertificateFiles) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(certified))
 }
 
-/// What identifies a version of a file: a Secret update swaps a symlink, so the inode changes
-/// even when size and time happen to match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileStamp {
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        inode: metadata.ino(),
-        len: metadata.len(),
-        modified: metadata.modified().ok(),
-    })
-}
-
 /// The listeners' certificates: the first is the default, the others are picked when the
 /// client's SNI names one of their subjects.
 pub struct CertificateStore {
@@ -154,7 +137,7 @@ impl CertificateStore {
     fn stamps(&self) -> Vec<Option<FileStamp>> {
         self.files
             .iter()
-            .flat_map(|files| [stamp(&files.cert), stamp(&files.key)])
+            .flat_map(|files| [FileStamp::of(&files.cert), FileStamp::of(&files.key)])
             .collect()
     }
 
@@ -166,9 +149,7 @@ impl CertificateStore {
         let store = Arc::downgrade(self);
         let mut seen = self.stamps();
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
+            let mut ticks = polls(interval);
             loop {
                 ticks.tick().await;
                 let Some(store) = store.upgrade() else { return };

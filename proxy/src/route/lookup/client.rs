@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::Uri;
 use http::header::HeaderValue;
@@ -322,13 +323,21 @@ impl Metrics {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// The secret as a header value that logs and debug output never show.
+fn secret_header(secret: &str) -> Result<HeaderValue, LookupConfigError> {
+    let mut value = HeaderValue::from_str(secret).map_err(|_| LookupConfigError::BadSecret)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// The Route Lookup Handler client: cheap to share (`Arc`), safe to use from many sessions at
 /// once, with one pool of keep-alive connections so that a lookup is one round trip.
 pub struct LookupClient {
     http: HttpClient,
     state: Mutex<State>,
     next: AtomicUsize,
-    secret: Option<HeaderValue>,
+    /// Replaced when the mounted secret file changes (see [`LookupClient::replace_secret`]).
+    secret: ArcSwapOption<HeaderValue>,
     metrics: Metrics,
 }
 
@@ -343,16 +352,7 @@ impl fmt::Debug for LookupClient {
 impl LookupClient {
     /// Builds the client; reads the system CA store when `config.system_roots` is set.
     pub fn new(config: LookupClientConfig) -> Result<Self, LookupConfigError> {
-        let secret = config
-            .secret
-            .as_deref()
-            .map(|secret| {
-                let mut value =
-                    HeaderValue::from_str(secret).map_err(|_| LookupConfigError::BadSecret)?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .transpose()?;
+        let secret = config.secret.as_deref().map(secret_header).transpose()?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -375,11 +375,17 @@ impl LookupClient {
                 down_period: config.down_period,
             }),
             next: AtomicUsize::new(0),
-            secret,
+            secret: ArcSwapOption::from(secret.map(Arc::new)),
             metrics: Metrics::new(),
         };
         this.set_handlers(config.handlers);
         Ok(this)
+    }
+
+    /// Sends `secret` from now on: a rotated lookup secret takes effect without a restart.
+    pub fn replace_secret(&self, secret: &str) -> Result<(), LookupConfigError> {
+        self.secret.store(Some(Arc::new(secret_header(secret)?)));
+        Ok(())
     }
 
     /// Registers the client's metrics: `mailproxy_lookups_total{outcome}` (found, refused,
@@ -503,7 +509,8 @@ impl LookupClient {
         }
         let mut attempts = Vec::new();
         for url in plan {
-            let request = match build_request(&url, login, method, self.secret.as_ref()) {
+            let secret = self.secret.load();
+            let request = match build_request(&url, login, method, secret.as_deref()) {
                 Ok(request) => request,
                 Err(error) => {
                     self.metrics.finish("failed", started);
