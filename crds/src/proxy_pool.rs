@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -402,8 +402,8 @@ impl ServiceType {
     }
 }
 
-/// Pod-level overrides for the proxy pods. The node selector, tolerations and priority class
-/// apply to the pool's memcached pods too.
+/// Pod-level overrides for the proxy pods. The node selector, tolerations, priority class and
+/// image pull secrets apply to the pool's memcached pods too.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodOverrides {
@@ -419,6 +419,10 @@ pub struct PodOverrides {
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Secrets (in the pool's namespace) for pulling the proxy and memcached images from a
+    /// private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -438,6 +442,7 @@ impl Default for PodOverrides {
             affinity: None,
             topology_spread_constraints: Vec::new(),
             priority_class_name: None,
+            image_pull_secrets: Vec::new(),
             annotations: BTreeMap::new(),
             labels: BTreeMap::new(),
             termination_grace_period_seconds: defaults::termination_grace_seconds(),

@@ -814,6 +814,25 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
     .await;
     let missing = wait_for("False", "TlsSecretNotFound").await;
     assert_eq!(condition(&missing, "Degraded").unwrap().0, "True");
+    // The running proxies still get route-table changes while the pool waits for the Secret.
+    apply(
+        &servers(&client, &ns),
+        "while-waiting",
+        mailbox_server(
+            "while-waiting",
+            json!({"pool": "st"}),
+            json!({"host": "10.0.0.9", "domains": ["waiting.example"]}),
+        ),
+    )
+    .await;
+    table_where(&client, &ns, "st", "the new server routed", |t| {
+        t.servers.contains_key("while-waiting")
+    })
+    .await;
+    assert_eq!(
+        condition(&get(&client, &ns, "st").await.unwrap(), "Ready").map(|c| c.1),
+        Some("TlsSecretNotFound".to_string())
+    );
     tls_secret(&client, &ns, "later").await;
     let recovered = wait_for("False", "ProxiesNotReady").await;
     assert_eq!(

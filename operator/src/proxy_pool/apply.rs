@@ -186,6 +186,21 @@ pub async fn foreign_children(
     Ok(foreign)
 }
 
+/// Writes the route-table ConfigMap unless `current` already holds its table; returns whether
+/// it wrote.
+pub async fn apply_route_table(
+    client: &Client,
+    namespace: &str,
+    current: Option<&ConfigMap>,
+    desired: &ConfigMap,
+) -> Result<bool> {
+    if route_table::up_to_date(current, desired) {
+        return Ok(false);
+    }
+    apply(client, namespace, desired).await?;
+    Ok(true)
+}
+
 /// Applies `desired` and prunes what is left over.
 pub async fn apply_all(
     client: &Client,
@@ -196,10 +211,8 @@ pub async fn apply_all(
     apply(client, namespace, &desired.service_account).await?;
     apply(client, namespace, &desired.role).await?;
     apply(client, namespace, &desired.role_binding).await?;
-    let route_table_written = !route_table::up_to_date(deref.routes.as_ref(), &desired.routes);
-    if route_table_written {
-        apply(client, namespace, &desired.routes).await?;
-    }
+    let route_table_written =
+        apply_route_table(client, namespace, deref.routes.as_ref(), &desired.routes).await?;
     apply(client, namespace, &desired.config).await?;
     if let Some((service, stateful_set)) = &desired.memcached {
         apply(client, namespace, service).await?;

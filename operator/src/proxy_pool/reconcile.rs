@@ -13,7 +13,7 @@ use mailproxy_crds::ProxyPool;
 
 use super::build::{self, deployment::RESTART_HASH_ANNOTATION};
 use super::status::{self, Outcome};
-use super::validate::{Problem, validate};
+use super::validate::{Problem, valid_spec, validate};
 use super::{CONTROLLER, apply, dereference};
 use crate::Context;
 use crate::error::{Error, Result};
@@ -67,6 +67,16 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
             return blocked("InvalidSpec", message, Action::await_change()).await;
         }
         Err(Problem::Missing { reason, message }) => {
+            // The proxies already running keep serving: drains and server changes still reach
+            // them through their route table, which needs no Secret. A pool never built waits.
+            if let (Ok(valid), Some(current)) = (valid_spec(&pool, &deref), deref.routes.as_ref()) {
+                let table = build::route_table::route_table(&valid, &deref.servers);
+                let routes = build::route_table::config_map(&valid, &table);
+                if apply::apply_route_table(client, &namespace, Some(current), &routes).await? {
+                    ctx.metrics.route_table_written();
+                    tracing::info!(pool = %key, version = %table.version(), "route table written while the pool waits for a Secret");
+                }
+            }
             return blocked(reason, message, Action::requeue(MISSING_RETRY)).await;
         }
     };

@@ -2,7 +2,7 @@
 //! unusable (a selector operator it does not check, a name too long for the derived names); a
 //! missing dependency (the TLS Secret, the lookup secret) may appear later.
 
-use kube::{Resource, ResourceExt};
+use kube::Resource;
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::proxy_pool::ServiceType;
 
@@ -22,7 +22,18 @@ pub enum Problem {
     },
 }
 
+/// The pool to build, or why not.
 pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
+    let valid = valid_spec(pool, deref)?;
+    match missing_dependency(&valid, deref) {
+        Some(problem) => Err(problem),
+        None => Ok(valid),
+    }
+}
+
+/// The pool if its spec is usable, whatever it refers to that is missing: what the route table
+/// is built from (it needs no Secret).
+pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
     let spec = &pool.spec;
     let name = pool.metadata.name.as_deref().unwrap_or_default();
     let mut invalid = Vec::new();
@@ -75,18 +86,28 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
     if !invalid.is_empty() {
         return Err(Problem::Invalid(invalid.join("; ")));
     }
+    Ok(Pool {
+        name,
+        namespace,
+        spec,
+        owner,
+    })
+}
+
+fn missing_dependency(pool: &Pool<'_>, deref: &Dereferenced) -> Option<Problem> {
+    let (spec, namespace) = (pool.spec, pool.namespace);
     if deref.tls_secret_found == Some(false) {
         let secret = spec
             .tls
             .as_ref()
             .map(|t| t.secret_name.as_str())
             .unwrap_or_default();
-        return Err(Problem::Missing {
+        return Some(Problem::Missing {
             reason: "TlsSecretNotFound",
             message: format!(
-                "Secret {secret:?} (spec.tls.secretName) does not exist in namespace {}: create a \
-                 kubernetes.io/tls Secret with tls.crt and tls.key, or fix spec.tls.secretName",
-                pool.namespace().unwrap_or_default()
+                "Secret {secret:?} (spec.tls.secretName) does not exist in namespace {namespace}: \
+                 create a kubernetes.io/tls Secret with tls.crt and tls.key, or fix \
+                 spec.tls.secretName"
             ),
         });
     }
@@ -106,18 +127,13 @@ pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a
             Some(SecretKeyFound::Yes) | None => None,
         };
         if let Some(message) = missing {
-            return Err(Problem::Missing {
+            return Some(Problem::Missing {
                 reason: "LookupSecretNotFound",
                 message,
             });
         }
     }
-    Ok(Pool {
-        name,
-        namespace,
-        spec,
-        owner,
-    })
+    None
 }
 
 #[cfg(test)]
@@ -228,8 +244,13 @@ mod tests {
     #[test]
     fn a_missing_tls_secret_is_a_missing_dependency() {
         let pool = pool("main", json!({"tls": {"secretName": "cert"}}));
+        let missing = deref(&pool, Some(false));
+        assert!(
+            valid_spec(&pool, &missing).is_ok(),
+            "the route table does not need the Secret"
+        );
         assert_eq!(
-            validate(&pool, &deref(&pool, Some(false))).unwrap_err(),
+            validate(&pool, &missing).unwrap_err(),
             Problem::Missing {
                 reason: "TlsSecretNotFound",
                 message: "Secret \"cert\" (spec.tls.secretName) does not exist in namespace mail: \

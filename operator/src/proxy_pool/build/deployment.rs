@@ -289,6 +289,8 @@ pub fn deployment(pool: &Pool<'_>, config: &ProxyConfig) -> Deployment {
                     topology_spread_constraints: Some(spec.pod.topology_spread_constraints.clone())
                         .filter(|v| !v.is_empty()),
                     priority_class_name: spec.pod.priority_class_name.clone(),
+                    image_pull_secrets: Some(spec.pod.image_pull_secrets.clone())
+                        .filter(|v| !v.is_empty()),
                     ..PodSpec::default()
                 }),
             },
@@ -467,6 +469,7 @@ mod tests {
             "annotations": {"a": "b"},
             "nodeSelector": {"disk": "ssd"},
             "priorityClassName": "high",
+            "imagePullSecrets": [{"name": "registry"}],
             "resources": {"limits": {"memory": "1Gi"}}
         }, "imagePullPolicy": "Always"}));
         let d = build(&spec);
@@ -477,6 +480,7 @@ mod tests {
         let pod = pod(&d);
         assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "ssd");
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "registry");
         assert_eq!(
             pod.containers[0].image_pull_policy.as_deref(),
             Some("Always")

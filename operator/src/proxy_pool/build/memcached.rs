@@ -117,6 +117,8 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
                     node_selector: Some(spec_pod.node_selector.clone()).filter(|m| !m.is_empty()),
                     tolerations: Some(spec_pod.tolerations.clone()).filter(|v| !v.is_empty()),
                     priority_class_name: spec_pod.priority_class_name.clone(),
+                    image_pull_secrets: Some(spec_pod.image_pull_secrets.clone())
+                        .filter(|v| !v.is_empty()),
                     automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -192,11 +194,12 @@ mod tests {
     }
 
     #[test]
-    fn memcached_pods_go_where_the_pools_pods_may_go() {
+    fn memcached_pods_go_where_the_pools_pods_may_go_with_their_pull_secrets() {
         let spec = spec(json!({"pod": {
             "nodeSelector": {"role": "mail"},
             "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
             "priorityClassName": "mail-critical",
+            "imagePullSecrets": [{"name": "registry"}],
             "affinity": {"podAntiAffinity": {}}
         }}));
         let (_, stateful_set) = memcached(&pool(&spec)).unwrap();
@@ -204,6 +207,7 @@ mod tests {
         assert_eq!(pod.node_selector.unwrap()["role"], "mail");
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("mail"));
         assert_eq!(pod.priority_class_name.as_deref(), Some("mail-critical"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
         assert!(
             pod.affinity.is_none(),
             "the proxies' affinity selects proxy pods"
