@@ -891,9 +891,6 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
     wait_for("False", "ProxiesNotReady").await;
 }
 
-/// The MailboxServer controller reads the pools from the API server when its own pool watch
-/// triggers it, not from the ProxyPool controller's store (a separate watch that may lag, and
-/// left the status stale when it did): here that controller does not run at all.
 /// A Service the user made under the name a pool's Service would take is left alone: the pool
 /// says so in its status and is built once the name is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,6 +945,9 @@ async fn a_pool_does_not_take_over_objects_it_did_not_make() {
     .await;
 }
 
+/// The MailboxServer controller reads the pools from the API server when its own pool watch
+/// triggers it, not from the ProxyPool controller's store (a separate watch that may lag, and
+/// left the status stale when it did): here that controller does not run at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_server_status_follows_the_pools_without_the_pool_controller() {
     use mailproxy_operator::{Context, Metrics, mailbox_server};

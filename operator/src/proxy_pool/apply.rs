@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource};
 use serde::Serialize;
@@ -19,6 +20,7 @@ use super::build::{Desired, route_table};
 use super::dereference::{Children, Dereferenced};
 use crate::FIELD_MANAGER;
 use crate::error::{Result, kube_error};
+use crate::labels::{MANAGED_BY_KEY, MANAGED_BY_VALUE, POOL_KEY};
 
 /// What applying changed.
 #[derive(Clone, Debug)]
@@ -97,9 +99,12 @@ where
 #[derive(Clone, Copy)]
 enum ByName<'a> {
     Delete,
-    /// Whether an object of that name exists and has no owner reference to this uid.
+    /// Whether an object of that name exists and is not the pool's: neither an owner reference
+    /// to its uid nor the labels of its children (which a child keeps when someone removed its
+    /// owner reference; applying restores that).
     IsForeign {
         owner_uid: &'a str,
+        pool: &'a str,
     },
 }
 
@@ -122,21 +127,27 @@ where
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
             Err(error) => Err(kube_error::<K>("delete", namespace, name)(error)),
         },
-        ByName::IsForeign { owner_uid } => {
+        ByName::IsForeign { owner_uid, pool } => {
             let found = api
                 .get_metadata_opt(name)
                 .await
                 .map_err(kube_error::<K>("get", namespace, name))?;
-            Ok(found.is_some_and(|object| {
-                !object
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|owner| owner.uid == owner_uid)
-            }))
+            Ok(found.is_some_and(|object| is_foreign(&object.metadata, owner_uid, pool)))
         }
     }
+}
+
+/// See [`ByName::IsForeign`].
+fn is_foreign(metadata: &ObjectMeta, owner_uid: &str, pool: &str) -> bool {
+    let owned = metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.uid == owner_uid);
+    let label = |key| metadata.labels.as_ref().and_then(|l| l.get(key));
+    let labelled = label(MANAGED_BY_KEY).map(String::as_str) == Some(MANAGED_BY_VALUE)
+        && label(POOL_KEY).map(String::as_str) == Some(pool);
+    !owned && !labelled
 }
 
 async fn by_kind(
@@ -164,8 +175,8 @@ async fn by_kind(
     }
 }
 
-/// `Kind/name` of the desired children that exist without belonging to the pool (no owner
-/// reference to `owner_uid`): a Service the user made, another pool's child of the same name
+/// `Kind/name` of the desired children that exist without belonging to the pool (see
+/// [`ByName::IsForeign`]): a Service the user made, another pool's child of the same name
 /// (`main-memcached` of pool `main`, and pool `main-memcached`). A forced apply would take them
 /// over, and deleting the pool would then delete them. Only names the pool does not already own
 /// are asked about, so a built pool costs no request here.
@@ -175,10 +186,11 @@ pub async fn foreign_children(
     deref: &Dereferenced,
     desired: &Desired,
     owner_uid: &str,
+    pool: &str,
 ) -> Result<Vec<String>> {
     let mut foreign = Vec::new();
     for (kind, name) in difference(&desired_names(desired), &deref.children) {
-        let action = ByName::IsForeign { owner_uid };
+        let action = ByName::IsForeign { owner_uid, pool };
         if by_kind(client, namespace, kind, &name, action).await? {
             foreign.push(format!("{kind}/{name}"));
         }
@@ -275,5 +287,37 @@ mod tests {
         assert_eq!(kinds.len(), 8);
         assert_eq!(kinds["ConfigMap"], 2);
         assert_eq!(kinds["Service"], 2);
+    }
+
+    #[test]
+    fn an_object_is_the_pools_by_owner_reference_or_by_its_childrens_labels() {
+        let meta =
+            |value: serde_json::Value| -> ObjectMeta { serde_json::from_value(value).unwrap() };
+        let owner = json!([{"apiVersion": "mailproxy.io/v1alpha1", "kind": "ProxyPool",
+                            "name": "main", "uid": "uid-1"}]);
+        let labels = json!({"app.kubernetes.io/managed-by": "mailproxy-operator",
+                            "mailproxy.io/pool": "main"});
+        assert!(!is_foreign(
+            &meta(json!({"ownerReferences": owner})),
+            "uid-1",
+            "main"
+        ));
+        // Someone removed the owner reference: the labels still say whose it is.
+        assert!(!is_foreign(
+            &meta(json!({"labels": labels})),
+            "uid-1",
+            "main"
+        ));
+        assert!(is_foreign(
+            &meta(json!({"labels": labels})),
+            "uid-1",
+            "other"
+        ));
+        assert!(is_foreign(
+            &meta(json!({"labels": {"app": "users"}})),
+            "uid-1",
+            "main"
+        ));
+        assert!(is_foreign(&meta(json!({})), "uid-1", "main"));
     }
 }

@@ -10,6 +10,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use mailproxy_crds::ProxyPool;
+use mailproxy_crds::route_table::RouteTable;
 
 use super::build::{self, deployment::RESTART_HASH_ANNOTATION};
 use super::status::{self, Outcome};
@@ -17,12 +18,46 @@ use super::validate::{Problem, valid_spec, validate};
 use super::{CONTROLLER, apply, dereference};
 use crate::Context;
 use crate::error::{Error, Result};
+use crate::labels;
 
 /// How soon a pool blocked on a missing Secret is checked again (Secrets are not watched).
 const MISSING_RETRY: Duration = Duration::from_secs(10);
 
 fn now() -> Time {
     Time(Timestamp::now())
+}
+
+/// While a pool waits for a Secret, the proxies already running keep serving: drains and new
+/// servers still reach them through their route table (servers only; see
+/// [`build::route_table::with_servers_of`]). Only a table the pool owns is written: a pool never
+/// built, or a ConfigMap of that name that is someone else's, waits. Returns the table the
+/// proxies have.
+async fn route_table_while_waiting(
+    ctx: &Context,
+    namespace: &str,
+    pool: &ProxyPool,
+    deref: &dereference::Dereferenced,
+) -> Result<Option<RouteTable>> {
+    let (Ok(valid), Some(current)) = (valid_spec(pool, deref), deref.routes.as_ref()) else {
+        return Ok(None);
+    };
+    let owned = deref
+        .children
+        .get("ConfigMap")
+        .is_some_and(|names| names.contains(&labels::names::routes(valid.name)));
+    if !owned {
+        return Ok(None);
+    }
+    let built = build::route_table::route_table(&valid, &deref.servers);
+    let Some(table) = build::route_table::with_servers_of(current, built) else {
+        return Ok(None);
+    };
+    let routes = build::route_table::config_map(&valid, &table);
+    if apply::apply_route_table(&ctx.client, namespace, Some(current), &routes).await? {
+        ctx.metrics.route_table_written();
+        tracing::info!(pool = %format!("{namespace}/{}", valid.name), version = %table.version(), "route table written while the pool waits for a Secret");
+    }
+    Ok(Some(table))
 }
 
 pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action> {
@@ -39,7 +74,10 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
     let client = &ctx.client;
 
     let deref = dereference::dereference(client, &pool, &namespace).await?;
-    let blocked = |reason: &'static str, message: String, action: Action| {
+    let blocked = |reason: &'static str,
+                   message: String,
+                   action: Action,
+                   route_table: Option<RouteTable>| {
         let (ctx, pool, deref, key) = (&ctx, &pool, &deref, &key);
         async move {
             tracing::warn!(pool = %key, reason, message = message.as_str(), "ProxyPool not built");
@@ -48,6 +86,9 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
                 Outcome::Blocked {
                     reason,
                     message: &message,
+                    route_table: route_table
+                        .as_ref()
+                        .map(|table| (table, table.servers.len())),
                 },
                 deref.deployment.as_ref(),
                 &now(),
@@ -64,26 +105,19 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
     let valid = match validate(&pool, &deref) {
         Ok(valid) => valid,
         Err(Problem::Invalid(message)) => {
-            return blocked("InvalidSpec", message, Action::await_change()).await;
+            return blocked("InvalidSpec", message, Action::await_change(), None).await;
         }
         Err(Problem::Missing { reason, message }) => {
-            // The proxies already running keep serving: drains and server changes still reach
-            // them through their route table, which needs no Secret. A pool never built waits.
-            if let (Ok(valid), Some(current)) = (valid_spec(&pool, &deref), deref.routes.as_ref()) {
-                let table = build::route_table::route_table(&valid, &deref.servers);
-                let routes = build::route_table::config_map(&valid, &table);
-                if apply::apply_route_table(client, &namespace, Some(current), &routes).await? {
-                    ctx.metrics.route_table_written();
-                    tracing::info!(pool = %key, version = %table.version(), "route table written while the pool waits for a Secret");
-                }
-            }
-            return blocked(reason, message, Action::requeue(MISSING_RETRY)).await;
+            let table = route_table_while_waiting(&ctx, &namespace, &pool, &deref).await?;
+            return blocked(reason, message, Action::requeue(MISSING_RETRY), table).await;
         }
     };
 
     let desired = build::desired(&valid, &deref.servers);
     let owner_uid = pool.uid().unwrap_or_default();
-    let foreign = apply::foreign_children(client, &namespace, &deref, &desired, &owner_uid).await?;
+    let foreign =
+        apply::foreign_children(client, &namespace, &deref, &desired, &owner_uid, valid.name)
+            .await?;
     if !foreign.is_empty() {
         let message = format!(
             "{} already exist in namespace {namespace} and do not belong to this ProxyPool: the \
@@ -92,7 +126,13 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
             foreign.join(", ")
         );
         // Checked again later: another pool's leftovers go once the garbage collector is done.
-        return blocked("NameConflict", message, Action::requeue(MISSING_RETRY)).await;
+        return blocked(
+            "NameConflict",
+            message,
+            Action::requeue(MISSING_RETRY),
+            None,
+        )
+        .await;
     }
     let applied = match apply::apply_all(client, &namespace, &deref, &desired).await {
         Ok(applied) => applied,

@@ -27,10 +27,12 @@ pub enum Outcome<'a> {
         route_table: &'a RouteTable,
         servers: usize,
     },
-    /// Not built: the spec must change (`InvalidSpec`) or a dependency is missing.
+    /// Not built: the spec must change (`InvalidSpec`) or a dependency is missing. The route
+    /// table may still have been written (`route_table`, with its number of servers).
     Blocked {
         reason: &'static str,
         message: &'a str,
+        route_table: Option<(&'a RouteTable, usize)>,
     },
     /// Applying failed; it is retried.
     Failed { message: &'a str },
@@ -92,7 +94,9 @@ pub fn status(
                 Decided::new(READY, false, "ProxiesNotReady", pods)
             },
         ),
-        Outcome::Blocked { reason, message } => (
+        Outcome::Blocked {
+            reason, message, ..
+        } => (
             Decided::new(DEGRADED, true, reason, message.to_string()),
             Decided::new(PROGRESSING, false, reason, message.to_string()),
             Decided::new(READY, false, reason, message.to_string()),
@@ -107,6 +111,10 @@ pub fn status(
         Outcome::Reconciled {
             route_table,
             servers,
+        }
+        | Outcome::Blocked {
+            route_table: Some((route_table, servers)),
+            ..
         } => (
             Some(route_table.version()),
             i32::try_from(servers).unwrap_or(i32::MAX),
@@ -249,6 +257,7 @@ mod tests {
             Outcome::Blocked {
                 reason: "InvalidSpec",
                 message: "bad",
+                route_table: None,
             },
             None,
             &now(),

@@ -58,6 +58,20 @@ pub fn route_table(pool: &Pool<'_>, servers: &[MailboxServer]) -> RouteTable {
     RouteTable::compile(&sources, route_settings(pool.spec), memcached_servers(pool))
 }
 
+/// The table the running proxies have (`current`) with the servers of `built` (servers,
+/// accounts, domains and the addresses made from them): what a pool waiting for a Secret still
+/// sends them, so that drains and new servers take effect. Its settings and memcached servers
+/// stay: a spec change may depend on the missing Secret (`starttls: only` on a certificate) or
+/// on children not made yet (new memcached pods). `None` when `current` holds no readable table.
+pub fn with_servers_of(current: &ConfigMap, built: RouteTable) -> Option<RouteTable> {
+    let running = RouteTable::from_configmap(current).ok()?;
+    Some(RouteTable {
+        settings: running.settings,
+        memcached_servers: running.memcached_servers,
+        ..built
+    })
+}
+
 pub fn config_map(pool: &Pool<'_>, table: &RouteTable) -> ConfigMap {
     let mut metadata = pool.child_meta(names::routes(pool.name), Component::Routes);
     metadata.annotations = Some(BTreeMap::from([(
@@ -192,5 +206,25 @@ mod tests {
             .unwrap()
             .insert(CONFIGMAP_KEY.into(), "{}".into());
         assert!(!up_to_date(Some(&edited), &cm));
+    }
+
+    #[test]
+    fn a_waiting_pool_sends_new_servers_with_the_running_settings() {
+        let before = spec(json!({"memcached": {"replicas": 0}}));
+        let running = route_table(&pool(&before), &[]);
+        let current = config_map(&pool(&before), &running);
+        let after = spec(json!({"starttls": "only", "memcached": {"replicas": 2}}));
+        let server = MailboxServer::new(
+            "new",
+            serde_json::from_value(json!({"host": "10.0.0.9", "domains": ["new.example"]}))
+                .unwrap(),
+        );
+        let built = route_table(&pool(&after), std::slice::from_ref(&server));
+        assert_ne!(built.settings, running.settings);
+        let sent = with_servers_of(&current, built).unwrap();
+        assert!(sent.servers.contains_key("new"));
+        assert_eq!(sent.domains["new.example"], "new");
+        assert_eq!(sent.settings, running.settings);
+        assert!(sent.memcached_servers.is_empty());
     }
 }
