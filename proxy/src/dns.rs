@@ -67,8 +67,8 @@ impl Dns {
         Self { names }
     }
 
-    /// The addresses of `host` (an IP literal, bracketed or not, is its own address). Never
-    /// empty on success.
+    /// The addresses of `host` (an IP literal, bracketed or not, is its own address), IPv4 ones
+    /// first. Never empty on success.
     pub async fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
         let unbracketed = host
             .strip_prefix('[')
@@ -103,12 +103,16 @@ impl Dns {
                 .map(|address| address.ip())
                 .collect(),
         };
+        // IPv4 first, as Zimbra's lookup servlet (and `mailproxy lookupd`) picks, and as most
+        // clusters route: a connection tries them in this order.
+        let mut addresses = addresses;
+        addresses.sort_by_key(IpAddr::is_ipv6);
         if addresses.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
-                    "{host} did not resolve: no address for it in DNS or /etc/hosts (a name \
-                     without records, or the last of its search-list names)"
+                    "{host} did not resolve: no A or AAAA record for it or any of its \
+                     search-list expansions, in DNS or /etc/hosts"
                 ),
             ));
         }
@@ -138,14 +142,14 @@ impl Dns {
     }
 }
 
-/// IPv4 first, IPv6 only for a name without IPv4 addresses: one query for most names, and the
-/// address Zimbra's lookup servlet (and `mailproxy lookupd`) would pick. Answers are kept for
-/// their TTL within [`POSITIVE_MAX_TTL`] and [`NEGATIVE_MAX_TTL`].
+/// Both address families (a handler may answer with a server's IPv6 address, which must be
+/// recognised as that server), asked at once. Answers are kept for their TTL within
+/// [`POSITIVE_MAX_TTL`] and [`NEGATIVE_MAX_TTL`].
 fn with_options(
     mut builder: ResolverBuilder<TokioRuntimeProvider>,
 ) -> ResolverBuilder<TokioRuntimeProvider> {
     let options: &mut ResolverOpts = builder.options_mut();
-    options.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     options.positive_max_ttl = Some(POSITIVE_MAX_TTL);
     options.negative_max_ttl = Some(NEGATIVE_MAX_TTL);
     builder
@@ -164,8 +168,8 @@ mod tests {
     use super::*;
 
     /// A DNS server on a loopback UDP port that answers `A` queries for names under `test.`
-    /// with 127.0.0.1 (`two.*.test`: 127.0.0.2 then 127.0.0.1), everything else with no records
-    /// (both kept for an hour), and counts the queries.
+    /// with 127.0.0.1 (`two.*.test`: 127.0.0.2 then 127.0.0.1), `AAAA` queries for `dual.*`
+    /// with ::1, everything else with no records (all kept for an hour), and counts the queries.
     async fn dns_server() -> (Dns, Arc<AtomicUsize>) {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let port = socket.local_addr().unwrap().port();
@@ -183,7 +187,13 @@ mod tests {
                 for question in &query.queries {
                     answer.add_query(question.clone());
                     let name = question.name().to_ascii();
-                    if question.query_type() == RecordType::A && name.ends_with(".test.") {
+                    if question.query_type() == RecordType::AAAA && name.starts_with("dual.") {
+                        answer.add_answer(Record::from_rdata(
+                            question.name().clone(),
+                            3600,
+                            RData::AAAA(rdata::AAAA::new(0, 0, 0, 0, 0, 0, 0, 1)),
+                        ));
+                    } else if question.query_type() == RecordType::A && name.ends_with(".test.") {
                         let last = if name.starts_with("two.") { 2 } else { 1 };
                         for host in (1..=last).rev() {
                             answer.add_answer(Record::from_rdata(
@@ -243,7 +253,7 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("nowhere.example did not resolve: no address"),
+                .contains("nowhere.example did not resolve: no A or AAAA record"),
             "{error}"
         );
     }
@@ -267,6 +277,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn both_families_are_found_ipv4_first() {
+        let (dns, _) = dns_server().await;
+        assert_eq!(
+            dns.lookup("dual.mail.test").await.unwrap(),
+            [
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1])
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn names_with_underscores_resolve() {
         let (dns, _) = dns_server().await;
         assert_eq!(
@@ -276,7 +298,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn localhost_resolves_with_and_without_resolv_conf() {
+    async fn localhost_resolves_cached_and_through_the_c_library() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         for dns in [

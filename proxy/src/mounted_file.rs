@@ -37,11 +37,14 @@ pub fn polls(interval: Duration) -> tokio::time::Interval {
     ticks
 }
 
-/// Reads `path` every `interval` once its stamp changed and hands the text to `apply`. A file
-/// that cannot be read or applied is logged once per version and the previous content stays
-/// in force; `what` names the file in the logs (never its content, which may be a secret).
+/// Reads `path` every `interval` once its stamp is no longer `seen` (that of the content in
+/// force, taken before it was read, so that a change in between counts) and hands the text to
+/// `apply`. A file that cannot be read or applied is logged once per version and the previous
+/// content stays in force; `what` names the file in the logs (never its content, which may be a
+/// secret).
 pub fn follow<F>(
     path: PathBuf,
+    mut seen: Option<FileStamp>,
     interval: Duration,
     what: &'static str,
     mut apply: F,
@@ -49,8 +52,6 @@ pub fn follow<F>(
 where
     F: FnMut(&str) -> Result<(), String> + Send + 'static,
 {
-    // Taken now, not when the task first runs: a change in between is a change.
-    let mut seen = FileStamp::of(&path);
     tokio::spawn(async move {
         let mut ticks = polls(interval);
         loop {
@@ -89,6 +90,7 @@ mod tests {
         let reads = read.clone();
         let task = follow(
             path.clone(),
+            FileStamp::of(&path),
             Duration::from_millis(20),
             "test file",
             move |text| {

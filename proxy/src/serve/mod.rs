@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use crate::dns::Dns;
 use crate::http::proxy::{HttpProxy, HttpSettings};
 use crate::http::upstream::WebConnector;
+use crate::mounted_file::FileStamp;
 use crate::route::cache::{RouteCache, RouteCacheConfig};
 use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_pem};
 use crate::route::resolver::Resolver;
@@ -155,11 +156,14 @@ impl Server {
             bail!("{STARTTLS_ONLY_WITHOUT_CERTIFICATE}");
         }
 
+        // Stamped before it is read: a change in between is followed.
+        let secret_seen = config.lookup.secret_file.as_deref().and_then(FileStamp::of);
         let lookup = Arc::new(lookup_client(config)?);
         if let Some(path) = &config.lookup.secret_file {
             let client = lookup.clone();
             background.push(crate::mounted_file::follow(
                 path.clone(),
+                secret_seen,
                 options.file_poll_interval,
                 "lookup secret",
                 move |text| {
