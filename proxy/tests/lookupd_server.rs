@@ -221,7 +221,7 @@ async fn reloads_changed_files_and_keeps_serving_on_bad_ones() {
 async fn shared_secret_is_required_when_configured() {
     let files = Files::new(TABLE, DIRECTORY);
     let mut config = files.config();
-    config.secret = Some("s3cret".to_string());
+    config.secret_file = Some(files.write_secret("s3cret\n"));
     let lookupd = RunningLookupd::start(config).await;
     for secret in [None, Some("wrong"), Some("s3cret-but-longer")] {
         let error = client_for(lookupd.url(), secret)
@@ -444,4 +444,39 @@ async fn serves_https_to_clients_that_trust_its_ca() {
     };
     assert!(reason.contains("certificate"), "{reason}");
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 3);
+}
+
+/// A rotation: lookupd follows its secret file and accepts the previous secret for the overlap,
+/// so proxies that have not seen the new secret yet are not refused; after the overlap they are.
+#[tokio::test]
+async fn a_rotated_secret_is_followed_with_an_overlap_for_the_previous_one() {
+    let files = Files::new(TABLE, DIRECTORY);
+    for (overlap, previous_still_accepted) in
+        [(Duration::from_secs(300), true), (Duration::ZERO, false)]
+    {
+        let mut config = files.config();
+        config.secret_file = Some(files.write_secret("first"));
+        config.secret_overlap = overlap;
+        let lookupd = RunningLookupd::start(config).await;
+        let alice = login("alice", Protocol::Imap);
+        let answers = |secret: &'static str| {
+            let client = client_for(lookupd.url(), Some(secret));
+            let alice = alice.clone();
+            async move { client.lookup(&alice, AuthMethod::Username).await.is_ok() }
+        };
+        assert!(answers("first").await);
+        files.write_secret("second");
+        eventually(
+            "the new secret accepted",
+            Duration::from_secs(10),
+            async || answers("second").await.then_some(()),
+        )
+        .await;
+        assert_eq!(
+            answers("first").await,
+            previous_still_accepted,
+            "overlap {overlap:?}"
+        );
+        assert!(!answers("third").await);
+    }
 }

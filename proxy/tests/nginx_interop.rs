@@ -87,7 +87,9 @@ async fn stock_nginx_routes_imap_and_pop3_logins_through_lookupd() {
     std::fs::write(&directory_path, DIRECTORY).unwrap();
     let mut config = LookupdConfig::new(table_path);
     config.directory = Some(directory_path);
-    config.secret = Some(SECRET.to_string());
+    let secret_path = files.path().join("secret");
+    std::fs::write(&secret_path, SECRET).unwrap();
+    config.secret_file = Some(secret_path);
     config.refusal_wait = Duration::from_secs(1);
     let lookupd = Lookupd::new(config).unwrap();
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();

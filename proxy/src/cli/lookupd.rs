@@ -23,7 +23,8 @@ pub struct Args {
     /// (see examples/lookupd-directory.txt).
     #[arg(long, env = "MAILPROXY_LOOKUPD_DIRECTORY")]
     directory: Option<PathBuf>,
-    /// File holding the shared secret clients must send in X-Mailproxy-Lookup-Secret.
+    /// File holding the shared secret clients must send in X-Mailproxy-Lookup-Secret; followed
+    /// like the other files, with the previous secret accepted for 5 minutes after a change.
     #[arg(long, env = "MAILPROXY_LOOKUPD_SECRET_FILE")]
     secret_file: Option<PathBuf>,
     /// Auth-Wait, in seconds, of a refused lookup (Zimbra: 10).
@@ -44,11 +45,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = LookupdConfig::new(args.routes);
     config.directory = args.directory;
     config.refusal_wait = Duration::from_secs(args.refusal_wait_seconds);
-    if let Some(path) = args.secret_file {
-        let secret = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
-        config.secret = Some(secret.trim().to_string());
-    }
+    config.secret_file = args.secret_file;
     if let (Some(certificate_chain), Some(private_key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(LookupdTls {
             certificate_chain,

@@ -11,11 +11,11 @@
 //! nothing else), resolving the route table's host names the way Zimbra's servlet does: the
 //! first IPv4 address, else the first IPv6 one.
 //!
-//! Both files are polled for changes (their size, mtime and inode, every
-//! [`LookupdConfig::reload_interval`]) rather than watched with inotify: Kubernetes updates a
-//! mounted ConfigMap by swapping a symlink in the parent directory, which a watch on the file
-//! misses, and two `stat` calls a second cost nothing. A file that fails to parse is logged
-//! and the previous content keeps serving.
+//! The files (and the shared secret's) are polled for changes (see [`crate::mounted_file`],
+//! every [`LookupdConfig::reload_interval`]). A file that fails to parse is logged and the
+//! previous content keeps serving. A changed secret is required from then on, and the previous
+//! one is still accepted for [`LookupdConfig::secret_overlap`], so that a rotation refuses no
+//! proxy that has not yet seen the new one.
 
 pub mod directory;
 mod route;
@@ -25,9 +25,9 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -71,6 +71,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// hyper's minimum; lookup requests are a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
+/// How long the previous shared secret is still accepted after the secret file changed: the
+/// kubelet updates each pod's copy of a Secret within about a minute, and the proxies check
+/// theirs every 10 s.
+pub const SECRET_OVERLAP: Duration = Duration::from_secs(300);
+
 /// How to run lookupd (clap-free: the CLI fills it in).
 #[derive(Clone, Debug)]
 pub struct LookupdConfig {
@@ -78,8 +83,11 @@ pub struct LookupdConfig {
     pub route_table: PathBuf,
     /// The directory file, see [`directory`]; without it only the table's pins answer.
     pub directory: Option<PathBuf>,
-    /// When set, requests without this `X-Mailproxy-Lookup-Secret` get 403.
-    pub secret: Option<String>,
+    /// When set, requests without the `X-Mailproxy-Lookup-Secret` this file holds get 403. The
+    /// file is followed like the others; after a change the previous secret is still accepted
+    /// for `secret_overlap`, so that proxies that have not seen the new one yet keep working.
+    pub secret_file: Option<PathBuf>,
+    pub secret_overlap: Duration,
     /// `Auth-Wait` of a refusal (whole seconds).
     pub refusal_wait: Duration,
     /// How often the files are checked for changes.
@@ -93,7 +101,8 @@ impl LookupdConfig {
         Self {
             route_table: route_table.into(),
             directory: None,
-            secret: None,
+            secret_file: None,
+            secret_overlap: SECRET_OVERLAP,
             refusal_wait: DEFAULT_REFUSAL_WAIT,
             reload_interval: RELOAD_INTERVAL,
             tls: None,
@@ -128,8 +137,8 @@ pub enum LookupdError {
     },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("the secret cannot be an HTTP header value")]
-    BadSecret,
+    #[error("the secret in {path} cannot be an HTTP header value (one line of printable text)")]
+    BadSecret { path: PathBuf },
 }
 
 /// How a request was answered, the label of `mailproxy_lookupd_requests_total{outcome}`.
@@ -174,11 +183,27 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+/// The stamps of the followed files as last loaded.
+#[derive(Clone, Copy)]
+struct LoadedStamps {
+    table: Option<FileStamp>,
+    directory: Option<FileStamp>,
+    secret: Option<FileStamp>,
+}
+
+/// The shared secret requests must carry, and after a rotation the one before it, until then.
+struct Secrets {
+    current: String,
+    previous: Option<(String, Instant)>,
+}
+
 struct Shared {
     config: LookupdConfig,
     /// The stamps of the files as `Lookupd::new` loaded them: the reload loop compares against
     /// these, so a change between loading and serving is not mistaken for the baseline.
-    loaded_stamps: (Option<FileStamp>, Option<FileStamp>),
+    loaded_stamps: LoadedStamps,
+    /// `None`: no secret is required.
+    secrets: ArcSwapOption<Secrets>,
     table: ArcSwap<RouteTable>,
     directory: ArcSwap<Directory>,
     tls: Option<TlsAcceptor>,
@@ -207,15 +232,12 @@ impl Lookupd {
     /// Loads both files and the TLS identity; any error here is fatal (there is no previous
     /// content to fall back on).
     pub fn new(config: LookupdConfig) -> Result<Self, LookupdError> {
-        if let Some(secret) = &config.secret
-            && HeaderValue::from_str(secret).is_err()
-        {
-            return Err(LookupdError::BadSecret);
-        }
-        let loaded_stamps = (
-            FileStamp::of(&config.route_table),
-            config.directory.as_deref().and_then(FileStamp::of),
-        );
+        let loaded_stamps = LoadedStamps {
+            table: FileStamp::of(&config.route_table),
+            directory: config.directory.as_deref().and_then(FileStamp::of),
+            secret: config.secret_file.as_deref().and_then(FileStamp::of),
+        };
+        let secret = config.secret_file.as_deref().map(load_secret).transpose()?;
         let table = load_table(&config.route_table)?;
         let directory = match &config.directory {
             Some(path) => load_directory(path)?,
@@ -226,6 +248,10 @@ impl Lookupd {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),
                 directory: ArcSwap::from_pointee(directory),
+                secrets: ArcSwapOption::from_pointee(secret.map(|current| Secrets {
+                    current,
+                    previous: None,
+                })),
                 tls,
                 dns: Dns::from_system_config(),
                 requests: Family::default(),
@@ -454,13 +480,19 @@ impl Shared {
     }
 
     fn secret_matches(&self, headers: &HeaderMap) -> bool {
-        let Some(secret) = &self.config.secret else {
+        let secrets = self.secrets.load();
+        let Some(secrets) = secrets.as_ref() else {
             return true;
         };
         let given = headers
             .get(SECRET_HEADER)
             .map_or(&b""[..], HeaderValue::as_bytes);
-        given.ct_eq(secret.as_bytes()).into()
+        let previous = secrets
+            .previous
+            .as_ref()
+            .filter(|(_, until)| Instant::now() < *until)
+            .is_some_and(|(secret, _)| bool::from(given.ct_eq(secret.as_bytes())));
+        bool::from(given.ct_eq(secrets.current.as_bytes())) || previous
     }
 
     fn refusal(&self) -> Response<Full<Bytes>> {
@@ -559,6 +591,17 @@ fn load_table(path: &Path) -> Result<RouteTable, LookupdError> {
     })
 }
 
+/// The shared secret a file holds (surrounding white space is not part of it).
+fn load_secret(path: &Path) -> Result<String, LookupdError> {
+    let secret = read(path)?.trim().to_string();
+    if HeaderValue::from_str(&secret).is_err() {
+        return Err(LookupdError::BadSecret {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(secret)
+}
+
 fn load_directory(path: &Path) -> Result<Directory, LookupdError> {
     Directory::parse(&read(path)?).map_err(|source| LookupdError::Directory {
         path: path.to_path_buf(),
@@ -566,16 +609,23 @@ fn load_directory(path: &Path) -> Result<Directory, LookupdError> {
     })
 }
 
-/// Polls both files; a changed one is parsed in a blocking thread and swapped in if good.
+/// Polls the files; a changed one is parsed in a blocking thread and swapped in if good.
 async fn reload_loop(shared: Arc<Shared>) {
     let table_path = shared.config.route_table.clone();
     let directory_path = shared.config.directory.clone();
-    let (mut table_stamp, mut directory_stamp) = shared.loaded_stamps;
+    let secret_path = shared.config.secret_file.clone();
+    let mut stamps = shared.loaded_stamps;
     let mut ticks = polls(shared.config.reload_interval);
     loop {
         ticks.tick().await;
         let shared = shared.clone();
-        let (table_path, directory_path) = (table_path.clone(), directory_path.clone());
+        let (table_path, directory_path, secret_path) = (
+            table_path.clone(),
+            directory_path.clone(),
+            secret_path.clone(),
+        );
+        let (table_stamp, directory_stamp, secret_stamp) =
+            (stamps.table, stamps.directory, stamps.secret);
         let checked = tokio::task::spawn_blocking(move || {
             let table = reload_if_changed(
                 &shared,
@@ -598,13 +648,30 @@ async fn reload_loop(shared: Arc<Shared>) {
                     Ok(())
                 })
             });
-            (table, directory.flatten())
+            let secret = secret_path.as_deref().map(|path| {
+                reload_if_changed(&shared, "secret", path, secret_stamp, |path| {
+                    let current = load_secret(path)?;
+                    let until = Instant::now() + shared.config.secret_overlap;
+                    let previous = shared
+                        .secrets
+                        .load()
+                        .as_ref()
+                        .map(|secrets| (secrets.current.clone(), until));
+                    shared
+                        .secrets
+                        .store(Some(Arc::new(Secrets { current, previous })));
+                    info!(path = %path.display(), overlap_seconds = shared.config.secret_overlap.as_secs(), "shared secret reloaded; the previous one is accepted for the overlap");
+                    Ok(())
+                })
+            });
+            LoadedStamps {
+                table,
+                directory: directory.flatten(),
+                secret: secret.flatten(),
+            }
         });
         match checked.await {
-            Ok((table, directory)) => {
-                table_stamp = table;
-                directory_stamp = directory;
-            }
+            Ok(checked) => stamps = checked,
             Err(error) => error!(%error, "lookupd reload check failed"),
         }
     }

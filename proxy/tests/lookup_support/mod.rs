@@ -66,6 +66,13 @@ impl Files {
         self.replace(self.directory(), text);
     }
 
+    /// Writes the shared secret file and returns its path.
+    pub fn write_secret(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("secret");
+        self.replace(path.clone(), text);
+        path
+    }
+
     fn replace(&self, path: PathBuf, text: &str) {
         let temporary = path.with_extension("new");
         std::fs::write(&temporary, text).expect("write test file");
