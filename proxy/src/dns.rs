@@ -23,6 +23,10 @@ use tokio::net::TcpStream;
 /// a new address) is followed within this, as the route table's names are re-resolved.
 const POSITIVE_MAX_TTL: Duration = Duration::from_secs(60);
 
+/// How long one of several addresses of a name may take to accept a connection before the next
+/// is tried (on a LAN, an answer takes milliseconds; a dropped SYN is retried after 1 s).
+const ADDRESS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Longest time "no such name" is kept: a MailboxServer created before its DNS record is
 /// reachable seconds after the record appears, not after the zone's negative TTL (up to hours).
 const NEGATIVE_MAX_TTL: Duration = Duration::from_secs(5);
@@ -120,15 +124,40 @@ impl Dns {
     }
 
     /// Connects to `host:port`, trying the host's addresses in order until one accepts (the
-    /// error is the last address's, named by it). The caller's timeout covers all of them, so
-    /// an address that drops connections takes the time the next ones would have had. Small
-    /// writes go out at once (`TCP_NODELAY`): commands and answers are small and each waits for
-    /// the other side.
+    /// error is the last address's, named by it). Each address but the last has
+    /// [`ADDRESS_ATTEMPT_TIMEOUT`]: one that drops connections (a pod gone from a headless
+    /// Service) does not use up the caller's whole timeout. Small writes go out at once
+    /// (`TCP_NODELAY`): commands and answers are small and each waits for the other side.
     pub async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        self.connect_giving_each(host, port, ADDRESS_ATTEMPT_TIMEOUT)
+            .await
+    }
+
+    async fn connect_giving_each(
+        &self,
+        host: &str,
+        port: u16,
+        attempt: Duration,
+    ) -> io::Result<TcpStream> {
+        let addresses = self.lookup(host).await?;
+        let last = addresses.len() - 1;
         let mut last_error = None;
-        for ip in self.lookup(host).await? {
+        for (index, ip) in addresses.into_iter().enumerate() {
             let address = SocketAddr::new(ip, port);
-            match TcpStream::connect(address).await {
+            let connecting = TcpStream::connect(address);
+            let connected = if index < last {
+                tokio::time::timeout(attempt, connecting)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer within {attempt:?}"),
+                        ))
+                    })
+            } else {
+                connecting.await
+            };
+            match connected {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
@@ -286,6 +315,31 @@ mod tests {
                 IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1])
             ]
         );
+    }
+
+    /// A listener whose accept queue is full drops new connections' SYNs, as a host that is
+    /// gone would: the next address is tried once the attempt's time is up.
+    #[tokio::test]
+    async fn a_silent_address_is_given_up_for_the_next() {
+        let (dns, _) = dns_server().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        silent
+            .bind(&SocketAddr::from(([127, 0, 0, 2], port)).into())
+            .unwrap();
+        silent.listen(0).unwrap();
+        let _queued = std::net::TcpStream::connect(("127.0.0.2", port)).unwrap();
+        let attempt = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let connecting = dns.connect_giving_each("two.mail.test", port, attempt);
+        let stream = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .expect("the silent address was given up")
+            .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), listener.local_addr().unwrap());
+        assert!(started.elapsed() >= attempt, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
