@@ -9,7 +9,7 @@ use mailproxy::lookupd::{Lookupd, LookupdConfig, RequestOutcome};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
 use mailproxy::route::{LoginContext, Protocol, Route, Upstream};
 use mailproxy_testkit::wire::LineClient;
-use mailproxy_testkit::{Dovecot, Nginx, free_port};
+use mailproxy_testkit::{Dovecot, Nginx, free_ports};
 use tokio::net::TcpListener;
 
 fn table(one: &Dovecot, two: &Dovecot) -> String {
@@ -137,7 +137,7 @@ async fn stock_nginx_routes_imap_and_pop3_logins_through_lookupd() {
         }
     );
 
-    let (imap, pop3) = (free_port(), free_port());
+    let [imap, pop3] = free_ports();
     let body = format!(
         "mail {{\n\
            auth_http 127.0.0.1:{lookup_port}/service/extension/nginx-lookup;\n\

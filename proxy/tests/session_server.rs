@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mailproxy::serve::{ServeOptions, Server};
 use mailproxy_crds::proxy_config::ProxyConfig;
-use mailproxy_testkit::{eventually, free_port};
+use mailproxy_testkit::{eventually, free_ports};
 use serde_json::json;
 use session_support::{FakeImap, Pki, http_get, replace};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -81,7 +81,7 @@ fn setup(pki: &Pki, routes: &str, grace_seconds: u64) -> Setup {
     std::fs::create_dir(dir.path().join("routes")).unwrap();
     let routes_path = dir.path().join("routes/routes.json");
     replace(&routes_path, routes);
-    let (imap, imaps, health) = (free_port(), free_port(), free_port());
+    let [imap, imaps, health] = free_ports();
     let yaml = format!(
         "listeners:\n  - {{protocol: imap, address: '127.0.0.1:{imap}'}}\n  \
          - {{protocol: imaps, address: '127.0.0.1:{imaps}'}}\n\
@@ -419,7 +419,7 @@ async fn starttls_only_reloaded_on_a_proxy_without_certificate_fails_closed() {
         &routes_path,
         &routes(&fake, json!({"f.test": "fake"}), json!({"starttls": "on"})),
     );
-    let (imap, health) = (free_port(), free_port());
+    let [imap, health] = free_ports();
     let yaml = format!(
         "listeners:\n  - {{protocol: imap, address: '127.0.0.1:{imap}'}}\n\
          routeTable: {{file: '{}'}}\nhealthListen: '127.0.0.1:{health}'\n\

@@ -19,4 +19,4 @@ pub use memcached::Memcached;
 pub use nginx::Nginx;
 pub use pki::{Pki, replace};
 pub use poll::eventually;
-pub use process::{Guard, free_port, wait_for_port};
+pub use process::{Guard, free_port, free_ports, wait_for_port};

@@ -17,6 +17,21 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 must work on a test machine")
 }
 
+/// `N` distinct free ports: all are held at once while they are picked, since one port released
+/// may be the next one the kernel hands out (two listeners of one configuration then collide).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] = std::array::from_fn(|_| {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("binding 127.0.0.1:0 must work on a test machine")
+    });
+    listeners.map(|listener| {
+        listener
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    })
+}
+
 /// Waits until something accepts TCP connections on `127.0.0.1:port`, or fails after `timeout`.
 pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
