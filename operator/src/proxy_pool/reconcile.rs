@@ -12,9 +12,9 @@ use kube::{Resource, ResourceExt};
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::route_table::RouteTable;
 
-use super::build::{self, deployment::RESTART_HASH_ANNOTATION};
+use super::build::{self, Pool, deployment::RESTART_HASH_ANNOTATION};
 use super::status::{self, Outcome};
-use super::validate::{Problem, valid_spec, validate};
+use super::validate::{Problem, missing_dependency, valid_spec};
 use super::{CONTROLLER, apply, dereference};
 use crate::Context;
 use crate::error::{Error, Result};
@@ -35,10 +35,11 @@ fn now() -> Time {
 async fn route_table_while_waiting(
     ctx: &Context,
     namespace: &str,
-    pool: &ProxyPool,
+    key: &str,
+    valid: &Pool<'_>,
     deref: &dereference::Dereferenced,
 ) -> Result<Option<RouteTable>> {
-    let (Ok(valid), Some(current)) = (valid_spec(pool, deref), deref.routes.as_ref()) else {
+    let Some(current) = deref.routes.as_ref() else {
         return Ok(None);
     };
     let owned = deref
@@ -48,16 +49,25 @@ async fn route_table_while_waiting(
     if !owned {
         return Ok(None);
     }
-    let built = build::route_table::route_table(&valid, &deref.servers);
+    let built = build::route_table::route_table(valid, &deref.servers);
     let Some(table) = build::route_table::with_servers_of(current, built) else {
         return Ok(None);
     };
-    let routes = build::route_table::config_map(&valid, &table);
+    let routes = build::route_table::config_map(valid, &table);
     if apply::apply_route_table(&ctx.client, namespace, Some(current), &routes).await? {
         ctx.metrics.route_table_written();
-        tracing::info!(pool = %format!("{namespace}/{}", valid.name), version = %table.version(), "route table written while the pool waits for a Secret");
+        tracing::info!(pool = %key, version = %table.version(), "route table written while the pool waits for a Secret");
     }
     Ok(Some(table))
+}
+
+/// The status reason, message and next check of a pool that is not built: an invalid spec waits
+/// for the user's change, a missing Secret (not watched) is looked for again soon.
+fn blocked_by(problem: Problem) -> (&'static str, String, Action) {
+    match problem {
+        Problem::Invalid(message) => ("InvalidSpec", message, Action::await_change()),
+        Problem::Missing { reason, message } => (reason, message, Action::requeue(MISSING_RETRY)),
+    }
 }
 
 pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action> {
@@ -102,16 +112,18 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
             Ok(action)
         }
     };
-    let valid = match validate(&pool, &deref) {
+    let valid = match valid_spec(&pool, &deref) {
         Ok(valid) => valid,
-        Err(Problem::Invalid(message)) => {
-            return blocked("InvalidSpec", message, Action::await_change(), None).await;
-        }
-        Err(Problem::Missing { reason, message }) => {
-            let table = route_table_while_waiting(&ctx, &namespace, &pool, &deref).await?;
-            return blocked(reason, message, Action::requeue(MISSING_RETRY), table).await;
+        Err(problem) => {
+            let (reason, message, action) = blocked_by(problem);
+            return blocked(reason, message, action, None).await;
         }
     };
+    if let Some(problem) = missing_dependency(&valid, &deref) {
+        let table = route_table_while_waiting(&ctx, &namespace, &key, &valid, &deref).await?;
+        let (reason, message, action) = blocked_by(problem);
+        return blocked(reason, message, action, table).await;
+    }
 
     let desired = build::desired(&valid, &deref.servers);
     let owner_uid = pool.uid().unwrap_or_default();

@@ -22,17 +22,8 @@ pub enum Problem {
     },
 }
 
-/// The pool to build, or why not.
-pub fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
-    let valid = valid_spec(pool, deref)?;
-    match missing_dependency(&valid, deref) {
-        Some(problem) => Err(problem),
-        None => Ok(valid),
-    }
-}
-
-/// The pool if its spec is usable, whatever it refers to that is missing: what the route table
-/// is built from (it needs no Secret).
+/// The pool if its spec is usable (else [`Problem::Invalid`]), whatever it refers to that is
+/// missing ([`missing_dependency`]): the route table is built from it, and needs no Secret.
 pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
     let spec = &pool.spec;
     let name = pool.metadata.name.as_deref().unwrap_or_default();
@@ -94,7 +85,8 @@ pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<
     })
 }
 
-fn missing_dependency(pool: &Pool<'_>, deref: &Dereferenced) -> Option<Problem> {
+/// What the valid `pool` refers to that does not exist (yet): [`Problem::Missing`].
+pub fn missing_dependency(pool: &Pool<'_>, deref: &Dereferenced) -> Option<Problem> {
     let (spec, namespace) = (pool.spec, pool.namespace);
     if deref.tls_secret_found == Some(false) {
         let secret = spec
@@ -142,6 +134,15 @@ mod tests {
     use crate::proxy_pool::build::fixtures::spec;
     use crate::proxy_pool::dereference::mailbox_selector;
     use serde_json::json;
+
+    /// The pool to build, or why not, as the reconcile decides it.
+    fn validate<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<'a>, Problem> {
+        let valid = valid_spec(pool, deref)?;
+        match missing_dependency(&valid, deref) {
+            Some(problem) => Err(problem),
+            None => Ok(valid),
+        }
+    }
 
     fn pool(name: &str, spec_json: serde_json::Value) -> ProxyPool {
         let mut pool = ProxyPool::new(name, spec(spec_json));
