@@ -20,6 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, W
 use kube::{Client, ResourceExt};
 use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPool};
+use mailproxy_operator::proxy_pool::build::route_table::CONFIGMAP_DATA_LIMIT;
 use serde_json::json;
 
 const SOON: Duration = Duration::from_secs(20);
@@ -889,6 +890,99 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
         .await
         .unwrap();
     wait_for("False", "ProxiesNotReady").await;
+}
+
+/// A route table the API server would refuse (over a ConfigMap's 1 MiB) is not sent: the pool
+/// says why and what to do, and is built again once the table fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_table_too_large_for_a_configmap_is_reported_not_attempted() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = namespace(&client, "large").await;
+
+    // The operator's limit is the API server's: a ConfigMap whose data is exactly the limit is
+    // stored, one byte more is refused.
+    let maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let sized = |name: &str, size: usize| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": {"k": "x".repeat(size)}}))
+            .unwrap()
+    };
+    let create = |name: &'static str, size: usize| {
+        let (maps, map) = (maps.clone(), sized(name, size));
+        async move {
+            maps.create(&PostParams::default(), &map)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert_eq!(create("at-limit", CONFIGMAP_DATA_LIMIT).await, Ok(()));
+    let refused = create("over-limit", CONFIGMAP_DATA_LIMIT + 1).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("1048576")),
+        "{refused:?}"
+    );
+
+    let _operator = start_operator(client.clone(), settings(&ns, "large-op"));
+    let accounts = |count: usize| -> Vec<String> {
+        (0..count)
+            .map(|n| format!("user-{n:05}@mail.a-rather-long-domain-name-for-this-test.example"))
+            .collect()
+    };
+    let servers = servers(&client, &ns);
+    let server = |count: usize| {
+        mailbox_server(
+            "mailbox-server-with-a-long-name",
+            json!({"pool": "big"}),
+            json!({"host": "10.0.0.9", "accounts": accounts(count)}),
+        )
+    };
+    apply(&servers, "mailbox-server-with-a-long-name", server(10_000)).await;
+    apply(
+        &pools(&client, &ns),
+        "big",
+        proxy_pool(
+            "big",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "big"}}, "replicas": 0}),
+        ),
+    )
+    .await;
+    let message = eventually("Ready=False RouteTableTooLarge", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "big").await?;
+        let ready = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        ready
+            .filter(|c| c.status == "False" && c.reason == "RouteTableTooLarge")
+            .map(|c| c.message.clone())
+            .ok_or_else(|| format!("{:?}", pool.status))
+    })
+    .await;
+    assert!(message.contains("pinned accounts: 10000"), "{message}");
+    assert!(message.contains("spec.accounts"), "{message}");
+    absent::<ConfigMap>(&client, &ns, "big-routes")
+        .await
+        .unwrap();
+    let events = events_with(&client, &ns, "big", &["RouteTableTooLarge"]).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.reason.as_deref() != Some("ApplyFailed"))
+    );
+
+    apply(&servers, "mailbox-server-with-a-long-name", server(1_000)).await;
+    table_where(&client, &ns, "big", "the table of 1,000 accounts", |t| {
+        t.accounts.len() == 1_000
+    })
+    .await;
+    eventually("Ready=True once the table fits", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "big").await?;
+        (condition(&pool, "Ready") == Some(("True".into(), "ProxiesReady".into())))
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", pool.status))
+    })
+    .await;
 }
 
 /// A Service the user made under the name a pool's Service would take is left alone: the pool

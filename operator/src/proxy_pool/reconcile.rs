@@ -54,6 +54,10 @@ async fn route_table_while_waiting(
         return Ok(None);
     };
     let routes = build::route_table::config_map(valid, &table);
+    if build::route_table::too_large(&routes, &table).is_some() {
+        // Said once the Secret is there and the whole pool is built.
+        return Ok(None);
+    }
     if apply::apply_route_table(&ctx.client, namespace, Some(current), &routes).await? {
         ctx.metrics.route_table_written();
         tracing::info!(pool = %key, version = %table.version(), "route table written while the pool waits for a Secret");
@@ -126,6 +130,9 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
     }
 
     let desired = build::desired(&valid, &deref.servers);
+    if let Some(message) = build::route_table::too_large(&desired.routes, &desired.route_table) {
+        return blocked("RouteTableTooLarge", message, Action::await_change(), None).await;
+    }
     let owner_uid = pool.uid().unwrap_or_default();
     let foreign =
         apply::foreign_children(client, &namespace, &deref, &desired, &owner_uid, valid.name)

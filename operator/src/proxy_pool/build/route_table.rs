@@ -88,6 +88,33 @@ pub fn config_map(pool: &Pool<'_>, table: &RouteTable) -> ConfigMap {
     }
 }
 
+/// The most a ConfigMap's data values may hold together (the keys do not count): the API server
+/// refuses a larger one.
+pub const CONFIGMAP_DATA_LIMIT: usize = 1024 * 1024;
+
+/// Why the table's ConfigMap cannot be written, when it would pass [`CONFIGMAP_DATA_LIMIT`].
+/// Said before the API server would refuse it, with what makes the table large and what to do.
+pub fn too_large(routes: &ConfigMap, table: &RouteTable) -> Option<String> {
+    let size: usize = routes
+        .data
+        .iter()
+        .flatten()
+        .map(|(_, value)| value.len())
+        .sum();
+    (size > CONFIGMAP_DATA_LIMIT).then(|| {
+        format!(
+            "the route table would be {size} bytes (MailboxServers: {}, pinned accounts: {}, \
+             domains: {}), over the {CONFIGMAP_DATA_LIMIT} bytes a ConfigMap holds; the proxies keep \
+             the table they have. Pin fewer accounts in the MailboxServers' spec.accounts (a \
+             lookup handler routes the others), or split the servers between pools with \
+             narrower mailboxSelectors",
+            table.servers.len(),
+            table.accounts.len(),
+            table.domains.len()
+        )
+    })
+}
+
 /// Whether `current` already holds exactly what `desired` would write (then it is not written).
 pub fn up_to_date(current: Option<&ConfigMap>, desired: &ConfigMap) -> bool {
     let Some(current) = current else {
@@ -206,6 +233,41 @@ mod tests {
             .unwrap()
             .insert(CONFIGMAP_KEY.into(), "{}".into());
         assert!(!up_to_date(Some(&edited), &cm));
+    }
+
+    #[test]
+    fn a_table_over_the_configmap_limit_is_refused_with_what_makes_it_large() {
+        let spec = spec(json!({}));
+        let pool = pool(&spec);
+        let accounts = |count: usize| -> Vec<String> {
+            (0..count)
+                .map(|n| {
+                    format!("user-{n:05}@mail.a-rather-long-domain-name-for-this-test.example")
+                })
+                .collect()
+        };
+        let with = |count: usize| {
+            let servers = [server(
+                "mailbox-server-with-a-long-name",
+                json!({"host": "10.0.0.9", "accounts": accounts(count)}),
+            )];
+            let table = route_table(&pool, &servers);
+            (config_map(&pool, &table), table)
+        };
+        let (small, table) = with(1_000);
+        assert_eq!(too_large(&small, &table), None);
+        let (large, table) = with(10_000);
+        let size = large.data.as_ref().unwrap()[CONFIGMAP_KEY].len();
+        assert!(size > CONFIGMAP_DATA_LIMIT, "{size}");
+        let message = too_large(&large, &table).unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "the route table would be {size} bytes (MailboxServers: 1, pinned accounts: \
+                 10000, domains: 0)"
+            )),
+            "{message}"
+        );
+        assert!(message.contains("spec.accounts"), "{message}");
     }
 
     #[test]
