@@ -148,7 +148,7 @@ impl ListenerProtocol {
     }
 }
 
-/// One listener: a protocol on an address (`0.0.0.0:143`, `[::]:993`).
+/// One listener: a protocol on an address (`[::]:143` for every address of both families, `0.0.0.0:143`, `192.0.2.7:993`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerConfig {
@@ -250,7 +250,7 @@ pub struct UpstreamTlsConfig {
 
 mod defaults {
     pub fn health_listen() -> String {
-        "0.0.0.0:8081".to_string()
+        "[::]:8081".to_string()
     }
     pub fn shutdown_grace_seconds() -> u64 {
         300
@@ -412,7 +412,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listeners.len(), 2);
-        assert_eq!(config.health_listen, "0.0.0.0:8081");
+        assert_eq!(config.health_listen, "[::]:8081");
         assert_eq!(config.shutdown_grace_seconds, 300);
         assert_eq!(
             config.route_table,

@@ -379,6 +379,28 @@ pub struct ServiceSpec {
     /// LoadBalancer Services; the proxy logs and forwards the real client IP.
     #[serde(default)]
     pub preserve_client_ip: bool,
+    /// The Service's IP families on a dual-stack cluster (`PreferDualStack`: clients reach the
+    /// proxies over IPv4 and IPv6); unset, the cluster's default (one family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<IpFamilyPolicy>,
+}
+
+/// Kubernetes Service `ipFamilyPolicy`.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        }
+    }
 }
 
 /// Kubernetes Service type.

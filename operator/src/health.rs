@@ -2,7 +2,7 @@
 //! server and the CRDs are installed) and `/metrics` (Prometheus text format).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -66,9 +66,17 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /healthz, /readyz and /metrics: {e} (choose another --http-addr)"))?;
+    let (listener, addr) = match TcpListener::bind(addr).await {
+        // `[::]` serves both families (the kubelet probes the pod's IPv6 address in IPv6-only
+        // clusters); a kernel without IPv6 gets IPv4 alone.
+        Err(error) if addr.ip() == Ipv6Addr::UNSPECIFIED => {
+            let ipv4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%error, %addr, "cannot listen on the IPv6 wildcard: trying IPv4 only");
+            (TcpListener::bind(ipv4).await, ipv4)
+        }
+        bound => (bound, addr),
+    };
+    let listener = listener.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /healthz, /readyz and /metrics: {e} (choose another --http-addr)"))?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     loop {
         let (stream, _) = match listener.accept().await {

@@ -44,7 +44,7 @@ struct RunArgs {
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "HTTP_ADDR", default_value = "[::]:8080")]
     http_addr: SocketAddr,
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "mailproxy-operator")]

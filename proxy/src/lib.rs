@@ -14,6 +14,7 @@
 
 pub mod dns;
 pub mod http;
+pub mod listen;
 pub mod lookupd;
 pub mod mail;
 pub mod mounted_file;

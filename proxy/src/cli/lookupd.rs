@@ -9,7 +9,8 @@ use mailproxy::lookupd::{Lookupd, LookupdConfig, LookupdTls};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Address to serve the lookup protocol on (Zimbra's handler port is 7072).
+    /// Address to serve the lookup protocol on (Zimbra's handler port is 7072); `[::]:7072` for
+    /// every address of both families.
     #[arg(
         long,
         default_value = "127.0.0.1:7072",
@@ -58,9 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(address) = args.metrics_listen {
         super::metrics::serve(address, registry).await?;
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = mailproxy::listen::bind(&args.listen.to_string()).await?;
     lookupd
         .serve(listener, super::shutdown_signal())
         .await

@@ -13,9 +13,9 @@ use prometheus_client::registry::Registry;
 
 /// Serves `GET /metrics` (and `/healthz`) on `address` in the background.
 pub async fn serve(address: SocketAddr, registry: Registry) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address)
+    let listener = mailproxy::listen::bind(&address.to_string())
         .await
-        .with_context(|| format!("cannot listen for metrics on {address}"))?;
+        .context("the metrics endpoint cannot start")?;
     let registry = Arc::new(registry);
     tokio::spawn(async move {
         loop {

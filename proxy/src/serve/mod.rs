@@ -27,13 +27,14 @@ use anyhow::{Context, bail};
 use mailproxy_crds::proxy_config::{ListenerProtocol, ProxyConfig, RouteTableLocation};
 use mailproxy_crds::settings::StartTlsMode;
 use prometheus_client::registry::Registry;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::dns::Dns;
 use crate::http::proxy::{HttpProxy, HttpSettings};
 use crate::http::upstream::WebConnector;
+use crate::listen::bind;
 use crate::mounted_file::FileStamp;
 use crate::route::cache::{RouteCache, RouteCacheConfig};
 use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_pem};
@@ -42,9 +43,6 @@ use crate::route::table::{ConfigMapSource, TableHandle, watch_file};
 use crate::route::throttle::LoginThrottle;
 use crate::session::{ListenerKind, MailService, SessionContext, SessionMetrics};
 use crate::tls::{CertificateStore, UpstreamConnector};
-
-/// Pending connections the kernel keeps per listener (a login storm after a restart).
-const LISTEN_BACKLOG: u32 = 4096;
 
 /// After the grace, how long closed sessions get to finish their last writes and log.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -410,25 +408,4 @@ fn follow_settings(
             }
         }
     })
-}
-
-async fn bind(address: &str) -> anyhow::Result<TcpListener> {
-    let resolved = tokio::net::lookup_host(address)
-        .await
-        .with_context(|| format!("{address:?} is not a listen address"))?
-        .next()
-        .with_context(|| format!("{address:?} resolves to no address"))?;
-    let socket = if resolved.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }?;
-    // A restarted proxy must bind while its predecessor's connections sit in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(resolved)
-        .with_context(|| format!("cannot listen on {resolved}"))?;
-    socket
-        .listen(LISTEN_BACKLOG)
-        .with_context(|| format!("cannot listen on {resolved}"))
 }

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::signalled;
+use crate::listen::canonical;
 
 /// Whether accepted connections have `TCP_NODELAY` from the listener.
 const NODELAY_UNKNOWN: u8 = 0;
@@ -45,7 +46,8 @@ impl Acceptor {
         let local = listener
             .local_addr()
             .ok()
-            .filter(|address| !address.ip().to_canonical().is_unspecified());
+            .map(canonical)
+            .filter(|address| !address.ip().is_unspecified());
         let nodelay = match socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
             Ok(()) => NODELAY_UNKNOWN,
             Err(_) => NODELAY_PER_CONNECTION,
@@ -76,7 +78,7 @@ impl Acceptor {
                 self.nodelay.store(state, Ordering::Relaxed);
             }
         }
-        self.local.or_else(|| tcp.local_addr().ok())
+        self.local.or_else(|| tcp.local_addr().ok().map(canonical))
     }
 
     /// The next client, with its place among the connections `limit` allows: waits for a
@@ -102,7 +104,7 @@ impl Acceptor {
                     return Some(Accepted {
                         permit,
                         tcp,
-                        peer,
+                        peer: canonical(peer),
                         local,
                     });
                 }
@@ -121,12 +123,17 @@ mod tests {
     use super::*;
 
     async fn accept_one(bind: &str) -> (Accepted, Acceptor) {
-        let acceptor = Acceptor::new(TcpListener::bind(bind).await.unwrap());
+        let acceptor = Acceptor::new(crate::listen::bind(bind).await.unwrap());
         let port = acceptor.listener.local_addr().unwrap().port();
-        let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_stop_sender, mut stop) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(1));
         let accepted = acceptor.accept(&limit, &mut stop, "test").await.unwrap();
+        assert_eq!(
+            accepted.peer,
+            client.local_addr().unwrap(),
+            "{bind}: an IPv4 client is an IPv4 peer"
+        );
         (accepted, acceptor)
     }
 
@@ -137,13 +144,14 @@ mod tests {
             ("[::ffff:127.0.0.1]:0", true),
             ("0.0.0.0:0", false),
             ("[::ffff:0.0.0.0]:0", false),
+            ("[::]:0", false),
         ] {
             let (accepted, acceptor) = accept_one(bind).await;
             assert!(accepted.tcp.nodelay().unwrap(), "{bind}");
             assert_eq!(
                 accepted.local,
-                accepted.tcp.local_addr().ok(),
-                "{bind}: the address getsockname gives"
+                accepted.tcp.local_addr().ok().map(canonical),
+                "{bind}: the address getsockname gives, IPv4 for an IPv4 client"
             );
             assert_eq!(
                 acceptor.local.is_some(),

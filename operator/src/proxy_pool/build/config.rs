@@ -93,7 +93,7 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
             .into_iter()
             .map(|listener| ListenerConfig {
                 protocol: listener.protocol,
-                address: format!("0.0.0.0:{}", listener.port),
+                address: format!("[::]:{}", listener.port),
             })
             .collect(),
         tls: spec.tls.as_ref().map(|_| TlsConfig {
@@ -103,7 +103,7 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
             }],
         }),
         route_table: RouteTableSource::config_map(pool.namespace, names::routes(pool.name)),
-        health_listen: format!("0.0.0.0:{HEALTH_PORT}"),
+        health_listen: format!("[::]:{HEALTH_PORT}"),
         lookup: LookupClientConfig {
             ca_file: None,
             secret_file: spec
@@ -193,12 +193,12 @@ mod tests {
             .map(|l| l.address.as_str())
             .collect();
         // No certificate: the TLS listeners are not served.
-        assert_eq!(addresses, ["0.0.0.0:143", "0.0.0.0:80"]);
+        assert_eq!(addresses, ["[::]:143", "[::]:80"]);
         assert_eq!(
             config.route_table,
             RouteTableSource::config_map("mail", "main-routes")
         );
-        assert_eq!(config.health_listen, "0.0.0.0:8081");
+        assert_eq!(config.health_listen, "[::]:8081");
         assert_eq!(config.shutdown_delay_seconds, 5);
         assert_eq!(config.shutdown_grace_seconds, 290);
         assert!(config.tls.is_none());

@@ -35,6 +35,7 @@ pub fn service(pool: &Pool<'_>) -> Service {
             selector: Some(labels::selector(pool.name, Component::Proxy)),
             ports: Some(ports),
             external_traffic_policy,
+            ip_family_policy: spec.ip_family_policy.map(|policy| policy.as_str().into()),
             ..ServiceSpec::default()
         }),
         status: None,
@@ -85,6 +86,9 @@ mod tests {
         let node_port = build(json!({"service": {"type": "NodePort"}}));
         assert_eq!(node_port.type_.as_deref(), Some("NodePort"));
         assert!(node_port.external_traffic_policy.is_none());
+        assert!(node_port.ip_family_policy.is_none());
+        let dual = build(json!({"service": {"ipFamilyPolicy": "PreferDualStack"}}));
+        assert_eq!(dual.ip_family_policy.as_deref(), Some("PreferDualStack"));
 
         let spec = spec(json!({"service": {"annotations": {"lb": "internal"}}}));
         let annotated = service(&pool(&spec));
