@@ -867,3 +867,60 @@ async fn a_missing_web_backend_ca_file_stops_the_proxy_at_start_naming_the_file(
     assert!(error.contains("http.upstreamCaFile"), "{error}");
     assert!(error.contains(&missing.display().to_string()), "{error}");
 }
+
+/// HTTP/2 bodies have the HTTP/1 relay's limits: the backend's answer is waited for from the end
+/// of the upload (an upload longer than the response timeout is not a slow backend), and a body
+/// that stalls for the body idle time fails instead of holding its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_uploads_are_timed_from_their_end_and_stalls_are_cut() {
+    let backend = Backend::start("A").await;
+    let routes = table(&[], &[backend.addr], None, &[]);
+    // Response timeout 2 s (the harness's), body idle time 1 s.
+    let proxy = Proxy::start(&routes, |options| {
+        options.http.body_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tcp = connect_from(client(1), proxy.http).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    let upload = |chunks: usize, then_stall: bool| {
+        let (mut chunk_sender, receiver) = futures::channel::mpsc::channel(1);
+        tokio::spawn(async move {
+            for _ in 0..chunks {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let chunk = Ok(bytes::Bytes::from_static(b"0123456789"));
+                if futures::SinkExt::send(&mut chunk_sender, chunk)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if then_stall {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        Request::post("http://mail.example.com/upload")
+            .body(boxed_stream(receiver))
+            .unwrap()
+    };
+
+    // 6 chunks 0.6 s apart: 3.6 s of upload, past the 2 s response timeout.
+    let started = Instant::now();
+    let answer = read(sender.send_request(upload(6, false)).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body, "60");
+    assert!(started.elapsed() >= Duration::from_millis(3500));
+
+    let started = Instant::now();
+    let answer = read(sender.send_request(upload(1, true)).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(1500)..Duration::from_secs(10)).contains(&waited),
+        "{waited:?}"
+    );
+}

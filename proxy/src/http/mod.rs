@@ -11,6 +11,7 @@
 
 pub mod h1;
 mod h2_idle;
+pub mod idle_body;
 pub mod proxy;
 pub mod routing;
 pub mod token;

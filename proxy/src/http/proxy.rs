@@ -46,7 +46,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_rustls::{TlsAcceptor, TlsStream};
 
 use super::h1;
@@ -54,6 +54,7 @@ use super::h1::connection::Ended;
 use super::h1::head::{ClientAddress, https_location, is_hop_by_hop, proto};
 use super::h1::rewind::Rewind;
 use super::h2_idle::StreamActivity;
+use super::idle_body::{BoxError, IdleBody};
 use super::routing::{self, WebRoute};
 use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
 use crate::route::resolver::Resolver;
@@ -63,7 +64,7 @@ use crate::session::stream::Stream;
 use crate::session::{Accepted, Acceptor, signalled};
 
 /// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Limits and timeouts of the web proxy.
 #[derive(Clone, Debug)]
@@ -639,10 +640,21 @@ impl HttpProxy {
             routed.balanced() && is_idempotent(request.method()) && request.body().is_end_stream();
         let (mut parts, body) = request.into_parts();
         forwarding_headers(&mut parts.headers, conn, host.as_deref());
-        let mut body = Some(body.boxed());
+        let idle = self.settings.body_idle_timeout;
+        let mut body = Some(body);
         let mut tried = Vec::new();
         loop {
-            let mut outgoing = Request::new(body.take().unwrap_or_else(empty));
+            // The backend's answer is waited for once the body is sent: an upload may take
+            // longer than the response timeout and still be going well.
+            let (ended, body_sent) = oneshot::channel();
+            let attempt = match body.take() {
+                Some(body) => IdleBody::signalling(body, idle, ended).boxed(),
+                None => {
+                    let _ = ended.send(());
+                    empty()
+                }
+            };
+            let mut outgoing = Request::new(attempt);
             *outgoing.method_mut() = parts.method.clone();
             *outgoing.version_mut() = Version::HTTP_11;
             *outgoing.headers_mut() = if retryable {
@@ -659,21 +671,27 @@ impl HttpProxy {
                 Ok(uri) => *outgoing.uri_mut() = uri,
                 Err(failure) => return (Err(failure), Some(upstream)),
             }
-            let sent = tokio::time::timeout(
-                self.settings.upstream_response_timeout,
-                self.client.request(outgoing),
-            )
-            .await;
+            let response_timeout = self.settings.upstream_response_timeout;
+            let answer_by = async {
+                // A body that failed or was dropped ends the wait for it too.
+                let _ = body_sent.await;
+                tokio::time::sleep(response_timeout).await;
+            };
+            let sent = tokio::select! {
+                sent = self.client.request(outgoing) => Some(sent),
+                () = answer_by => None,
+            };
             let error = match sent {
-                Err(_) => return (Err(Failure::Timeout), Some(upstream)),
-                Ok(Ok(mut response)) => {
+                None => return (Err(Failure::Timeout), Some(upstream)),
+                Some(Ok(mut response)) => {
                     strip_hop_by_hop(response.headers_mut());
-                    return (Ok(response.map(BodyExt::boxed)), Some(upstream));
+                    let response = response.map(|body| IdleBody::new(body, idle).boxed());
+                    return (Ok(response), Some(upstream));
                 }
-                Ok(Err(error)) if error.is_connect() && !is_handshake_failure(&error) => {
+                Some(Err(error)) if error.is_connect() && !is_handshake_failure(&error) => {
                     error_chain(&error)
                 }
-                Ok(Err(error)) => {
+                Some(Err(error)) => {
                     return (Err(Failure::Broken(error_chain(&error))), Some(upstream));
                 }
             };

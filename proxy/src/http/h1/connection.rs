@@ -335,7 +335,14 @@ impl Exchange<'_> {
         let to_head = head.method == Method::HEAD;
 
         let exchanged = if head.framing == Framing::Empty {
-            send_without_body(proxy, &mut backend, out, to_head).await
+            send_without_body(
+                proxy,
+                &mut backend,
+                out,
+                to_head,
+                is_idempotent(&head.method),
+            )
+            .await
         } else {
             if head.expect_continue && head.minor == 1 {
                 let answered = write_all(
@@ -557,31 +564,37 @@ enum Sent {
 }
 
 /// Sends a request without a body and reads the response head. A kept connection the backend
-/// closed in the meantime is replaced once (nothing of the request was processed).
+/// closed in the meantime is replaced once: when the request could not be written (nothing of
+/// it was processed), or when it is `idempotent` (RFC 9112 §9.3.1: a backend that closed after
+/// reading it may have acted on it, so a POST is not sent twice).
 async fn send_without_body(
     proxy: &HttpProxy,
     backend: &mut Backend,
     request: &[u8],
     to_head: bool,
+    idempotent: bool,
 ) -> Result<(ResponseHead, bool), Sent> {
     let settings = proxy.settings();
     loop {
         let written = write_all(&mut backend.io, request, settings.body_idle_timeout).await;
-        let result = match written {
+        let (result, unsent) = match written {
             Ok(()) => {
-                read_response_head(
+                let head = read_response_head(
                     &mut backend.io,
                     &mut backend.buffer,
                     to_head,
                     Some(settings.upstream_response_timeout),
                 )
-                .await
+                .await;
+                (head, false)
             }
-            Err(error) => Err(Failure::Broken(error.to_string())),
+            Err(error) => (Err(Failure::Broken(error.to_string())), true),
         };
         match result {
             Ok(head) => return Ok((head, true)),
-            Err(Failure::Broken(_)) if backend.reused && backend.buffer.is_empty() => {
+            Err(Failure::Broken(_))
+                if backend.reused && backend.buffer.is_empty() && (unsent || idempotent) =>
+            {
                 let io = proxy
                     .connect(&backend.upstream, backend.tls)
                     .await
@@ -595,7 +608,9 @@ async fn send_without_body(
 }
 
 /// Streams the request body to the backend while watching for its response head (a backend may
-/// answer before reading the whole body). `true` with the head when the body was sent whole.
+/// answer before reading the whole body). `true` with the head when the body was sent whole:
+/// otherwise the rest of it is still unread on the client's connection, which must then close
+/// (its next bytes are not a request head), as must the backend's.
 async fn send_with_body(
     proxy: &HttpProxy,
     client: &mut Client,
@@ -616,21 +631,32 @@ async fn send_with_body(
         false,
         settings.body_idle_timeout,
     );
-    let response = read_response_head(&mut reader, buffer, to_head, None);
+    // Interim answers (`102`, `103`, an unasked `100`) are dropped here: the client's
+    // connection is busy with its body, and the body must go on to the final answer.
+    let response = async {
+        loop {
+            let head = read_response_head(&mut reader, buffer, to_head, None).await?;
+            if !head.is_interim() {
+                return Ok(head);
+            }
+            buffer.consume(head.length);
+        }
+    };
     tokio::pin!(send, response);
     let answer_by = tokio::time::sleep(Duration::from_secs(86400 * 365));
     tokio::pin!(answer_by);
-    let mut sent = false;
+    // `ended`: no more of the body goes out; `whole`: all of it did.
+    let (mut ended, mut whole) = (false, false);
     loop {
         tokio::select! {
-            result = &mut send, if !sent => match result {
+            result = &mut send, if !ended => match result {
                 Ok(()) => {
-                    sent = true;
+                    (ended, whole) = (true, true);
                     answer_by.as_mut().reset(Instant::now() + settings.upstream_response_timeout);
                 }
                 Err(RelayError::Destination(error)) => {
                     tracing::debug!(%error, "the backend stopped taking the request body");
-                    sent = true;
+                    ended = true;
                     answer_by.as_mut().reset(Instant::now() + settings.upstream_response_timeout);
                 }
                 Err(RelayError::Malformed(error)) => return Err(Sent::ClientMalformed(error)),
@@ -640,10 +666,10 @@ async fn send_with_body(
                 }
             },
             head = &mut response => return match head {
-                Ok(head) => Ok((head, sent)),
+                Ok(head) => Ok((head, whole)),
                 Err(failure) => Err(Sent::Backend(failure)),
             },
-            () = &mut answer_by, if sent => return Err(Sent::Backend(Failure::Timeout)),
+            () = &mut answer_by, if ended => return Err(Sent::Backend(Failure::Timeout)),
         }
     }
 }

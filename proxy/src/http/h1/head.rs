@@ -38,6 +38,8 @@ pub enum HeadError {
     Framing,
     #[error("CONNECT is not supported")]
     Connect,
+    #[error("the Host header is missing (HTTP/1.1), repeated or invalid")]
+    Host,
 }
 
 impl HeadError {
@@ -61,6 +63,11 @@ impl HeadError {
                 "invalid Content-Length or Transfer-Encoding\n",
             ),
             HeadError::Connect => (405, "Method Not Allowed", "CONNECT is not supported\n"),
+            HeadError::Host => (
+                400,
+                "Bad Request",
+                "an HTTP/1.1 request needs one valid Host header\n",
+            ),
         }
     }
 }
@@ -137,6 +144,14 @@ pub fn parse_request(buffer: &[u8], max_bytes: usize) -> Result<Option<RequestHe
         buffer,
         headers: &headers,
     };
+    // RFC 9112 §3.2, as nginx does: the Host routes the request, names its cache keys and
+    // reaches the backend, so there is exactly one (HTTP/1.0 may have none), and a valid one.
+    let hosts: Vec<&[u8]> = fields.values("host").take(2).collect();
+    match hosts[..] {
+        [] if minor == 0 => {}
+        [host] if is_valid_host(host) => {}
+        _ => return Err(HeadError::Host),
+    }
     let transfer_encoding = fields.chunked_last("transfer-encoding");
     let framing = match (transfer_encoding, fields.content_length()?) {
         (Some(_), _) if minor == 0 => return Err(HeadError::Framing),
@@ -290,7 +305,10 @@ pub fn proto(tls: bool) -> &'static str {
 /// Writes the head of the request sent to the backend: HTTP/1.1, origin-form target, the
 /// client's headers without the hop-by-hop ones (those `Connection` names included), a `Host`,
 /// and `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` extended with the client.
-/// `Expect` is left out: the proxy answers `100 Continue` itself.
+/// `Expect` is left out: the proxy answers `100 Continue` itself. The body's framing is written
+/// from the framing the proxy relays, never taken from the client's headers: a client that names
+/// `Content-Length` in `Connection`, or sends `Content-Length: 5, 5`, cannot make the backend
+/// read the body otherwise than the proxy sends it (request smuggling). `Host` is never dropped.
 pub fn write_upstream_request(
     buffer: &[u8],
     head: &RequestHead,
@@ -313,20 +331,32 @@ pub fn write_upstream_request(
     let mut has_host = false;
     for header in &head.headers {
         let name = &buffer[header.name.clone()];
+        let host = name.eq_ignore_ascii_case(b"host");
         if is_hop_by_hop(name)
-            || is_named(&named, name)
+            || (is_named(&named, name) && !host)
+            || name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"expect")
             || is_forwarding(name)
         {
             continue;
         }
-        has_host |= name.eq_ignore_ascii_case(b"host");
+        has_host |= host;
         write_header(out, name, &buffer[header.value.clone()]);
     }
-    if head.framing == Framing::Chunked {
-        for value in fields.values("transfer-encoding") {
-            write_header(out, b"transfer-encoding", value);
+    match head.framing {
+        Framing::Chunked => {
+            for value in fields.values("transfer-encoding") {
+                write_header(out, b"transfer-encoding", value);
+            }
         }
+        Framing::Length(length) => {
+            write_header(out, b"content-length", length.to_string().as_bytes());
+        }
+        // An explicit empty body stays explicit (some servers want a length on every POST).
+        Framing::Empty if fields.values("content-length").next().is_some() => {
+            write_header(out, b"content-length", b"0");
+        }
+        Framing::Empty | Framing::UntilClose => {}
     }
     if let Some(upgrade) = &head.upgrade {
         write_header(out, b"connection", b"upgrade");
@@ -522,10 +552,25 @@ fn spans(buffer: &[u8], headers: &[httparse::Header<'_>]) -> Vec<HeaderSpan> {
         .collect()
 }
 
-/// Where `part` (a slice of `buffer`) lies in `buffer`.
+/// A Host value a name or an address with a port could have: no path separators, commas,
+/// spaces or controls, no empty label (`a..b`), at most as long as a DNS name and a port.
+fn is_valid_host(host: &[u8]) -> bool {
+    host.len() <= 261
+        && !host.windows(2).any(|pair| pair == b"..")
+        && host
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-._~:[]!$&'()*+;=%".contains(byte))
+}
+
+/// Where `part` (a slice of `buffer`) lies in `buffer`. A part that is not in it (httparse
+/// gives a static `""` for a status line without a reason) is the empty range at 0, so that no
+/// later slice of the buffer can panic on it.
 fn range_of(buffer: &[u8], part: &[u8]) -> Range<usize> {
-    let start = (part.as_ptr() as usize).saturating_sub(buffer.as_ptr() as usize);
-    start..start + part.len()
+    let start = (part.as_ptr() as usize).wrapping_sub(buffer.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= buffer.len() => start..end,
+        _ => 0..0,
+    }
 }
 
 /// The header lines of a parsed head.
@@ -652,7 +697,8 @@ mod tests {
     #[test]
     fn request_bodies_are_framed_or_refused() {
         let framing = |headers: &str| {
-            request(&format!("POST / HTTP/1.1\r\n{headers}\r\n")).map(|head| head.unwrap().framing)
+            request(&format!("POST / HTTP/1.1\r\nHost: h\r\n{headers}\r\n"))
+                .map(|head| head.unwrap().framing)
         };
         assert_eq!(framing("Content-Length: 5\r\n"), Ok(Framing::Length(5)));
         assert_eq!(framing("Content-Length: 0\r\n"), Ok(Framing::Empty));
@@ -706,7 +752,7 @@ mod tests {
                 .collect::<String>()
         };
         let most = lines(MAX_REQUEST_HEADERS);
-        assert!(request(&format!("GET / HTTP/1.1\r\n{most}\r\n")).is_ok());
+        assert!(request(&format!("GET / HTTP/1.0\r\n{most}\r\n")).is_ok());
         let response_lines = lines(MAX_RESPONSE_HEADERS + 1);
         assert_eq!(
             parse_response(
@@ -725,10 +771,38 @@ mod tests {
     }
 
     #[test]
+    fn an_http_1_1_request_has_exactly_one_valid_host() {
+        for refused in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET http://a.example/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a.example\r\nhost: a.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example/evil\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example,b.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n",
+        ] {
+            assert_eq!(request(refused).unwrap_err(), HeadError::Host, "{refused}");
+        }
+        for accepted in [
+            "GET / HTTP/1.1\r\nHost: mail.example.com\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: mail.example.com:8443\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+        ] {
+            assert!(request(accepted).unwrap().is_some(), "{accepted}");
+        }
+        assert_eq!(HeadError::Host.answer().0, 400);
+    }
+
+    #[test]
     fn keep_alive_follows_the_version_and_connection() {
         let keep = |text: &str| request(text).unwrap().unwrap().keep_alive;
-        assert!(keep("GET / HTTP/1.1\r\n\r\n"));
-        assert!(!keep("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(keep("GET / HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(!keep(
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        ));
         assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
         assert!(keep("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
     }
@@ -753,15 +827,62 @@ mod tests {
     }
 
     #[test]
-    fn the_upstream_request_keeps_chunked_upgrades_and_adds_a_host() {
-        let out = forwarded(
-            "POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    fn a_part_outside_the_buffer_is_an_empty_range() {
+        let buffer = b"HTTP/1.1 200\r\n\r\n";
+        assert_eq!(range_of(buffer, &buffer[9..12]), 9..12);
+        assert_eq!(range_of(buffer, b""), 0..0);
+        assert_eq!(range_of(&buffer[4..], &buffer[..8]), 0..0);
+        assert_eq!(range_of(&buffer[..4], &buffer[2..8]), 0..0);
+        let reason = response("HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", false).reason;
+        assert!(reason.is_empty(), "{reason:?}");
+    }
+
+    #[test]
+    fn the_upstream_body_framing_is_the_relayed_one_whatever_connection_names() {
+        let smuggling = "POST /service/soap HTTP/1.1\r\nHost: mail.example.com\r\n\
+                         Connection: keep-alive, Content-Length, Host\r\nContent-Length: 96\r\n\r\n";
+        let out = forwarded(smuggling, true);
+        assert!(
+            out.starts_with(
+                "POST /service/soap HTTP/1.1\r\nHost: mail.example.com\r\ncontent-length: 96\r\n"
+            ),
+            "{out}"
+        );
+        assert_eq!(out.matches("ontent-length").count(), 1, "{out}");
+        let repeated = forwarded(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n",
             false,
         );
         assert!(
-            out.starts_with(
-                "POST /up HTTP/1.1\r\ntransfer-encoding: chunked\r\nhost: mail.example.com\r\n"
-            ),
+            repeated
+                .starts_with("POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 5\r\nx-forwarded-for"),
+            "{repeated}"
+        );
+        let empty = forwarded(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(
+            empty.starts_with("POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n"),
+            "{empty}"
+        );
+        let none = forwarded("GET / HTTP/1.1\r\nHost: h\r\n\r\n", false);
+        assert!(!none.contains("content-length"), "{none}");
+    }
+
+    #[test]
+    fn the_upstream_request_keeps_chunked_upgrades_and_adds_a_host() {
+        let out = forwarded(
+            "POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert!(
+            out.starts_with("POST /up HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n"),
+            "{out}"
+        );
+        let out = forwarded("GET / HTTP/1.0\r\n\r\n", false);
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nhost: mail.example.com\r\n"),
             "{out}"
         );
         let out = forwarded(
@@ -781,7 +902,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_client_is_quoted_in_forwarded_and_the_backend_is_the_last_resort_host() {
-        let text = "GET / HTTP/1.1\r\n\r\n";
+        let text = "GET / HTTP/1.0\r\n\r\n";
         let head = request(text).unwrap().unwrap();
         let client = ClientAddress::new("2001:db8::1".parse().unwrap());
         let forwarding = Forwarding {
