@@ -781,6 +781,8 @@ where
     }
 }
 
+/// Writes `bytes` and flushes them: a TLS stream may keep records it took when the socket was
+/// full, and the peer, waiting for them, would never answer.
 async fn write_all<W: AsyncWrite + Unpin>(
     destination: &mut W,
     bytes: &[u8],
@@ -797,13 +799,18 @@ async fn write_all<W: AsyncWrite + Unpin>(
         Poll::Ready(Err(error)) => return Err(RelayError::Destination(error)),
         Poll::Pending => 0,
     };
-    if written == bytes.len() {
-        return Ok(());
+    if written < bytes.len() {
+        match timeout(idle, destination.write_all(&bytes[written..])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(RelayError::Destination(error)),
+            Err(_) => return Err(RelayError::Idle),
+        }
     }
-    match timeout(idle, destination.write_all(&bytes[written..])).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(RelayError::Destination(error)),
-        Err(_) => Err(RelayError::Idle),
+    // Nothing to flush on plain TCP: no timer for it.
+    match poll_fn(|cx| Poll::Ready(Pin::new(&mut *destination).poll_flush(cx))).await {
+        Poll::Ready(Ok(())) => Ok(()),
+        Poll::Ready(Err(error)) => Err(RelayError::Destination(error)),
+        Poll::Pending => flush(destination, idle).await,
     }
 }
 
