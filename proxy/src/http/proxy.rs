@@ -929,28 +929,31 @@ fn forwarding_headers(headers: &mut HeaderMap, conn: ConnectionInfo, host: Optio
         headers.insert(header::HOST, host);
     }
     let client = ClientAddress::new(conn.peer.ip());
-    let forwarded_for = match headers
-        .get("x-forwarded-for")
-        .and_then(|value| value.to_str().ok())
-    {
-        Some(previous) => format!("{previous}, {}", client.listed()),
-        None => client.listed().to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    let mut forwarded_for = list_so_far(headers, "x-forwarded-for");
+    forwarded_for.extend_from_slice(client.listed().as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
     headers.insert(
         "x-forwarded-proto",
         HeaderValue::from_static(proto(conn.tls)),
     );
-    let mut forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(previous) => [previous.as_bytes(), b", "].concat(),
-        None => Vec::new(),
-    };
+    let mut forwarded = list_so_far(headers, header::FORWARDED.as_str());
     client.write_forwarded_element(conn.tls, host, &mut forwarded);
     if let Ok(value) = HeaderValue::from_bytes(&forwarded) {
         headers.insert(header::FORWARDED, value);
     }
+}
+
+/// Every line of the list header `name`, joined, and a separator for one more element (nothing
+/// when there is none): all lines, as the HTTP/1 relay keeps them, not just the first.
+fn list_so_far(headers: &HeaderMap, name: &str) -> Vec<u8> {
+    let mut list = Vec::new();
+    for value in headers.get_all(name) {
+        list.extend_from_slice(value.as_bytes());
+        list.extend_from_slice(b", ");
+    }
+    list
 }
 
 fn upstream_uri(upstream: &Upstream, tls: bool, original: &Uri) -> Result<Uri, Failure> {
@@ -984,6 +987,9 @@ mod tests {
             .header("te", "trailers")
             .header("upgrade", "h2c")
             .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-for", "10.0.0.2")
+            .header("forwarded", "for=10.0.0.1")
+            .header("forwarded", "for=10.0.0.2")
             .header("cookie", "a=b")
             .body(())
             .unwrap();
@@ -996,17 +1002,18 @@ mod tests {
         for gone in ["connection", "keep-alive", "x-secret-hop", "te", "upgrade"] {
             assert!(!headers.contains_key(gone), "{gone}");
         }
-        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(
             headers["forwarded"],
-            "for=192.0.2.7;proto=https;host=\"mail.example.com\""
+            "for=10.0.0.1, for=10.0.0.2, for=192.0.2.7;proto=https;host=\"mail.example.com\""
         );
         assert_eq!(headers["host"], "mail.example.com");
         assert_eq!(headers["cookie"], "a=b");
-        let mut v6 = request.headers().clone();
+        let mut v6 = HeaderMap::new();
         forwarding_headers(&mut v6, conn("[2001:db8::1]:1", false), None);
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(v6["x-forwarded-for"], "2001:db8::1");
     }
 
     /// A backend on a free port that answers each request with its path (`Connection: close`
