@@ -160,9 +160,16 @@ pub fn parse_request(buffer: &[u8], max_bytes: usize) -> Result<Option<RequestHe
         (None, Some(0)) | (None, None) => Framing::Empty,
         (None, Some(length)) => Framing::Length(length),
     };
+    // WebSocket only: another protocol (`h2c`) would open a tunnel past the proxy's per-request
+    // routing and header rewriting; such a request goes on as a plain one.
     let upgrade = (minor == 1 && fields.connection_has("upgrade"))
         .then(|| fields.value_range("upgrade"))
-        .flatten();
+        .flatten()
+        .filter(|range| {
+            buffer[range.clone()]
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"websocket")
+        });
     let expect_continue = fields
         .values("expect")
         .any(|value| value.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
@@ -794,6 +801,27 @@ mod tests {
             assert!(request(accepted).unwrap().is_some(), "{accepted}");
         }
         assert_eq!(HeadError::Host.answer().0, 400);
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_relayed() {
+        let upgrade = |protocol: &str| {
+            let text = format!(
+                "GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+            );
+            request(&text).unwrap().unwrap().upgrade.is_some()
+        };
+        assert!(upgrade("websocket"));
+        assert!(upgrade("WebSocket"));
+        assert!(!upgrade("h2c"));
+        assert!(!upgrade("websocket, h2c"));
+        let plain = forwarded(
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+            false,
+        );
+        assert!(!plain.to_ascii_lowercase().contains("upgrade"), "{plain}");
+        assert!(!plain.contains("HTTP2-Settings"), "{plain}");
     }
 
     #[test]
