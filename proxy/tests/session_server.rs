@@ -68,8 +68,12 @@ struct Setup {
 }
 
 fn routes(fake: &FakeImap, domains: serde_json::Value, settings: serde_json::Value) -> String {
+    routes_to(fake.port, domains, settings)
+}
+
+fn routes_to(port: u16, domains: serde_json::Value, settings: serde_json::Value) -> String {
     json!({
-        "servers": {"fake": {"host": "127.0.0.1", "ports": {"imap": fake.port}}},
+        "servers": {"fake": {"host": "127.0.0.1", "ports": {"imap": port}}},
         "domains": domains,
         "settings": settings,
     })
@@ -136,23 +140,28 @@ async fn until_closed(port: u16) {
     .await;
 }
 
-/// The end-entity certificate the IMAPS listener presents.
-async fn served_certificate(port: u16, ca: &Path) -> Vec<u8> {
+/// A TLS client trusting `ca` and offering `alpn`.
+fn tls_connector(ca: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(certificate.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The end-entity certificate the IMAPS listener presents.
+async fn served_certificate(port: u16, ca: &Path) -> Vec<u8> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let tls = connector
+    let tls = tls_connector(ca, &[])
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .expect("TLS handshake with the proxy");
@@ -463,6 +472,177 @@ async fn starttls_only_reloaded_on_a_proxy_without_certificate_fails_closed() {
 
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
+}
+
+/// ALPACA: a browser pointed at a mail port offers only HTTP in ALPN and must get no TLS
+/// session to send its request in, on IMAPS as after STARTTLS; mail clients, which offer `imap`
+/// or no ALPN at all, are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_tls_refuses_clients_offering_only_other_protocols() {
+    let fake = FakeImap::start().await;
+    let pki = Pki::new();
+    let ca = pki.ca();
+    let setup = setup(
+        &pki,
+        &routes(&fake, json!({"f.test": "fake"}), json!({})),
+        0,
+    );
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let localhost = || rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    for alpn in [&[&b"http/1.1"[..]][..], &[b"h2", b"http/1.1"], &[b"pop3"]] {
+        let tcp = TcpStream::connect(("127.0.0.1", setup.imaps))
+            .await
+            .unwrap();
+        let error = tls_connector(&ca, alpn)
+            .connect(localhost(), tcp)
+            .await
+            .expect_err("no handshake for another protocol");
+        assert!(
+            error.to_string().contains("NoApplicationProtocol"),
+            "{error}"
+        );
+    }
+
+    for (alpn, chosen) in [
+        (&[][..], None),
+        (&[&b"imap"[..]][..], Some(&b"imap"[..])),
+        (&[b"h2", b"imap"], Some(b"imap")),
+    ] {
+        let tcp = TcpStream::connect(("127.0.0.1", setup.imaps))
+            .await
+            .unwrap();
+        let tls = tls_connector(&ca, alpn)
+            .connect(localhost(), tcp)
+            .await
+            .expect("a mail client's handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), chosen);
+        let mut greeting = String::new();
+        BufReader::new(tls).read_line(&mut greeting).await.unwrap();
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+    }
+
+    let starttls = async |alpn: &[&[u8]]| {
+        let mut client = Client::connect(setup.imap).await.unwrap();
+        assert!(client.line().await.unwrap().contains("STARTTLS"));
+        client.send("s STARTTLS\r\n").await;
+        assert_eq!(
+            client.line().await.as_deref(),
+            Some("s OK Begin TLS negotiation now")
+        );
+        tls_connector(&ca, alpn)
+            .connect(localhost(), client.reader.into_inner())
+            .await
+    };
+    let error = starttls(&[b"http/1.1"])
+        .await
+        .expect_err("no STARTTLS for HTTP");
+    assert!(
+        error.to_string().contains("NoApplicationProtocol"),
+        "{error}"
+    );
+    let tls = starttls(&[b"imap"]).await.expect("STARTTLS for IMAP");
+    let mut client = BufReader::new(tls);
+    client
+        .get_mut()
+        .write_all(b"a LOGIN u@f.test pw\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    client.read_line(&mut answer).await.unwrap();
+    assert_eq!(answer, "a OK done\r\n");
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+/// A backend that says more than OK to a login: an ALERT, its new capabilities, an answer to
+/// the proxy's ID among them, and more lines than the proxy passes on.
+async fn talkative_imap() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let greeting = "* OK [CAPABILITY IMAP4rev1 LITERAL+ ID AUTH=PLAIN] ready\r\n";
+                write.write_all(greeting.as_bytes()).await.unwrap();
+                let mut in_login = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let tag = line.split(' ').next().unwrap_or("*").to_string();
+                    let answer = if line.contains(" ID (") {
+                        format!("* ID (\"name\" \"talkative\")\r\n{tag} OK ID done\r\n")
+                    } else if line.ends_with("+}") {
+                        in_login |= line.contains(" LOGIN ");
+                        continue;
+                    } else if std::mem::take(&mut in_login) {
+                        let mut answer = "* OK [ALERT] Your password expires in 3 days\r\n\
+                                          * ID NIL\r\n\
+                                          * CAPABILITY IMAP4rev1 IDLE\r\n"
+                            .to_string();
+                        for n in 0..30 {
+                            answer.push_str(&format!("* OK noise {n}\r\n"));
+                        }
+                        answer + "P2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+                    } else {
+                        format!("{tag} OK done\r\n")
+                    };
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_backend_says_during_the_login_reaches_the_client_bounded() {
+    let (backend, task) = talkative_imap().await;
+    let pki = Pki::new();
+    let setup = setup(
+        &pki,
+        &routes_to(backend, json!({"f.test": "fake"}), json!({})),
+        0,
+    );
+    let server = Server::bind(&setup.config, options()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let mut client = Client::connect(setup.imap).await.unwrap();
+    assert!(client.line().await.unwrap().starts_with("* OK"));
+    client.send("a LOGIN u@f.test pw\r\nb NOOP\r\n").await;
+    let mut expected = vec![
+        "* OK [ALERT] Your password expires in 3 days".to_string(),
+        "* CAPABILITY IMAP4rev1 IDLE".to_string(),
+    ];
+    expected.extend((0..14).map(|n| format!("* OK noise {n}")));
+    expected.push("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in".to_string());
+    expected.push("b OK done".to_string());
+    let mut answers = Vec::new();
+    while let Some(line) = client.line().await {
+        let done = line == "b OK done";
+        answers.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(answers, expected);
+
+    stop.send(()).unwrap();
+    drop(client);
+    running.await.unwrap().unwrap();
+    task.abort();
 }
 
 #[tokio::test]

@@ -13,7 +13,8 @@
 //! The route table and the certificates reload while sessions run: neither restarts anything.
 //!
 //! `http` and `https` listeners serve the web proxy ([`crate::http`]); `https` offers HTTP/2 and
-//! HTTP/1.1 by ALPN with the same certificates as the mail listeners.
+//! HTTP/1.1 by ALPN with the same certificates as the mail listeners, which offer only `imap`
+//! or `pop3` ([`MailTls`]).
 
 mod health;
 
@@ -42,7 +43,7 @@ use crate::route::resolver::Resolver;
 use crate::route::table::{ConfigMapSource, TableHandle, watch_file};
 use crate::route::throttle::LoginThrottle;
 use crate::session::{ListenerKind, MailService, SessionContext, SessionMetrics};
-use crate::tls::{CertificateStore, UpstreamConnector};
+use crate::tls::{ALPN_WEB, CertificateStore, MailTls, UpstreamConnector};
 
 /// After the grace, how long closed sessions get to finish their last writes and log.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -127,11 +128,9 @@ impl Server {
                 let store = CertificateStore::load(&tls.certificates)
                     .context("cannot load the TLS certificates")?;
                 background.push(store.watch(options.file_poll_interval));
-                let server_config = crate::tls::server_config(store)?;
-                let mut web_config = (*server_config).clone();
-                web_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                web_tls = Some(tokio_rustls::TlsAcceptor::from(Arc::new(web_config)));
-                Some(tokio_rustls::TlsAcceptor::from(server_config))
+                let web_config = crate::tls::server_config(store.clone(), &ALPN_WEB)?;
+                web_tls = Some(tokio_rustls::TlsAcceptor::from(web_config));
+                Some(MailTls::new(&store)?)
             }
             _ => None,
         };

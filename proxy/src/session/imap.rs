@@ -2,15 +2,16 @@
 
 use mailproxy_crds::mailbox_server::OriginForwarding;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, LoginFailure, Outcome, PreLogin, SessionContext, Settings, UpstreamLogin,
-    answer_until_login,
+    Dialect, LoginFailure, Outcome, PreLogin, SessionContext, Settings, UpstreamAccepted,
+    UpstreamLogin, answer_until_login,
 };
 use crate::mail::imap::upstream::{
-    ImapResponse, ServerCapabilities, authenticate_plain_command, id_command, login_command,
-    parse_response,
+    ImapResponse, ServerCapabilities, UntaggedLines, authenticate_plain_command, id_command,
+    login_command, parse_response,
 };
 use crate::mail::imap::{
     ClientId, ImapConfig, ImapLogin, ImapPreLogin, ImapStatus, bye_response, login_failed_response,
@@ -28,7 +29,7 @@ pub(super) async fn pre_login(
     client: super::Stream,
     settings: &Settings,
     deadline: Instant,
-    context: &SessionContext,
+    tls: Option<&TlsAcceptor>,
 ) -> Result<PreLogin, Outcome> {
     let mut machine = ImapPreLogin::new(ImapConfig {
         starttls: settings.starttls,
@@ -41,7 +42,7 @@ pub(super) async fn pre_login(
     });
     let goodbye = bye_response("Autologout; no login in time");
     let (client, ImapLogin { tag, credentials }) =
-        answer_until_login(&mut machine, client, &goodbye, deadline, context).await?;
+        answer_until_login(&mut machine, client, &goodbye, deadline, tls).await?;
     let mechanism = credentials.mechanism;
     Ok(PreLogin {
         client,
@@ -57,13 +58,13 @@ pub(super) async fn pre_login(
 
 /// Logs in to the mailbox server: greeting, capabilities, ID with the client's address
 /// pipelined with LOGIN (literals) or AUTHENTICATE PLAIN. Returns the text of the server's
-/// tagged OK.
+/// tagged OK, and the untagged lines it sent with it for the client.
 pub(super) async fn log_in_upstream(
     context: &SessionContext,
     upstream: &mut UpstreamConnection,
     request: &UpstreamLogin<'_>,
     client_id: &ClientId,
-) -> Result<Vec<u8>, LoginFailure> {
+) -> Result<UpstreamAccepted, LoginFailure> {
     let greeting = upstream.line().await?;
     let ready = match parse_response(&greeting, LOGIN_TAG) {
         ImapResponse::Untagged(text) => starts_with_ignore_case(text, b"OK"),
@@ -109,6 +110,7 @@ pub(super) async fn log_in_upstream(
         )
         .ok_or(UpstreamError::Protocol("the login cannot be sent to IMAP"))?
     };
+    let mut untagged = UntaggedLines::default();
     let pieces = command.pieces();
     for (index, piece) in pieces.iter().enumerate() {
         match (index, &id) {
@@ -130,12 +132,17 @@ pub(super) async fn log_in_upstream(
         loop {
             let line = upstream.line().await?;
             match parse_response(&line, LOGIN_TAG) {
-                ImapResponse::Untagged(_) => {}
+                ImapResponse::Untagged(_) => untagged.push(&line),
                 ImapResponse::Continuation(_) if !last => break,
                 ImapResponse::Tagged {
                     status: ImapStatus::Ok,
                     text,
-                } if last => return Ok(text.to_vec()),
+                } if last => {
+                    return Ok(UpstreamAccepted {
+                        preamble: untagged.into_bytes(),
+                        text: text.to_vec(),
+                    });
+                }
                 ImapResponse::Tagged {
                     status: ImapStatus::No | ImapStatus::Bad,
                     text,
@@ -223,6 +230,8 @@ pub(super) fn login_failed(
     }
 }
 
-pub(super) fn logged_in(tag: &str, backend_text: &[u8]) -> Vec<u8> {
-    tagged_response(tag, ImapStatus::Ok, backend_text)
+pub(super) fn logged_in(tag: &str, accepted: UpstreamAccepted) -> Vec<u8> {
+    let mut answer = accepted.preamble;
+    answer.extend_from_slice(&tagged_response(tag, ImapStatus::Ok, &accepted.text));
+    answer
 }

@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 pub(crate) use self::accept::{Accepted, Acceptor};
 pub use self::metrics::SessionMetrics;
@@ -42,7 +43,7 @@ use crate::mail::{
 use crate::route::resolver::{ResolveError, Resolver};
 use crate::route::throttle::{LoginThrottle, ThrottleDecision};
 use crate::route::{LoginContext, Protocol};
-use crate::tls::UpstreamConnector;
+use crate::tls::{MailTls, UpstreamConnector};
 
 /// Bound on a TLS handshake within the pre-login time: a client that opens a connection and
 /// sends nothing, or garbage, is let go quickly.
@@ -98,7 +99,7 @@ pub struct SessionContext {
     pub throttle: LoginThrottle,
     /// The listeners' TLS (implicit TLS and STARTTLS); `None` when no certificate is
     /// configured, in which case STARTTLS is not offered.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<MailTls>,
     pub upstream_tls: UpstreamConnector,
     /// Resolves mailbox server host names and connects to them.
     pub dns: Dns,
@@ -291,9 +292,13 @@ async fn run(
     drop(table);
     let deadline = Instant::now() + settings.pre_login;
     let connection = Connection { kind, peer, local };
+    let tls = context.tls.as_ref().map(|tls| match kind.service {
+        MailService::Imap => &tls.imap,
+        MailService::Pop3 => &tls.pop3,
+    });
     let mut client = Stream::Plain(tcp);
     if kind.implicit_tls {
-        client = match start_tls(context, client, deadline).await {
+        client = match start_tls(tls, client, deadline).await {
             Ok(client) => client,
             Err(outcome) => return outcome,
         };
@@ -313,8 +318,8 @@ async fn run(
         }
     }
     let prelogin = match kind.service {
-        MailService::Imap => imap::pre_login(client, &settings, deadline, context).await,
-        MailService::Pop3 => pop3::pre_login(client, &settings, deadline, context).await,
+        MailService::Imap => imap::pre_login(client, &settings, deadline, tls).await,
+        MailService::Pop3 => pop3::pre_login(client, &settings, deadline, tls).await,
     };
     let prelogin = match prelogin {
         Ok(prelogin) => prelogin,
@@ -325,11 +330,11 @@ async fn run(
 
 /// The TLS handshake of an implicit-TLS listener or after STARTTLS.
 async fn start_tls(
-    context: &SessionContext,
+    tls: Option<&TlsAcceptor>,
     client: Stream,
     deadline: Instant,
 ) -> Result<Stream, Outcome> {
-    let Some(acceptor) = &context.tls else {
+    let Some(acceptor) = tls else {
         return Err(Outcome::TlsFailed);
     };
     let deadline = deadline.min(Instant::now() + TLS_HANDSHAKE_TIMEOUT);
@@ -350,7 +355,7 @@ async fn answer_until_login<M: PreLoginMachine>(
     mut client: Stream,
     goodbye: &[u8],
     deadline: Instant,
-    context: &SessionContext,
+    tls: Option<&TlsAcceptor>,
 ) -> Result<(Stream, M::Login), Outcome> {
     send(&mut client, &machine.greeting(), deadline).await?;
     let mut buffer = vec![0; PRE_LOGIN_READ];
@@ -360,7 +365,7 @@ async fn answer_until_login<M: PreLoginMachine>(
             match event {
                 PreLoginEvent::Reply(bytes) => send(&mut client, &bytes, deadline).await?,
                 PreLoginEvent::StartTls => {
-                    client = start_tls(context, client, deadline).await?;
+                    client = start_tls(tls, client, deadline).await?;
                     machine.tls_established();
                 }
                 PreLoginEvent::Login(login) => return Ok((client, login)),
@@ -420,6 +425,15 @@ enum Dialect {
     Pop3,
 }
 
+/// A login the mailbox server accepted.
+struct UpstreamAccepted {
+    /// What the server said during the login that the client is to see before the answer
+    /// (IMAP's untagged lines), line ends included.
+    preamble: Vec<u8>,
+    /// The text of the server's OK.
+    text: Vec<u8>,
+}
+
 /// Why an upstream login did not succeed.
 enum LoginFailure {
     /// The mailbox server refused the credentials; its answer text.
@@ -439,12 +453,15 @@ impl Dialect {
         context: &SessionContext,
         upstream: &mut UpstreamConnection,
         request: &UpstreamLogin<'_>,
-    ) -> Result<Vec<u8>, LoginFailure> {
+    ) -> Result<UpstreamAccepted, LoginFailure> {
         match self {
             Dialect::Imap { client_id, .. } => {
                 imap::log_in_upstream(context, upstream, request, client_id).await
             }
-            Dialect::Pop3 => pop3::log_in_upstream(upstream, request).await,
+            Dialect::Pop3 => Ok(UpstreamAccepted {
+                preamble: Vec::new(),
+                text: pop3::log_in_upstream(upstream, request).await?,
+            }),
         }
     }
 
@@ -478,10 +495,10 @@ impl Dialect {
         }
     }
 
-    fn logged_in(&self, backend_text: &[u8]) -> Vec<u8> {
+    fn logged_in(&self, accepted: UpstreamAccepted) -> Vec<u8> {
         match self {
-            Dialect::Imap { tag, .. } => imap::logged_in(tag, backend_text),
-            Dialect::Pop3 => pop3::logged_in(backend_text),
+            Dialect::Imap { tag, .. } => imap::logged_in(tag, accepted),
+            Dialect::Pop3 => pop3::logged_in(&accepted.text),
         }
     }
 }
@@ -604,8 +621,8 @@ async fn log_in(
     let attempt = async {
         let mut upstream =
             UpstreamConnection::open(context, &target, connection.peer, connection.local).await?;
-        let text = dialect.log_in(context, &mut upstream, &request).await?;
-        Ok::<_, LoginFailure>((upstream, text))
+        let accepted = dialect.log_in(context, &mut upstream, &request).await?;
+        Ok::<_, LoginFailure>((upstream, accepted))
     };
     let result = tokio::time::timeout(settings.upstream_timeout, attempt)
         .await
@@ -613,11 +630,11 @@ async fn log_in(
     drop(credentials);
     let protocol = connection.kind.label();
     match result {
-        Ok((upstream, text)) => {
+        Ok((upstream, accepted)) => {
             context.metrics.logged_in(protocol, started.elapsed());
             // Counted under the name it was checked under, so that the check sees the count.
             context.throttle.count_user(&name).await;
-            send(&mut client, &dialect.logged_in(&text), answer_by()).await?;
+            send(&mut client, &dialect.logged_in(accepted), answer_by()).await?;
             let (upstream, leftover) = upstream.into_parts();
             Ok(LoggedIn {
                 client,

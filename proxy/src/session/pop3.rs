@@ -2,11 +2,11 @@
 
 use mailproxy_crds::mailbox_server::OriginForwarding;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::upstream::{UpstreamConnection, UpstreamError};
 use super::{
-    Dialect, LoginFailure, Outcome, PreLogin, SessionContext, Settings, UpstreamLogin,
-    answer_until_login,
+    Dialect, LoginFailure, Outcome, PreLogin, Settings, UpstreamLogin, answer_until_login,
 };
 use crate::mail::pop3::upstream::{
     Pop3Reply, auth_plain_command, parse_reply, pass_command, user_command, xoip_command,
@@ -21,7 +21,7 @@ pub(super) async fn pre_login(
     client: super::Stream,
     settings: &Settings,
     deadline: Instant,
-    context: &SessionContext,
+    tls: Option<&TlsAcceptor>,
 ) -> Result<PreLogin, Outcome> {
     let mut machine = Pop3PreLogin::new(Pop3Config {
         starttls: settings.starttls,
@@ -34,7 +34,7 @@ pub(super) async fn pre_login(
     });
     let goodbye = err_response(b"no login in time, closing");
     let (client, credentials) =
-        answer_until_login(&mut machine, client, &goodbye, deadline, context).await?;
+        answer_until_login(&mut machine, client, &goodbye, deadline, tls).await?;
     Ok(PreLogin {
         client,
         credentials,

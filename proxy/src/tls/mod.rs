@@ -4,7 +4,10 @@
 //!   files while sessions run (Kubernetes rotates Secrets in place). A reload that fails keeps
 //!   the certificates in use.
 //! - [`server_config`]: TLS 1.2 and 1.3 only, with ring's default suites (ECDHE with AES-GCM
-//!   or ChaCha20-Poly1305).
+//!   or ChaCha20-Poly1305), and the ALPN protocols of one service.
+//! - [`MailTls`]: the mail listeners' acceptors (implicit TLS and STARTTLS/STLS), each
+//!   naming only its own protocol in ALPN, so that a browser's handshake on a mail port fails
+//!   (ALPACA cross-protocol attacks).
 //! - [`UpstreamConnector`]: TLS to IMAPS and POP3S backends, trusting the system's CAs plus
 //!   `upstreamTls.caFile`; [`client_config`] is its trust, shared with the web backends'
 //!   connector (`http.upstreamCaFile`).
@@ -200,13 +203,46 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The listeners' TLS settings over a certificate store.
-pub fn server_config(store: Arc<CertificateStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+/// ALPN protocol IDs (RFC 7301 registry) of the services behind the listeners.
+pub const ALPN_IMAP: &[u8] = b"imap";
+pub const ALPN_POP3: &[u8] = b"pop3";
+pub const ALPN_WEB: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// A listener's TLS settings over a certificate store, offering `alpn`. A client whose ALPN
+/// list names none of them is refused in the handshake; one that sends no ALPN is served.
+///
+/// Each call builds its own configuration, resumption state included: a session ticket
+/// issued for one service is then never accepted by another.
+pub fn server_config(
+    store: Arc<CertificateStore>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver(store)));
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The mail listeners' TLS: IMAPS and IMAP STARTTLS offer only `imap`, POP3S and STLS only
+/// `pop3`. Without this a browser that an attacker points at port 993 (ALPN `h2`/`http/1.1`)
+/// would complete a handshake and have its request read as IMAP commands.
+pub struct MailTls {
+    pub imap: tokio_rustls::TlsAcceptor,
+    pub pop3: tokio_rustls::TlsAcceptor,
+}
+
+impl MailTls {
+    /// Both acceptors over the same certificates, so that a reload of `store` reaches them.
+    pub fn new(store: &Arc<CertificateStore>) -> Result<Self, TlsError> {
+        let acceptor =
+            |alpn| server_config(store.clone(), &[alpn]).map(tokio_rustls::TlsAcceptor::from);
+        Ok(Self {
+            imap: acceptor(ALPN_IMAP)?,
+            pop3: acceptor(ALPN_POP3)?,
+        })
+    }
 }
 
 /// A TLS client configuration for mailbox servers (mail and web) that trusts the system's CAs
@@ -322,6 +358,55 @@ mod tests {
         store.reload().unwrap();
         assert_ne!(subject(&store.choose(None).unwrap()), before);
         assert_eq!(replacement, files);
+    }
+
+    /// A handshake over an in-memory pipe, trusting `pki`'s CA and offering `alpn`: the
+    /// protocol the server chose, or why it failed.
+    async fn handshake(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        pki: &mailproxy_testkit::Pki,
+        alpn: &[&[u8]],
+    ) -> Result<Option<Vec<u8>>, String> {
+        let mut config = client_config(Some(&pki.ca())).unwrap();
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(connector.connect(name, client), acceptor.accept(server));
+        match (client, server) {
+            (Ok(client), Ok(_)) => Ok(client.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)),
+            (client, server) => Err(format!(
+                "client: {:?}, server: {:?}",
+                client.err(),
+                server.err()
+            )),
+        }
+    }
+
+    #[tokio::test]
+    async fn mail_listeners_refuse_other_protocols_by_alpn() {
+        let pki = mailproxy_testkit::Pki::new();
+        let store = CertificateStore::load(&[CertificateFiles {
+            cert: pki.cert(),
+            key: pki.key(),
+        }])
+        .unwrap();
+        let tls = MailTls::new(&store).unwrap();
+        for (acceptor, own, other) in [
+            (&tls.imap, ALPN_IMAP, ALPN_POP3),
+            (&tls.pop3, ALPN_POP3, ALPN_IMAP),
+        ] {
+            assert_eq!(handshake(acceptor, &pki, &[]).await, Ok(None));
+            assert_eq!(
+                handshake(acceptor, &pki, &[b"h2", own]).await,
+                Ok(Some(own.to_vec()))
+            );
+            for refused in [&ALPN_WEB[..], &[other]] {
+                let error = handshake(acceptor, &pki, refused).await.unwrap_err();
+                assert!(error.contains("NoApplicationProtocol"), "{error}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!
 //! Framing tracks quoted strings so that `"{5}"` at the end of a line is not mistaken for a
 //! literal announcement, and it never reserves more memory than the configured limits whatever
-//! size a literal announces.
+//! size a literal announces. The one thing it reads of a command is its name, and only while
+//! cleartext logins are refused: the `+` that invites a literal must never go to a LOGIN or
+//! AUTHENTICATE then, or the client would send its password in the clear before being told no.
 
 use crate::mail::{Limits, wipe};
 
@@ -52,6 +54,14 @@ pub enum FrameEvent {
         tag: Option<String>,
         synchronizing: bool,
     },
+    /// A LOGIN or AUTHENTICATE announced a literal while cleartext logins are refused (see
+    /// [`CommandFramer::refuse_login_literals`]). The partial command has been dropped and no
+    /// continuation is due; as for `LiteralTooLarge`, after a non-synchronising literal its bytes
+    /// are already on their way.
+    LoginLiteralRefused {
+        tag: Option<String>,
+        synchronizing: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +85,7 @@ pub struct CommandFramer {
     literal: Vec<u8>,
     text_total: usize,
     literal_total: usize,
+    refuse_login_literals: bool,
 }
 
 struct LiteralSpec {
@@ -94,7 +105,14 @@ impl CommandFramer {
             literal: Vec::new(),
             text_total: 0,
             literal_total: 0,
+            refuse_login_literals: false,
         }
+    }
+
+    /// While set, a literal announced by a LOGIN or AUTHENTICATE ends the command with
+    /// [`FrameEvent::LoginLiteralRefused`] instead of being accepted.
+    pub fn refuse_login_literals(&mut self, refuse: bool) {
+        self.refuse_login_literals = refuse;
     }
 
     /// Consumes input until a command completes or something needs the session's attention.
@@ -174,13 +192,21 @@ impl CommandFramer {
             self.reset();
             return Some(FrameEvent::Complete(command));
         };
+        let first_line = self
+            .segments
+            .first()
+            .map_or(&self.text, |segment| &segment.text);
+        if self.refuse_login_literals && names_login(first_line) {
+            let tag = tag_of(first_line);
+            self.reset();
+            return Some(FrameEvent::LoginLiteralRefused {
+                tag,
+                synchronizing: spec.synchronizing,
+            });
+        }
         let budget = (self.max_literal_len - self.literal_total) as u64;
         if spec.len > budget {
-            let tag = self
-                .segments
-                .first()
-                .map_or(&self.text, |segment| &segment.text);
-            let tag = tag_of(tag);
+            let tag = tag_of(first_line);
             self.reset();
             return Some(FrameEvent::LiteralTooLarge {
                 tag,
@@ -259,6 +285,27 @@ fn literal_spec(line: &[u8]) -> Option<LiteralSpec> {
         len,
         synchronizing,
     })
+}
+
+/// Whether a line ends in a literal announcement, i.e. is continued by literal bytes.
+pub(crate) fn announces_literal(line: &[u8]) -> bool {
+    literal_spec(line).is_some()
+}
+
+/// Whether the first line of a command names LOGIN or AUTHENTICATE. Read more loosely than
+/// [`parse_command`] would (any tag, extra spaces, a literal glued to the name): a command that
+/// would fail to parse must not be invited to send a password either.
+fn names_login(line: &[u8]) -> bool {
+    let Some(space) = line.iter().position(u8::is_ascii_whitespace) else {
+        return false;
+    };
+    let rest = line[space..].trim_ascii_start();
+    let end = rest
+        .iter()
+        .position(|&b| b.is_ascii_whitespace() || b == b'{')
+        .unwrap_or(rest.len());
+    let name = &rest[..end];
+    name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE")
 }
 
 /// The tag of a command line, if it starts with a valid one.
@@ -806,6 +853,61 @@ mod tests {
         ));
         let events = frame_all(&mut framer, b"t LOGIN {6+}\r\nabcdef {4+}\r\nwxyz\r\n");
         assert!(matches!(&events[..], [FrameEvent::Complete(_)]));
+    }
+
+    #[test]
+    fn refused_login_literals_are_never_invited() {
+        let mut framer = CommandFramer::new(&Limits::default());
+        framer.refuse_login_literals(true);
+        for (input, tag, synchronizing) in [
+            (&b"a LOGIN bob {8}\r\n"[..], Some("a"), true),
+            (b"b login {3}\r\n", Some("b"), true),
+            (b"c AUTHENTICATE PLAIN {12}\r\n", Some("c"), true),
+            (b"d  LOGIN{3}\r\n", Some("d"), true),
+            (b"+ LOGIN bob {8}\r\n", None, true),
+            (b"e LOGIN bob {8+}\r\npassword\r\n", Some("e"), false),
+            (b"f LOGIN {4294967296}\r\n", Some("f"), true),
+        ] {
+            let (used, event) = framer.push(input);
+            let text = String::from_utf8_lossy(input);
+            assert_eq!(
+                used,
+                input.iter().position(|&b| b == b'\n').unwrap() + 1,
+                "{text}"
+            );
+            match event {
+                Some(FrameEvent::LoginLiteralRefused {
+                    tag: refused,
+                    synchronizing: sync,
+                }) => {
+                    assert_eq!(refused.as_deref(), tag, "{text}");
+                    assert_eq!(sync, synchronizing, "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+            assert_eq!(framer.buffered_len(), 0);
+        }
+        let events = frame_all(&mut framer, b"g NOOP\r\n");
+        assert!(
+            matches!(&events[..], [FrameEvent::Complete(_)]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn only_login_literals_are_refused() {
+        let mut framer = CommandFramer::new(&Limits::default());
+        framer.refuse_login_literals(true);
+        let events = frame_all(&mut framer, b"a ID (\"name\" {4}\r\n");
+        assert!(matches!(&events[..], [FrameEvent::Continuation]));
+        let events = frame_all(&mut framer, b"mutt)\r\nb LOGIN \"{3}\"\r\n");
+        assert!(matches!(
+            &events[..],
+            [FrameEvent::Complete(_), FrameEvent::Complete(_)]
+        ));
+        framer.refuse_login_literals(false);
+        let events = frame_all(&mut framer, b"c LOGIN bob {2}\r\n");
+        assert!(matches!(&events[..], [FrameEvent::Continuation]));
     }
 
     #[test]

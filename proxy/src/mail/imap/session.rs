@@ -14,6 +14,9 @@ use crate::mail::{
     Credentials, Limits, LoginMechanism, PreLoginEvent, PreLoginMachine, SaslMechanisms, StartTls,
 };
 
+/// Zimbra's answer to a login before TLS under `starttls: only`.
+const CLEARTEXT_REFUSED: &str = "cleartext logins disabled";
+
 /// RFC 2971 caps ID values at 1024 octets; longer ones are cut rather than refused, since the
 /// ID is informational.
 const MAX_ID_VALUE_LEN: usize = 1024;
@@ -141,6 +144,8 @@ impl PreLoginMachine for ImapPreLogin {
     fn tls_established(&mut self) {
         self.tls_active = true;
         self.framer.reset();
+        self.framer
+            .refuse_login_literals(!self.cleartext_login_allowed());
         self.sasl_line.clear();
         self.client_id = ClientId::default();
         if let State::AwaitingTls = self.state {
@@ -160,9 +165,11 @@ impl PreLoginMachine for ImapPreLogin {
 
 impl ImapPreLogin {
     pub fn new(config: ImapConfig) -> Self {
+        let mut framer = CommandFramer::new(&config.limits);
+        framer.refuse_login_literals(!config.starttls.allows_cleartext_login(config.tls_active));
         ImapPreLogin {
             tls_active: config.tls_active,
-            framer: CommandFramer::new(&config.limits),
+            framer,
             sasl_line: LineReader::new(config.limits.max_line_len),
             state: State::Command,
             errors: 0,
@@ -227,6 +234,19 @@ impl ImapPreLogin {
                     self.close(out);
                 }
             }
+            FrameEvent::LoginLiteralRefused { tag, synchronizing } => {
+                let tag = tag.as_deref().unwrap_or("*");
+                if synchronizing {
+                    self.refuse(tag, CLEARTEXT_REFUSED, out);
+                } else {
+                    // The password is on its way and nothing will unsend it. Closing rather
+                    // than framing the literal (and any after it) only to discard it keeps
+                    // the bytes out of this process, and a client that sends passwords in the
+                    // clear despite LOGINDISABLED is not one to go on serving.
+                    reply(out, format!("{tag} NO {CLEARTEXT_REFUSED}\r\n").as_bytes());
+                    self.close(out);
+                }
+            }
             FrameEvent::Complete(raw) => match parse_command(raw) {
                 Ok(command) => self.dispatch(&command.tag, &command.name, &command.args, out),
                 Err(ParseError::NoTag) => self.bad("*", out),
@@ -286,11 +306,7 @@ impl ImapPreLogin {
 
     fn login(&mut self, tag: &str, args: &[Token], out: &mut Vec<ImapEvent>) {
         if !self.cleartext_login_allowed() {
-            reply(
-                out,
-                format!("{tag} NO cleartext logins disabled\r\n").as_bytes(),
-            );
-            return;
+            return self.refuse(tag, CLEARTEXT_REFUSED, out);
         }
         let [user, password] = args else {
             return self.bad(tag, out);
@@ -308,11 +324,7 @@ impl ImapPreLogin {
 
     fn authenticate(&mut self, tag: &str, args: &[Token], out: &mut Vec<ImapEvent>) {
         if !self.cleartext_login_allowed() {
-            reply(
-                out,
-                format!("{tag} NO cleartext logins disabled\r\n").as_bytes(),
-            );
-            return;
+            return self.refuse(tag, CLEARTEXT_REFUSED, out);
         }
         let (mechanism, initial) = match args {
             [Token::Atom(mechanism)] => (mechanism, None),
@@ -324,11 +336,7 @@ impl ImapPreLogin {
             Mechanism::Login => self.config.mechanisms.login,
         };
         let Some(mechanism) = Mechanism::parse(mechanism).filter(enabled) else {
-            reply(
-                out,
-                format!("{tag} NO mechanism not supported\r\n").as_bytes(),
-            );
-            return;
+            return self.refuse(tag, "mechanism not supported", out);
         };
         let step = sasl::start(mechanism, initial);
         self.sasl_step(tag.to_string(), mechanism, step, out);
@@ -376,6 +384,7 @@ impl ImapPreLogin {
                     out,
                     format!("{tag} BAD AUTHENTICATE aborted\r\n").as_bytes(),
                 );
+                self.count_error(out);
             }
             Step::Malformed => self.bad(&tag, out),
         }
@@ -401,6 +410,13 @@ impl ImapPreLogin {
     fn too_long(&mut self, out: &mut Vec<ImapEvent>) {
         reply(out, b"* BAD client sent too long command\r\n");
         self.close(out);
+    }
+
+    /// `<tag> NO <text>`, counted like an invalid command: a client that keeps trying what is
+    /// refused is as likely to be another protocol's (ALPACA) as one that sends garbage.
+    fn refuse(&mut self, tag: &str, text: &str, out: &mut Vec<ImapEvent>) {
+        reply(out, format!("{tag} NO {text}\r\n").as_bytes());
+        self.count_error(out);
     }
 
     fn bad(&mut self, tag: &str, out: &mut Vec<ImapEvent>) {
@@ -1113,14 +1129,121 @@ mod tests {
             ..Limits::default()
         });
         assert_eq!(
-            feed_replies(
-                &mut s,
-                b"a FOO\r\nb NOOP\r\nc AUTHENTICATE PLAIN\r\n*\r\nd AUTHENTICATE X\r\n"
-            ),
-            "a BAD invalid command\r\nb OK NOOP completed\r\n+ \r\nc BAD AUTHENTICATE aborted\r\nd NO mechanism not supported\r\n"
+            feed_replies(&mut s, b"a FOO\r\nb NOOP\r\nc CAPABILITY\r\nd ID NIL\r\n"),
+            "a BAD invalid command\r\nb OK NOOP completed\r\n* CAPABILITY IMAP4rev1 ID LITERAL+ SASL-IR AUTH=PLAIN AUTH=LOGIN\r\nc OK CAPABILITY completed\r\n* ID NIL\r\nd OK ID completed\r\n"
         );
         let (_, last) = replies_then(s.feed(b"e FOO\r\n"));
         assert!(matches!(last, ImapEvent::Close));
+    }
+
+    #[test]
+    fn unsupported_mechanisms_count_as_errors() {
+        let mut s = with_limits(Limits {
+            max_errors: 3,
+            ..Limits::default()
+        });
+        let (text, last) = replies_then(
+            s.feed(b"x AUTHENTICATE FOO\r\nx AUTHENTICATE FOO\r\nx AUTHENTICATE FOO\r\nx NOOP\r\n"),
+        );
+        assert_eq!(
+            text,
+            "x NO mechanism not supported\r\nx NO mechanism not supported\r\nx NO mechanism not supported\r\n* BYE Too many invalid commands\r\n"
+        );
+        assert!(matches!(last, ImapEvent::Close));
+    }
+
+    #[test]
+    fn cancelled_authentications_count_as_errors() {
+        let mut s = with_limits(Limits {
+            max_errors: 2,
+            ..Limits::default()
+        });
+        assert_eq!(
+            feed_replies(&mut s, b"a AUTHENTICATE PLAIN\r\n*\r\n"),
+            "+ \r\na BAD AUTHENTICATE aborted\r\n"
+        );
+        let (text, last) = replies_then(s.feed(b"b AUTHENTICATE LOGIN\r\n*\r\n"));
+        assert_eq!(
+            text,
+            "+ VXNlcm5hbWU6\r\nb BAD AUTHENTICATE aborted\r\n* BYE Too many invalid commands\r\n"
+        );
+        assert!(matches!(last, ImapEvent::Close));
+    }
+
+    #[test]
+    fn refused_cleartext_logins_count_as_errors() {
+        let mut s = ImapPreLogin::new(ImapConfig {
+            starttls: StartTls::with_certificate(StartTlsMode::Only),
+            limits: Limits {
+                max_errors: 3,
+                ..Limits::default()
+            },
+            ..ImapConfig::default()
+        });
+        let (text, last) =
+            replies_then(s.feed(b"a LOGIN bob pw\r\nb AUTHENTICATE PLAIN\r\nc LOGIN bob {2}\r\n"));
+        assert_eq!(
+            text,
+            "a NO cleartext logins disabled\r\nb NO cleartext logins disabled\r\nc NO cleartext logins disabled\r\n* BYE Too many invalid commands\r\n"
+        );
+        assert!(matches!(last, ImapEvent::Close));
+    }
+
+    #[test]
+    fn starttls_only_never_invites_a_login_literal() {
+        let mut s = session(StartTlsMode::Only, false);
+        assert_eq!(
+            feed_replies(&mut s, b"a LOGIN bob {8}\r\n"),
+            "a NO cleartext logins disabled\r\n"
+        );
+        assert_eq!(s.buffered_len(), 0);
+        assert_eq!(
+            feed_replies(&mut s, b"b NOOP\r\nc login {3}\r\n"),
+            "b OK NOOP completed\r\nc NO cleartext logins disabled\r\n"
+        );
+        assert_eq!(
+            feed_replies(&mut s, b"d AUTHENTICATE PLAIN {12}\r\n"),
+            "d NO cleartext logins disabled\r\n"
+        );
+        assert_eq!(
+            feed_replies(&mut s, b"e ID (\"name\" {4}\r\n"),
+            "+ OK\r\n",
+            "other commands' literals are still welcome"
+        );
+        assert_eq!(
+            feed_replies(&mut s, b"mutt)\r\n"),
+            "* ID NIL\r\ne OK ID completed\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_only_closes_on_a_non_synchronising_login_literal() {
+        let mut s = session(StartTlsMode::Only, false);
+        let (text, last) = replies_then(s.feed(b"a LOGIN bob {8+}\r\npassword\r\nb NOOP\r\n"));
+        assert_eq!(text, "a NO cleartext logins disabled\r\n");
+        assert!(matches!(last, ImapEvent::Close));
+        assert_eq!(s.buffered_len(), 0);
+    }
+
+    #[test]
+    fn login_literals_are_invited_once_tls_is_up_or_when_cleartext_is_allowed() {
+        let mut s = session(StartTlsMode::Only, false);
+        assert!(matches!(
+            s.feed(b"s STARTTLS\r\n").last(),
+            Some(ImapEvent::StartTls)
+        ));
+        s.tls_established();
+        assert_eq!(feed_replies(&mut s, b"a LOGIN bob {2}\r\n"), "+ OK\r\n");
+        assert_eq!(
+            expect_login(s.feed(b"pw\r\n").pop().unwrap()).1.login,
+            "bob"
+        );
+        for mut s in [
+            session(StartTlsMode::Only, true),
+            session(StartTlsMode::On, false),
+        ] {
+            assert_eq!(feed_replies(&mut s, b"a LOGIN bob {2}\r\n"), "+ OK\r\n");
+        }
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //!
 //! Zimbra's order is: read the greeting (learn the capabilities), send
 //! [`id_command`] so the mailbox logs the real client, then log in with [`login_command`] or
-//! [`authenticate_plain_command`] and relay the tagged result to the client.
+//! [`authenticate_plain_command`] and relay the tagged result to the client, after the untagged
+//! lines the server sent with it ([`UntaggedLines`]).
 
 use std::net::IpAddr;
 
+use super::parser::announces_literal;
 use super::{ClientId, ImapStatus};
 use crate::mail::{Password, UpstreamCommand, sasl};
 
@@ -140,6 +142,49 @@ pub fn parse_response<'a>(line: &'a [u8], tag: &str) -> ImapResponse<'a> {
     ImapResponse::Tagged {
         status,
         text: text.strip_prefix(b" ").unwrap_or(text),
+    }
+}
+
+/// Most untagged lines of the login passed on to the client, and most bytes they may take.
+const MAX_FORWARDED_LINES: usize = 16;
+const MAX_FORWARDED_BYTES: usize = 16 * 1024;
+
+/// Untagged lines the server sent while running the login (`* OK [ALERT] ...`,
+/// `* CAPABILITY ...`), to be passed on to the client ahead of its tagged OK, as they would
+/// reach a client logging in directly. Bounded by [`MAX_FORWARDED_LINES`] and
+/// [`MAX_FORWARDED_BYTES`] so that a server cannot make the proxy buffer without limit; a
+/// line that does not fit is dropped.
+#[derive(Debug, Default)]
+pub struct UntaggedLines {
+    bytes: Vec<u8>,
+    lines: usize,
+}
+
+impl UntaggedLines {
+    /// Keeps `line` (an untagged response without its CRLF) if it is one to pass on and fits.
+    /// Answers to the proxy's own ID are left out: the client did not ask, and they describe
+    /// the server to the proxy. So is a line announcing a literal: its bytes arrive as lines
+    /// of their own, which the bounds could drop and leave the client waiting for.
+    pub fn push(&mut self, line: &[u8]) {
+        let id_answer = line
+            .get(..5)
+            .is_some_and(|head| head.eq_ignore_ascii_case(b"* ID "));
+        let size = line.len() + 2;
+        if id_answer
+            || announces_literal(line)
+            || self.lines == MAX_FORWARDED_LINES
+            || self.bytes.len() + size > MAX_FORWARDED_BYTES
+        {
+            return;
+        }
+        self.bytes.extend_from_slice(line);
+        self.bytes.extend_from_slice(b"\r\n");
+        self.lines += 1;
+    }
+
+    /// The kept lines, each with its CRLF, in the order they came.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 }
 
@@ -328,6 +373,49 @@ mod tests {
         assert_eq!(parse_response(b"P10 OK done", "P1"), ImapResponse::Other);
         assert_eq!(parse_response(b"P1 MAYBE", "P1"), ImapResponse::Other);
         assert_eq!(parse_response(b"", "P1"), ImapResponse::Other);
+    }
+
+    #[test]
+    fn untagged_lines_are_kept_in_order_but_not_id_answers_or_literals() {
+        let mut lines = UntaggedLines::default();
+        for line in [
+            &b"* OK [ALERT] Password expires in 3 days"[..],
+            b"* ID (\"name\" \"Dovecot\")",
+            b"* id NIL",
+            b"* CAPABILITY IMAP4rev1 IDLE",
+            b"* OK [ALERT] {12}",
+            b"* IDLE-ish NO",
+        ] {
+            lines.push(line);
+        }
+        assert_eq!(
+            String::from_utf8(lines.into_bytes()).unwrap(),
+            "* OK [ALERT] Password expires in 3 days\r\n* CAPABILITY IMAP4rev1 IDLE\r\n* IDLE-ish NO\r\n"
+        );
+    }
+
+    #[test]
+    fn untagged_lines_are_bounded_in_number_and_size() {
+        let mut lines = UntaggedLines::default();
+        for n in 0..100 {
+            lines.push(format!("* OK line {n}").as_bytes());
+        }
+        let kept = String::from_utf8(lines.into_bytes()).unwrap();
+        assert_eq!(kept.lines().count(), MAX_FORWARDED_LINES);
+        assert!(kept.ends_with("* OK line 15\r\n"), "{kept}");
+
+        let mut lines = UntaggedLines::default();
+        let long = [b"* OK ".as_slice(), &[b'x'; 6000]].concat();
+        for _ in 0..3 {
+            lines.push(&long);
+        }
+        lines.push(b"* OK [ALERT] still fits");
+        let kept = lines.into_bytes();
+        assert!(kept.len() <= MAX_FORWARDED_BYTES);
+        assert_eq!(
+            kept.len(),
+            2 * (long.len() + 2) + b"* OK [ALERT] still fits\r\n".len()
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@ use crate::mail::{
     wipe,
 };
 
+/// Zimbra's answer to a login before TLS under `starttls: only`.
+const CLEARTEXT_REFUSED: &[u8] = b"-ERR cleartext logins disabled\r\n";
+
 /// Listener settings for [`Pop3PreLogin`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pop3Config {
@@ -266,8 +269,7 @@ impl Pop3PreLogin {
 
     fn user(&mut self, name: &[u8], out: &mut Vec<Pop3Event>) {
         if !self.cleartext_login_allowed() {
-            reply(out, b"-ERR cleartext logins disabled\r\n");
-            return;
+            return self.refuse(CLEARTEXT_REFUSED, out);
         }
         let name = name.trim_ascii();
         if name.is_empty() || name.contains(&b' ') {
@@ -281,8 +283,7 @@ impl Pop3PreLogin {
 
     fn auth(&mut self, argument: Option<&[u8]>, out: &mut Vec<Pop3Event>) {
         if !self.cleartext_login_allowed() {
-            reply(out, b"-ERR cleartext logins disabled\r\n");
-            return;
+            return self.refuse(CLEARTEXT_REFUSED, out);
         }
         let mut words = argument
             .unwrap_or(b"")
@@ -306,7 +307,7 @@ impl Pop3PreLogin {
             Mechanism::Login => self.config.mechanisms.login,
         };
         let Some(mechanism) = Mechanism::parse(mechanism).filter(enabled) else {
-            return reply(out, b"-ERR mechanism not supported\r\n");
+            return self.refuse(b"-ERR mechanism not supported\r\n", out);
         };
         let step = sasl::start(mechanism, initial);
         self.sasl_step(mechanism, step, out);
@@ -334,7 +335,7 @@ impl Pop3PreLogin {
                     out,
                 );
             }
-            Step::Cancelled => reply(out, b"-ERR authentication cancelled\r\n"),
+            Step::Cancelled => self.refuse(b"-ERR authentication cancelled\r\n", out),
             Step::Malformed => self.bad(out),
         }
     }
@@ -356,15 +357,21 @@ impl Pop3PreLogin {
         }
     }
 
-    /// Answers an invalid command; at the error limit the answer says so and the connection
-    /// closes, since one command gets one status line in POP3.
     fn bad(&mut self, out: &mut Vec<Pop3Event>) {
+        self.refuse(b"-ERR invalid command\r\n", out);
+    }
+
+    /// Answers a command that is invalid or refused, counting it: a client that keeps trying
+    /// what is refused is as likely to be another protocol's (ALPACA) as one that sends garbage.
+    /// At the error limit the answer says so instead and the connection closes, since one
+    /// command gets one status line in POP3.
+    fn refuse(&mut self, answer: &[u8], out: &mut Vec<Pop3Event>) {
         self.errors += 1;
         if self.errors >= self.config.limits.max_errors.max(1) {
             reply(out, b"-ERR too many invalid commands\r\n");
             self.close(out);
         } else {
-            reply(out, b"-ERR invalid command\r\n");
+            reply(out, answer);
         }
     }
 
@@ -713,6 +720,72 @@ mod tests {
             feed_replies(&mut s, b"USER bob\r\nPASS pw\r\nAUTH PLAIN\r\nAUTH\r\n"),
             "-ERR cleartext logins disabled\r\n-ERR invalid command\r\n-ERR cleartext logins disabled\r\n-ERR cleartext logins disabled\r\n"
         );
+    }
+
+    #[test]
+    fn starttls_only_prompts_for_nothing_before_refusing() {
+        let mut s = Pop3PreLogin::new(Pop3Config {
+            starttls: StartTls::with_certificate(StartTlsMode::Only),
+            limits: Limits {
+                max_errors: 10,
+                ..Limits::default()
+            },
+            ..Pop3Config::default()
+        });
+        let input = format!(
+            "AUTH LOGIN\r\n{}\r\nAUTH PLAIN\r\nAUTH PLAIN {}\r\nAUTH LOGIN {}\r\n",
+            b64(b"bob"),
+            b64(b"\0bob\0pw"),
+            b64(b"bob")
+        );
+        assert_eq!(
+            feed_replies(&mut s, input.as_bytes()),
+            "-ERR cleartext logins disabled\r\n-ERR invalid command\r\n-ERR cleartext logins disabled\r\n-ERR cleartext logins disabled\r\n-ERR cleartext logins disabled\r\n"
+        );
+    }
+
+    fn max_errors(starttls: StartTlsMode, max_errors: u32) -> Pop3PreLogin {
+        Pop3PreLogin::new(Pop3Config {
+            starttls: StartTls::with_certificate(starttls),
+            limits: Limits {
+                max_errors,
+                ..Limits::default()
+            },
+            ..Pop3Config::default()
+        })
+    }
+
+    #[test]
+    fn unsupported_mechanisms_count_as_errors() {
+        let mut s = max_errors(StartTlsMode::Off, 3);
+        let (text, last) = replies_then(s.feed(b"AUTH FOO\r\nAUTH FOO\r\nAUTH FOO\r\nNOOP\r\n"));
+        assert_eq!(
+            text,
+            "-ERR mechanism not supported\r\n-ERR mechanism not supported\r\n-ERR too many invalid commands\r\n"
+        );
+        assert!(matches!(last, Pop3Event::Close));
+    }
+
+    #[test]
+    fn cancelled_authentications_count_as_errors() {
+        let mut s = max_errors(StartTlsMode::Off, 2);
+        let (text, last) = replies_then(s.feed(b"AUTH PLAIN\r\n*\r\nAUTH LOGIN\r\n*\r\n"));
+        assert_eq!(
+            text,
+            "+ \r\n-ERR authentication cancelled\r\n+ VXNlcm5hbWU6\r\n-ERR too many invalid commands\r\n"
+        );
+        assert!(matches!(last, Pop3Event::Close));
+    }
+
+    #[test]
+    fn refused_cleartext_logins_count_as_errors() {
+        let mut s = max_errors(StartTlsMode::Only, 3);
+        let (text, last) = replies_then(s.feed(b"USER bob\r\nAUTH PLAIN\r\nAUTH\r\nCAPA\r\n"));
+        assert_eq!(
+            text,
+            "-ERR cleartext logins disabled\r\n-ERR cleartext logins disabled\r\n-ERR too many invalid commands\r\n"
+        );
+        assert!(matches!(last, Pop3Event::Close));
     }
 
     #[test]
