@@ -1,7 +1,7 @@
 //! What every reconcile shares: the client, settings, metrics, the event recorder and the
 //! per-object failure counts that drive error backoff.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,21 +34,38 @@ pub struct Settings {
     pub route_table_wait: Duration,
     /// Periodic re-reconcile of every ProxyPool, as a safety net for missed watch events.
     pub resync: Duration,
+    /// The operator's own pods, which each pool's memcached admits besides the proxies: they
+    /// purge deleted servers' routes.
+    pub operator_pods: OperatorPods,
+}
+
+/// Where the operator's pods run and the labels that select them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperatorPods {
+    pub namespace: String,
+    /// Empty: every pod of the namespace.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Settings {
-    /// Defaults for everything but the identity and where the Lease lives.
-    pub fn new(identity: impl Into<String>, lease_namespace: impl Into<String>) -> Self {
+    /// Defaults for everything but the identity and the operator's own namespace, which holds
+    /// its Lease.
+    pub fn new(identity: impl Into<String>, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
         Self {
             namespace: None,
             identity: identity.into(),
             lease_name: FIELD_MANAGER.to_string(),
-            lease_namespace: lease_namespace.into(),
+            lease_namespace: namespace.clone(),
             lease_duration: Duration::from_secs(15),
             lease_grace: Duration::from_secs(5),
             purge_timeout: Duration::from_secs(3),
             route_table_wait: Duration::from_secs(10),
             resync: Duration::from_secs(300),
+            operator_pods: OperatorPods {
+                namespace,
+                labels: BTreeMap::new(),
+            },
         }
     }
 

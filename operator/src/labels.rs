@@ -142,6 +142,28 @@ pub fn selector_syntax_problem(selector: &LabelSelector) -> Option<String> {
         })
 }
 
+/// Labels written `key=value,key=value` (the operator's own pod labels, as the chart passes
+/// them), checked as the API server would check them.
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let labels = text
+        .split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+                .ok_or_else(|| format!("{pair:?} is not key=value"))
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let selector = LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: None,
+    };
+    match selector_syntax_problem(&selector) {
+        Some(problem) => Err(problem),
+        None => Ok(selector.match_labels.unwrap_or_default()),
+    }
+}
+
 fn is_label_key(key: &str) -> bool {
     match key.split_once('/') {
         Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
@@ -203,6 +225,26 @@ mod tests {
         for bad in ["", "1pool", "mail.v1", "Main", "main-", "-main", "ma_in"] {
             assert!(!is_pool_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn pod_labels_are_parsed_and_checked() {
+        assert_eq!(
+            parse_labels(
+                "app.kubernetes.io/name=mailproxy-operator, app.kubernetes.io/instance=mp"
+            ),
+            Ok(BTreeMap::from([
+                ("app.kubernetes.io/instance".into(), "mp".into()),
+                ("app.kubernetes.io/name".into(), "mailproxy-operator".into()),
+            ]))
+        );
+        assert_eq!(parse_labels(""), Ok(BTreeMap::new()));
+        assert_eq!(
+            parse_labels("app"),
+            Err("\"app\" is not key=value".to_string())
+        );
+        let problem = parse_labels("app=mail proxy").unwrap_err();
+        assert!(problem.contains("value \"mail proxy\""), "{problem}");
     }
 
     #[test]

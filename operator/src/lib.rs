@@ -2,8 +2,8 @@
 //!
 //! Two controllers run while this replica holds the leader Lease ([`leader`]):
 //! - [`proxy_pool`] turns each ProxyPool into its children (Deployment, Services, memcached
-//!   StatefulSet, route-table and config ConfigMaps, RBAC, PodDisruptionBudget), in pure stages:
-//!   dereference, validate, build, apply, status.
+//!   StatefulSet and NetworkPolicy, route-table and config ConfigMaps, RBAC,
+//!   PodDisruptionBudget), in pure stages: dereference, validate, build, apply, status.
 //! - [`mailbox_server`] reports which pools route to each MailboxServer and, through the
 //!   `mailproxy.io/purge-routes` finalizer, purges a deleted server's cached routes from the pools'
 //!   memcached.

@@ -1,12 +1,13 @@
 //! `mailproxy-operator`: the control plane of a mailproxy fleet.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mailproxy_operator::{Operator, Settings, health};
+use mailproxy_operator::{Operator, Settings, health, labels};
 
 #[derive(Parser)]
 #[command(
@@ -49,9 +50,17 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "mailproxy-operator")]
     lease_name: String,
-    /// Namespace of the Lease (default: the operator's own, from POD_NAMESPACE).
+    /// The operator's own namespace: its Lease's (unless --lease-namespace), and the one from
+    /// which each pool's memcached admits the operator.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    lease_namespace: String,
+    pod_namespace: String,
+    /// Labels of the operator's own pods, `key=value,...`: each pool's memcached admits those
+    /// pods of --pod-namespace (every pod there when unset).
+    #[arg(long, env = "POD_LABELS", value_parser = labels::parse_labels)]
+    pod_labels: Option<BTreeMap<String, String>>,
+    /// Namespace of the Lease (default: --pod-namespace).
+    #[arg(long)]
+    lease_namespace: Option<String>,
     /// This replica's identity in the Lease and in Events (default: POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -110,8 +119,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "cannot reach the Kubernetes API: run in a pod with a ServiceAccount, or set KUBECONFIG",
     )?;
-    let mut settings = Settings::new(identity(&args), args.lease_namespace.clone());
+    let mut settings = Settings::new(identity(&args), args.pod_namespace.clone());
     settings.namespace = args.namespace.clone();
+    if let Some(namespace) = &args.lease_namespace {
+        settings.lease_namespace = namespace.clone();
+    }
+    settings.operator_pods.labels = args.pod_labels.clone().unwrap_or_default();
     settings.lease_name = args.lease_name.clone();
     settings.lease_duration = Duration::from_secs(args.lease_duration_seconds.max(2));
     settings.lease_grace = Duration::from_secs((args.lease_duration_seconds / 3).max(1));

@@ -35,6 +35,14 @@ pub const WATCHED: &[Rule] = &[
         resource: "proxypools",
         verbs: &["get", "list", "watch", "patch"],
     },
+    // The children's owner references block the pool's deletion until they are gone, which an
+    // API server with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift)
+    // allows only to whoever may update the pool's finalizers.
+    Rule {
+        group: "mailproxy.io",
+        resource: "proxypools/finalizers",
+        verbs: &["update"],
+    },
     Rule {
         group: "mailproxy.io",
         resource: "mailboxservers/status",
@@ -73,6 +81,11 @@ pub const WATCHED: &[Rule] = &[
     Rule {
         group: "apps",
         resource: "statefulsets",
+        verbs: CRUD,
+    },
+    Rule {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
         verbs: CRUD,
     },
     Rule {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams};
@@ -44,6 +45,7 @@ async fn children(client: &Client, namespace: &str) -> Result<Vec<String>, Strin
         RoleBinding,
         ConfigMap,
         Service,
+        NetworkPolicy,
         StatefulSet,
         Deployment,
         PodDisruptionBudget
@@ -84,7 +86,7 @@ async fn the_operator_recovers_from_an_api_server_restart_without_duplicates_or_
     .await;
     let expected = eventually("every child", Duration::from_secs(20), || async {
         let names = children(&client, &ns).await?;
-        (names.len() == 10)
+        (names.len() == 11)
             .then_some(names.clone())
             .ok_or_else(|| format!("{names:?}"))
     })

@@ -1,7 +1,7 @@
 //! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager;
 //! no kubelet, so pods stay Pending): children, route tables, drift correction, garbage
-//! collection, status, CEL validation, the proxies' RBAC and leader election. Each test runs its
-//! own operator in its own namespace on one shared control plane.
+//! collection, status, CEL validation, the proxies' RBAC, the operator's own and leader election.
+//! Each test runs its own operator in its own namespace on one shared control plane.
 
 mod common;
 
@@ -14,12 +14,14 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchParams};
 use kube::{Client, ResourceExt};
 use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPool};
+use mailproxy_operator::permissions::{LEASE, WATCHED};
 use mailproxy_operator::proxy_pool::build::route_table::CONFIGMAP_DATA_LIMIT;
 use serde_json::json;
 
@@ -275,6 +277,24 @@ async fn a_pool_gets_every_child_with_the_expected_spec() {
             .as_ref()
             .unwrap()[..2],
         ["-m".to_string(), "128".to_string()]
+    );
+    let policy: NetworkPolicy = get(&client, &ns, "main-memcached").await.unwrap();
+    assert_eq!(policy.owner_references()[0].uid, uid);
+    let policy = policy.spec.unwrap();
+    assert_eq!(
+        policy.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/component"],
+        "memcached"
+    );
+    assert_eq!(
+        serde_json::to_value(policy.ingress).unwrap(),
+        json!([{
+            "from": [
+                {"podSelector": {"matchLabels": {
+                    "app.kubernetes.io/component": "proxy",
+                    "app.kubernetes.io/instance": "main",
+                    "app.kubernetes.io/name": "mailproxy"}}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}],
+            "ports": [{"protocol": "TCP", "port": 11211}]}])
     );
 
     let (table, _) = table_where(&client, &ns, "main", "route table with a and b", |t| {
@@ -646,6 +666,7 @@ async fn drift_is_corrected_and_dropped_children_are_pruned() {
     eventually("memcached and the PDB are pruned", SOON, || async {
         absent::<StatefulSet>(&client, &ns, "drift-memcached").await?;
         absent::<Service>(&client, &ns, "drift-memcached").await?;
+        absent::<NetworkPolicy>(&client, &ns, "drift-memcached").await?;
         absent::<PodDisruptionBudget>(&client, &ns, "drift").await
     })
     .await;
@@ -675,6 +696,7 @@ async fn deleting_a_pool_garbage_collects_its_children() {
     eventually("every child", SOON, || async {
         get::<PodDisruptionBudget>(&client, &ns, "gc").await?;
         get::<StatefulSet>(&client, &ns, "gc-memcached").await?;
+        get::<NetworkPolicy>(&client, &ns, "gc-memcached").await?;
         get::<Deployment>(&client, &ns, "gc").await.map(|_| ())
     })
     .await;
@@ -688,7 +710,7 @@ async fn deleting_a_pool_garbage_collects_its_children() {
                 left.extend(items.into_iter().map(|i| format!("{}/{}", stringify!($kind), i.name_any())));
             )*};
         }
-        count!(Deployment, StatefulSet, Service, ConfigMap, ServiceAccount, Role, RoleBinding, PodDisruptionBudget);
+        count!(Deployment, StatefulSet, Service, NetworkPolicy, ConfigMap, ServiceAccount, Role, RoleBinding, PodDisruptionBudget);
         left.is_empty().then_some(()).ok_or_else(|| format!("{left:?}"))
     })
     .await;
@@ -735,6 +757,25 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
                     && condition(&pool, "Ready") == Some((ready.into(), reason.into())))
                 .then_some(pool.clone())
                 .ok_or_else(|| format!("{:?}", pool.status))
+            })
+            .await
+        }
+    };
+    // Until the Ready condition has `reason` and its message says `text`.
+    let ready_says = |reason: &'static str, text: &'static str| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            eventually(&format!("Ready {reason} saying {text}"), SOON, || async {
+                let pool: ProxyPool = get(&client, &ns, "st").await?;
+                let ready = pool
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+                ready
+                    .filter(|c| c.reason == reason && c.message.contains(text))
+                    .map(|_| ())
+                    .ok_or_else(|| format!("{:?}", pool.status))
             })
             .await
         }
@@ -834,6 +875,17 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
         condition(&get(&client, &ns, "st").await.unwrap(), "Ready").map(|c| c.1),
         Some("TlsSecretNotFound".to_string())
     );
+    // The proxies would crash-loop on a Secret without the key.
+    let half: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "later"}, "stringData": {"tls.crt": "a certificate"}}))
+    .unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &half).await.unwrap();
+    ready_says("TlsSecretNotFound", "no key \"tls.key\"").await;
+    secrets
+        .delete("later", &DeleteParams::default())
+        .await
+        .unwrap();
     tls_secret(&client, &ns, "later").await;
     let recovered = wait_for("False", "ProxiesNotReady").await;
     assert_eq!(
@@ -860,7 +912,6 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
         message.contains("\"lookup\" (spec.lookup.secretRef.name) does not exist"),
         "{message}"
     );
-    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     let secret = |key: &str| -> Secret {
         serde_json::from_value(
             json!({"metadata": {"name": "lookup"}, "stringData": {key: "s3cret"}}),
@@ -871,20 +922,7 @@ async fn status_conditions_and_observed_generation_follow_the_spec() {
         .create(&PostParams::default(), &secret("other"))
         .await
         .unwrap();
-    eventually("the condition names the missing key", SOON, || async {
-        let pool: ProxyPool = get(&client, &ns, "st").await?;
-        let ready = pool
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-        ready
-            .filter(|c| {
-                c.reason == "LookupSecretNotFound" && c.message.contains("has no key \"shared\"")
-            })
-            .map(|_| ())
-            .ok_or_else(|| format!("{:?}", pool.status))
-    })
-    .await;
+    ready_says("LookupSecretNotFound", "has no key \"shared\"").await;
     secrets
         .replace("lookup", &PostParams::default(), &secret("shared"))
         .await
@@ -1232,6 +1270,71 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
         .await
         .unwrap_err();
     assert!(moved.to_string().contains("immutable"), "{moved}");
+}
+
+/// The rules the operator checks at start are all it needs, on an API server that, like
+/// OpenShift's, lets only who may update a pool's finalizers give its children owner references
+/// that block the pool's deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_builds_a_pool_with_only_the_rules_it_checks() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = namespace(&client, "least").await;
+    let rules: Vec<_> = WATCHED
+        .iter()
+        .chain([&LEASE])
+        .map(|rule| json!({"apiGroups": [rule.group], "resources": [rule.resource], "verbs": rule.verbs}))
+        .collect();
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        "operator",
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "operator"}}),
+    )
+    .await;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        "operator",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "operator"}, "rules": rules}),
+    )
+    .await;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        "operator",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "operator"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator"},
+               "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}]}),
+    )
+    .await;
+    let operator = cp.service_account_client(&ns, "operator").await.unwrap();
+    let _operator = start_operator(operator, settings(&ns, "least-op"));
+    apply(
+        &pools(&client, &ns),
+        "least",
+        proxy_pool(
+            "least",
+            json!({"mailboxSelector": {"matchLabels": {"pool": "least"}}}),
+        ),
+    )
+    .await;
+    eventually("the pool built", SOON, || async {
+        let pool: ProxyPool = get(&client, &ns, "least").await?;
+        let degraded = condition(&pool, "Degraded");
+        (degraded == Some(("False".into(), "ReconcileSucceeded".into())))
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", pool.status))
+    })
+    .await;
+    let policy: NetworkPolicy = get(&client, &ns, "least-memcached").await.unwrap();
+    assert_eq!(
+        policy.owner_references()[0].block_owner_deletion,
+        Some(true)
+    );
+    get::<StatefulSet>(&client, &ns, "least-memcached")
+        .await
+        .unwrap();
+    get::<Deployment>(&client, &ns, "least").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

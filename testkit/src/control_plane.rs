@@ -305,6 +305,9 @@ impl ControlPlane {
             "--service-cluster-ip-range=10.0.0.0/24".into(),
             "--allow-privileged=true".into(),
             "--disable-admission-plugins=ServiceAccount".into(),
+            // OpenShift enables it: an owner reference with blockOwnerDeletion needs `update` on
+            // the owner's finalizers, which tests running as a ServiceAccount then prove it has.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", file("sa.pub")),
             format!("--service-account-signing-key-file={}", file("sa.key")),

@@ -11,6 +11,14 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/*
+The selector labels as key=value,key=value: the operator's POD_LABELS, by which each pool's
+memcached admits the operator's pods.
+*/}}
+{{- define "mailproxy-operator.podLabels" -}}
+{{- include "mailproxy-operator.selectorLabels" . | replace ": " "=" | replace "\n" "," -}}
+{{- end -}}
+
 {{- define "mailproxy-operator.labels" -}}
 {{ include "mailproxy-operator.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -30,12 +38,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 What the operator does with the cluster's objects (docs/operator.md, "RBAC"): in a ClusterRole
 when it watches every namespace, in a Role of the watched namespace otherwise. It grants the
 proxies get/list/watch on their route-table ConfigMap, which Kubernetes allows because it holds
-those verbs itself: no escalate or bind.
+those verbs itself: no escalate or bind. update on proxypools/finalizers: the children's owner
+references set blockOwnerDeletion, which the OwnerReferencesPermissionEnforcement admission
+plugin (OpenShift) allows only with it.
 */}}
 {{- define "mailproxy-operator.rules" -}}
 - apiGroups: [mailproxy.io]
   resources: [mailboxservers, proxypools]
   verbs: [get, list, watch, patch]
+- apiGroups: [mailproxy.io]
+  resources: [proxypools/finalizers]
+  verbs: [update]
 - apiGroups: [mailproxy.io]
   resources: [mailboxservers/status, proxypools/status]
   verbs: [get, patch]
@@ -47,6 +60,9 @@ those verbs itself: no escalate or bind.
   verbs: [get]
 - apiGroups: [apps]
   resources: [deployments, statefulsets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]

@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -50,9 +51,10 @@ pub fn desired_names(desired: &Desired) -> Children {
     add("RoleBinding", &desired.role_binding.metadata);
     add("ConfigMap", &desired.routes.metadata);
     add("ConfigMap", &desired.config.metadata);
-    if let Some((service, stateful_set)) = &desired.memcached {
-        add("Service", &service.metadata);
-        add("StatefulSet", &stateful_set.metadata);
+    if let Some(memcached) = &desired.memcached {
+        add("Service", &memcached.service.metadata);
+        add("NetworkPolicy", &memcached.network_policy.metadata);
+        add("StatefulSet", &memcached.stateful_set.metadata);
     }
     add("Service", &desired.service.metadata);
     add("Deployment", &desired.deployment.metadata);
@@ -163,6 +165,7 @@ async fn by_kind(
         "RoleBinding" => by_name::<RoleBinding>(client, namespace, name, action).await,
         "ConfigMap" => by_name::<ConfigMap>(client, namespace, name, action).await,
         "Service" => by_name::<Service>(client, namespace, name, action).await,
+        "NetworkPolicy" => by_name::<NetworkPolicy>(client, namespace, name, action).await,
         "StatefulSet" => by_name::<StatefulSet>(client, namespace, name, action).await,
         "Deployment" => by_name::<Deployment>(client, namespace, name, action).await,
         "PodDisruptionBudget" => {
@@ -226,9 +229,10 @@ pub async fn apply_all(
     let route_table_written =
         apply_route_table(client, namespace, deref.routes.as_ref(), &desired.routes).await?;
     apply(client, namespace, &desired.config).await?;
-    if let Some((service, stateful_set)) = &desired.memcached {
-        apply(client, namespace, service).await?;
-        apply(client, namespace, stateful_set).await?;
+    if let Some(memcached) = &desired.memcached {
+        apply(client, namespace, &memcached.service).await?;
+        apply(client, namespace, &memcached.network_policy).await?;
+        apply(client, namespace, &memcached.stateful_set).await?;
     }
     apply(client, namespace, &desired.service).await?;
     let deployment = apply(client, namespace, &desired.deployment).await?;
@@ -255,6 +259,7 @@ pub async fn apply_all(
 
 #[cfg(test)]
 mod tests {
+    use super::super::build::fixtures::operator;
     use super::super::build::{desired, fixtures};
     use super::*;
     use serde_json::json;
@@ -264,11 +269,11 @@ mod tests {
     fn leftovers_are_what_exists_and_is_no_longer_desired() {
         let with_all = fixtures::spec(json!({}));
         let pool = fixtures::pool(&with_all);
-        let before = desired_names(&desired(&pool, &[]));
+        let before = desired_names(&desired(&pool, &[], &operator()));
         let without = fixtures::spec(json!({"memcached": {"replicas": 0},
                                              "disruptionBudget": {"enabled": false}}));
         let pool = fixtures::pool(&without);
-        let after = desired_names(&desired(&pool, &[]));
+        let after = desired_names(&desired(&pool, &[], &operator()));
         let mut gone: Vec<String> = difference(&before, &after)
             .into_iter()
             .map(|(k, n)| format!("{k}/{n}"))
@@ -277,6 +282,7 @@ mod tests {
         assert_eq!(
             gone,
             [
+                "NetworkPolicy/main-memcached",
                 "PodDisruptionBudget/main",
                 "Service/main-memcached",
                 "StatefulSet/main-memcached"
@@ -284,7 +290,7 @@ mod tests {
         );
         assert!(difference(&after, &before).is_empty());
         let kinds: BTreeMap<_, _> = before.iter().map(|(k, v)| (*k, v.len())).collect();
-        assert_eq!(kinds.len(), 8);
+        assert_eq!(kinds.len(), 9);
         assert_eq!(kinds["ConfigMap"], 2);
         assert_eq!(kinds["Service"], 2);
     }

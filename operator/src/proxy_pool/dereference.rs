@@ -8,12 +8,14 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, Resource, ResourceExt};
 
+use super::build::config::{TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::labels::selector_syntax_problem;
 use mailproxy_crds::{MailboxServer, ProxyPool};
 use serde::de::DeserializeOwned;
@@ -31,21 +33,22 @@ pub struct Dereferenced {
     pub selector: Result<Selector, String>,
     /// The selected MailboxServers that are not being deleted, by name.
     pub servers: Vec<MailboxServer>,
-    /// Whether `spec.tls.secretName` exists (`None` without TLS).
-    pub tls_secret_found: Option<bool>,
+    /// Whether `spec.tls.secretName` exists with `tls.crt` and `tls.key` (`None` without TLS).
+    pub tls_secret: Option<SecretFound>,
     /// Whether the Secret key `spec.lookup.secretRef` names exists (`None` without one).
-    pub lookup_secret: Option<SecretKeyFound>,
+    pub lookup_secret: Option<SecretFound>,
     pub routes: Option<ConfigMap>,
     pub deployment: Option<Deployment>,
     pub children: Children,
 }
 
-/// How much of a Secret key reference resolves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SecretKeyFound {
+/// How much of a Secret the proxies mount resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretFound {
     Yes,
     NoSecret,
-    NoKey,
+    /// The Secret exists without these of the keys the proxies read.
+    NoKeys(Vec<String>),
 }
 
 /// The pool's `spec.mailboxSelector`, or what is wrong with it. A key or value the API server
@@ -85,33 +88,30 @@ pub async fn dereference(
         }
         Err(_) => Vec::new(),
     };
-    let tls_secret_found = match &pool.spec.tls {
-        Some(tls) => {
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-            Some(
-                secrets
-                    .get_metadata_opt(&tls.secret_name)
-                    .await
-                    .map_err(kube_error::<Secret>("get", namespace, &tls.secret_name))?
-                    .is_some(),
+    // Without their keys the proxies' pods do not start: the TLS Secret's two are read at
+    // startup, the lookup secret's is mounted as a required volume.
+    let tls_secret = match &pool.spec.tls {
+        Some(tls) => Some(
+            secret(
+                client,
+                namespace,
+                &tls.secret_name,
+                &[TLS_CERT_KEY, TLS_KEY_KEY],
             )
-        }
+            .await?,
+        ),
         None => None,
     };
-    // The proxies mount the key as a required volume: without it their pods never start.
     let lookup_secret = match &pool.spec.lookup.secret_ref {
-        Some(reference) => {
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-            let secret = secrets
-                .get_opt(&reference.name)
-                .await
-                .map_err(kube_error::<Secret>("get", namespace, &reference.name))?;
-            Some(match secret {
-                None => SecretKeyFound::NoSecret,
-                Some(secret) if has_key(&secret, &reference.key) => SecretKeyFound::Yes,
-                Some(_) => SecretKeyFound::NoKey,
-            })
-        }
+        Some(reference) => Some(
+            secret(
+                client,
+                namespace,
+                &reference.name,
+                &[reference.key.as_str()],
+            )
+            .await?,
+        ),
         None => None,
     };
     let routes_name = names::routes(&name);
@@ -125,21 +125,22 @@ pub async fn dereference(
         .map_err(kube_error::<Deployment>("get", namespace, &name))?;
     let uid = pool.uid().unwrap_or_default();
     let labels = children_selector(&name);
-    let (sa, role, binding, cm, svc, sts, deploy, pdb) = futures::try_join!(
+    let (sa, role, binding, cm, svc, policy, sts, deploy, pdb) = futures::try_join!(
         owned::<ServiceAccount>(client, namespace, &labels, &uid),
         owned::<Role>(client, namespace, &labels, &uid),
         owned::<RoleBinding>(client, namespace, &labels, &uid),
         owned::<ConfigMap>(client, namespace, &labels, &uid),
         owned::<Service>(client, namespace, &labels, &uid),
+        owned::<NetworkPolicy>(client, namespace, &labels, &uid),
         owned::<StatefulSet>(client, namespace, &labels, &uid),
         owned::<Deployment>(client, namespace, &labels, &uid),
         owned::<PodDisruptionBudget>(client, namespace, &labels, &uid),
     )?;
-    let children = Children::from([sa, role, binding, cm, svc, sts, deploy, pdb]);
+    let children = Children::from([sa, role, binding, cm, svc, policy, sts, deploy, pdb]);
     Ok(Dereferenced {
         selector,
         servers,
-        tls_secret_found,
+        tls_secret,
         lookup_secret,
         routes,
         deployment,
@@ -147,12 +148,32 @@ pub async fn dereference(
     })
 }
 
-/// The API server turns `stringData` into `data` on write, so `data` holds every key.
-fn has_key(secret: &Secret, key: &str) -> bool {
-    secret
-        .data
-        .as_ref()
-        .is_some_and(|data| data.contains_key(key))
+/// Whether the Secret `name` exists with every one of `keys`.
+async fn secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    keys: &[&str],
+) -> Result<SecretFound> {
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(kube_error::<Secret>("get", namespace, name))?;
+    let Some(secret) = secret else {
+        return Ok(SecretFound::NoSecret);
+    };
+    // The API server turns `stringData` into `data` on write, so `data` holds every key.
+    let data = secret.data.unwrap_or_default();
+    let missing: Vec<String> = keys
+        .iter()
+        .filter(|key| !data.contains_key(**key))
+        .map(|key| key.to_string())
+        .collect();
+    Ok(if missing.is_empty() {
+        SecretFound::Yes
+    } else {
+        SecretFound::NoKeys(missing)
+    })
 }
 
 /// Names of the objects of kind `K` labelled as the pool's children and owned by its uid.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::ResourceExt;
@@ -92,6 +93,10 @@ pub fn controller(ctx: &Context) -> Controller<ProxyPool> {
         )
         .owns(
             settings.scoped_api::<Service>(client.clone()),
+            children.clone(),
+        )
+        .owns(
+            settings.scoped_api::<NetworkPolicy>(client.clone()),
             children.clone(),
         )
         .owns(

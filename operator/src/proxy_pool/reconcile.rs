@@ -129,7 +129,7 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
         return blocked(reason, message, action, table).await;
     }
 
-    let desired = build::desired(&valid, &deref.servers);
+    let desired = build::desired(&valid, &deref.servers, &ctx.settings.operator_pods);
     if let Some(message) = build::route_table::too_large(&desired.routes, &desired.route_table) {
         return blocked("RouteTableTooLarge", message, Action::await_change(), None).await;
     }

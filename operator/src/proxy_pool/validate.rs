@@ -2,12 +2,14 @@
 //! unusable (a selector operator it does not check, a name too long for the derived names); a
 //! missing dependency (the TLS Secret, the lookup secret) may appear later.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::proxy_pool::ServiceType;
+use mailproxy_crds::settings::StartTlsMode;
 
 use super::build::{Pool, config::listeners};
-use super::dereference::{Dereferenced, SecretKeyFound};
+use super::dereference::{Dereferenced, SecretFound};
 use crate::labels::{MAX_POOL_NAME, is_pool_name};
 
 /// Why a pool is not built this time.
@@ -63,12 +65,26 @@ pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<
                 .to_string(),
         );
     }
+    // The CRD has this rule too, but a pool stored before it would get proxies that refuse to
+    // start.
+    if spec.starttls == StartTlsMode::Only && spec.tls.is_none() {
+        invalid.push(
+            "spec.starttls: only needs spec.tls (a certificate to start TLS with): set \
+             spec.tls.secretName, or spec.starttls to \"on\" or \"off\""
+                .to_string(),
+        );
+    }
     // The CRD's rule is the API server's parsing; this is the proxies', which is the one that
     // counts: a whitelist they cannot parse would stop every new proxy at startup.
     if let Err(error) = spec.login_limits.whitelist_blocks() {
         invalid.push(format!("spec.{error}"));
     }
-    let owner = pool.controller_owner_ref(&());
+    // As the built-in controllers' children do, they hold up a foreground deletion of the pool
+    // (`kubectl delete --cascade=foreground`) until they are gone.
+    let owner = pool.controller_owner_ref(&()).map(|owner| OwnerReference {
+        block_owner_deletion: Some(true),
+        ..owner
+    });
     let namespace = pool.metadata.namespace.as_deref();
     let (Some(owner), Some(namespace)) = (owner, namespace) else {
         invalid.push("the ProxyPool has no uid or namespace: it was not read from the API".into());
@@ -88,35 +104,50 @@ pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<
 /// What the valid `pool` refers to that does not exist (yet): [`Problem::Missing`].
 pub fn missing_dependency(pool: &Pool<'_>, deref: &Dereferenced) -> Option<Problem> {
     let (spec, namespace) = (pool.spec, pool.namespace);
-    if deref.tls_secret_found == Some(false) {
-        let secret = spec
-            .tls
-            .as_ref()
-            .map(|t| t.secret_name.as_str())
-            .unwrap_or_default();
-        return Some(Problem::Missing {
-            reason: "TlsSecretNotFound",
-            message: format!(
+    if let Some(tls) = &spec.tls {
+        let secret = &tls.secret_name;
+        let missing = match &deref.tls_secret {
+            Some(SecretFound::NoSecret) => Some(format!(
                 "Secret {secret:?} (spec.tls.secretName) does not exist in namespace {namespace}: \
                  create a kubernetes.io/tls Secret with tls.crt and tls.key, or fix \
                  spec.tls.secretName"
-            ),
-        });
+            )),
+            Some(SecretFound::NoKeys(keys)) => {
+                let keys: Vec<String> = keys.iter().map(|key| format!("{key:?}")).collect();
+                let keys = match keys.as_slice() {
+                    [key] => format!("key {key}"),
+                    keys => format!("keys {}", keys.join(" and ")),
+                };
+                Some(format!(
+                    "Secret {secret:?} (spec.tls.secretName) in namespace {namespace} has no \
+                     {keys}: the proxies read the certificate chain from tls.crt and its private \
+                     key from tls.key; add them (a kubernetes.io/tls Secret), or fix \
+                     spec.tls.secretName"
+                ))
+            }
+            Some(SecretFound::Yes) | None => None,
+        };
+        if let Some(message) = missing {
+            return Some(Problem::Missing {
+                reason: "TlsSecretNotFound",
+                message,
+            });
+        }
     }
     if let Some(reference) = &spec.lookup.secret_ref {
         let (secret, key) = (&reference.name, &reference.key);
-        let missing = match deref.lookup_secret {
-            Some(SecretKeyFound::NoSecret) => Some(format!(
+        let missing = match &deref.lookup_secret {
+            Some(SecretFound::NoSecret) => Some(format!(
                 "Secret {secret:?} (spec.lookup.secretRef.name) does not exist in namespace \
                  {namespace}: create it with the lookup shared secret under key {key:?}, or fix \
                  spec.lookup.secretRef"
             )),
-            Some(SecretKeyFound::NoKey) => Some(format!(
+            Some(SecretFound::NoKeys(_)) => Some(format!(
                 "Secret {secret:?} in namespace {namespace} has no key {key:?} \
                  (spec.lookup.secretRef.key): add the lookup shared secret under that key, or fix \
                  spec.lookup.secretRef.key"
             )),
-            Some(SecretKeyFound::Yes) | None => None,
+            Some(SecretFound::Yes) | None => None,
         };
         if let Some(message) = missing {
             return Some(Problem::Missing {
@@ -151,11 +182,11 @@ mod tests {
         pool
     }
 
-    fn deref(pool: &ProxyPool, tls_secret_found: Option<bool>) -> Dereferenced {
+    fn deref(pool: &ProxyPool, tls_secret: Option<SecretFound>) -> Dereferenced {
         Dereferenced {
             selector: mailbox_selector(pool),
             servers: Vec::new(),
-            tls_secret_found,
+            tls_secret,
             lookup_secret: None,
             routes: None,
             deployment: None,
@@ -170,6 +201,8 @@ mod tests {
         assert_eq!(valid.name, "main");
         assert_eq!(valid.namespace, "mail");
         assert_eq!(valid.owner.uid, "uid-1");
+        assert_eq!(valid.owner.controller, Some(true));
+        assert_eq!(valid.owner.block_owner_deletion, Some(true));
     }
 
     #[test]
@@ -245,7 +278,7 @@ mod tests {
     #[test]
     fn a_missing_tls_secret_is_a_missing_dependency() {
         let pool = pool("main", json!({"tls": {"secretName": "cert"}}));
-        let missing = deref(&pool, Some(false));
+        let missing = deref(&pool, Some(SecretFound::NoSecret));
         assert!(
             valid_spec(&pool, &missing).is_ok(),
             "the route table does not need the Secret"
@@ -260,7 +293,53 @@ mod tests {
                     .into()
             }
         );
-        assert!(validate(&pool, &deref(&pool, Some(true))).is_ok());
+        assert!(validate(&pool, &deref(&pool, Some(SecretFound::Yes))).is_ok());
+    }
+
+    #[test]
+    fn a_tls_secret_without_its_certificate_or_key_is_a_missing_dependency() {
+        let pool = pool("main", json!({"tls": {"secretName": "cert"}}));
+        let without = |keys: &[&str]| {
+            let keys = keys.iter().map(|key| key.to_string()).collect();
+            validate(&pool, &deref(&pool, Some(SecretFound::NoKeys(keys)))).unwrap_err()
+        };
+        assert_eq!(
+            without(&["tls.key"]),
+            Problem::Missing {
+                reason: "TlsSecretNotFound",
+                message: "Secret \"cert\" (spec.tls.secretName) in namespace mail has no key \
+                          \"tls.key\": the proxies read the certificate chain from tls.crt and \
+                          its private key from tls.key; add them (a kubernetes.io/tls Secret), \
+                          or fix spec.tls.secretName"
+                    .into()
+            }
+        );
+        let Problem::Missing { message, .. } = without(&["tls.crt", "tls.key"]) else {
+            panic!("expected missing");
+        };
+        assert!(
+            message.contains("has no keys \"tls.crt\" and \"tls.key\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn starttls_only_without_a_certificate_is_invalid() {
+        // Stored before the CRD had its rule: the proxies would refuse to start.
+        let pool = pool("main", json!({"starttls": "only"}));
+        assert_eq!(
+            validate(&pool, &deref(&pool, None)).unwrap_err(),
+            Problem::Invalid(
+                "spec.starttls: only needs spec.tls (a certificate to start TLS with): set \
+                 spec.tls.secretName, or spec.starttls to \"on\" or \"off\""
+                    .into()
+            )
+        );
+        let with_tls = self::pool(
+            "main",
+            json!({"starttls": "only", "tls": {"secretName": "cert"}}),
+        );
+        assert!(valid_spec(&with_tls, &deref(&with_tls, None)).is_ok());
     }
 
     #[test]
@@ -274,7 +353,7 @@ mod tests {
             ..deref(&pool, None)
         };
         assert_eq!(
-            validate(&pool, &with(SecretKeyFound::NoSecret)).unwrap_err(),
+            validate(&pool, &with(SecretFound::NoSecret)).unwrap_err(),
             Problem::Missing {
                 reason: "LookupSecretNotFound",
                 message: "Secret \"lookup\" (spec.lookup.secretRef.name) does not exist in \
@@ -284,7 +363,7 @@ mod tests {
             }
         );
         assert_eq!(
-            validate(&pool, &with(SecretKeyFound::NoKey)).unwrap_err(),
+            validate(&pool, &with(SecretFound::NoKeys(vec!["secret".into()]))).unwrap_err(),
             Problem::Missing {
                 reason: "LookupSecretNotFound",
                 message: "Secret \"lookup\" in namespace mail has no key \"secret\" \
@@ -293,6 +372,6 @@ mod tests {
                     .into()
             }
         );
-        assert!(validate(&pool, &with(SecretKeyFound::Yes)).is_ok());
+        assert!(validate(&pool, &with(SecretFound::Yes)).is_ok());
     }
 }

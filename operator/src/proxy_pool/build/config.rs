@@ -18,6 +18,9 @@ use crate::labels::{Component, names};
 pub const CONFIG_KEY: &str = proxy_config::CONFIGMAP_KEY;
 pub const CONFIG_FILE: &str = "/etc/mailproxy/config.yaml";
 pub const TLS_DIR: &str = "/etc/mailproxy/tls";
+/// The keys of the TLS Secret (those of a `kubernetes.io/tls` Secret), mounted in [`TLS_DIR`].
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
 /// Where the key of `spec.lookup.secretRef` is mounted.
 pub const LOOKUP_SECRET_DIR: &str = "/etc/mailproxy/lookup";
 pub const LOOKUP_SECRET_FILE: &str = "/etc/mailproxy/lookup/secret";
@@ -98,8 +101,8 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
             .collect(),
         tls: spec.tls.as_ref().map(|_| TlsConfig {
             certificates: vec![CertificateFiles {
-                cert: format!("{TLS_DIR}/tls.crt").into(),
-                key: format!("{TLS_DIR}/tls.key").into(),
+                cert: format!("{TLS_DIR}/{TLS_CERT_KEY}").into(),
+                key: format!("{TLS_DIR}/{TLS_KEY_KEY}").into(),
             }],
         }),
         route_table: RouteTableSource::config_map(pool.namespace, names::routes(pool.name)),

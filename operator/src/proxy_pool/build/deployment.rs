@@ -245,6 +245,10 @@ pub fn deployment(pool: &Pool<'_>, config: &ProxyConfig) -> Deployment {
         args: Some(vec!["serve".into(), "--config".into(), CONFIG_FILE.into()]),
         env: Some(env()),
         ports: Some(ports),
+        // The health port opens only once the TLS certificates and the first route table are
+        // loaded, which a slow API server can delay well past the liveness probe's patience:
+        // liveness starts counting only after this probe has passed (up to 2 minutes).
+        startup_probe: Some(probe("/healthz", 2, 60)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         resources: Some(spec.pod.resources.clone().unwrap_or_else(default_resources)),
@@ -362,6 +366,12 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        // A proxy still loading its certificates and route table is not killed for it.
+        assert_eq!(
+            serde_json::to_value(&c.startup_probe).unwrap(),
+            json!({"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 2,
+                   "failureThreshold": 60, "timeoutSeconds": 2})
+        );
         let health = c
             .ports
             .as_ref()

@@ -1,13 +1,19 @@
 //! The pool's memcached: a StatefulSet behind a headless Service, so that each proxy reaches
-//! every memcached pod by a stable name. No replicas: no StatefulSet and an empty server list
-//! (the proxies use their embedded cache).
+//! every memcached pod by a stable name, and a NetworkPolicy that admits only the proxies and
+//! the operator. No replicas: none of them and an empty server list (the proxies use their
+//! embedded cache).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Affinity, Container, ContainerPort, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -15,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Pool;
 use super::deployment::container_security_context;
+use crate::context::OperatorPods;
 use crate::labels::{self, Component, names};
 
 pub const MEMCACHED_PORT: i32 = 11211;
@@ -29,8 +36,60 @@ pub fn memcached_servers(pool: &Pool<'_>) -> Vec<String> {
         .collect()
 }
 
-/// The headless Service and the StatefulSet, or nothing with 0 replicas.
-pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
+/// The children of a pool's memcached, in the order they are applied: the NetworkPolicy before
+/// the pods it guards.
+#[derive(Clone, Debug)]
+pub struct Memcached {
+    pub service: Service,
+    pub network_policy: NetworkPolicy,
+    pub stateful_set: StatefulSet,
+}
+
+/// Admits the pool's proxies and the operator's pods (`operator`) to the memcached port, and
+/// nothing else: the proxies trust the routes memcached holds, so a pod that could write one
+/// could send a user's login, password included, to itself.
+fn network_policy(pool: &Pool<'_>, operator: &OperatorPods) -> NetworkPolicy {
+    let match_labels = |labels| LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: None,
+    };
+    let proxies = NetworkPolicyPeer {
+        pod_selector: Some(match_labels(labels::selector(pool.name, Component::Proxy))),
+        ..NetworkPolicyPeer::default()
+    };
+    let operator = NetworkPolicyPeer {
+        namespace_selector: Some(match_labels(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            operator.namespace.clone(),
+        )]))),
+        pod_selector: Some(operator.labels.clone())
+            .filter(|labels| !labels.is_empty())
+            .map(match_labels),
+        ..NetworkPolicyPeer::default()
+    };
+    NetworkPolicy {
+        metadata: pool.child_meta(names::memcached(pool.name), Component::Memcached),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(match_labels(labels::selector(
+                pool.name,
+                Component::Memcached,
+            ))),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![proxies, operator]),
+                ports: Some(vec![NetworkPolicyPort {
+                    protocol: Some("TCP".into()),
+                    port: Some(IntOrString::Int(MEMCACHED_PORT)),
+                    end_port: None,
+                }]),
+            }]),
+            egress: None,
+        }),
+    }
+}
+
+/// The pool's memcached children, or nothing with 0 replicas.
+pub fn memcached(pool: &Pool<'_>, operator: &OperatorPods) -> Option<Memcached> {
     let spec = &pool.spec.memcached;
     let spec_pod = &pool.spec.pod;
     if spec.replicas <= 0 {
@@ -56,6 +115,13 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
         }),
         status: None,
     };
+    let port_probe = Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("memcached".into()),
+            host: None,
+        }),
+        ..Probe::default()
+    };
     // Cache memory plus memcached's own overhead (connections, hash table).
     let memory = Quantity(format!("{}Mi", spec.memory_mib + 32));
     let container = Container {
@@ -77,12 +143,15 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
             ..ContainerPort::default()
         }]),
         readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::String("memcached".into()),
-                host: None,
-            }),
             period_seconds: Some(5),
-            ..Probe::default()
+            ..port_probe.clone()
+        }),
+        // A memcached that stops accepting is restarted: it costs the cached routes, which
+        // the proxies look up again.
+        liveness_probe: Some(Probe {
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..port_probe
         }),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -107,13 +176,35 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
             },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(selector),
+                    labels: Some(selector.clone()),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    // One node going away takes one replica's share of the routes, not all of
+                    // them; preferred only, so that a small cluster still runs every replica.
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(PodAntiAffinity {
+                            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                                WeightedPodAffinityTerm {
+                                    weight: 100,
+                                    pod_affinity_term: PodAffinityTerm {
+                                        label_selector: Some(LabelSelector {
+                                            match_labels: Some(selector),
+                                            match_expressions: None,
+                                        }),
+                                        topology_key: "kubernetes.io/hostname".into(),
+                                        ..PodAffinityTerm::default()
+                                    },
+                                },
+                            ]),
+                            ..PodAntiAffinity::default()
+                        }),
+                        ..Affinity::default()
+                    }),
                     // The nodes the pool's pods may run on (dedicated, tainted mail nodes) hold
-                    // its cache too; affinity and spread constraints select proxy pods, not these.
+                    // its cache too; spec.pod's affinity and spread constraints select proxy
+                    // pods, not these.
                     node_selector: Some(spec_pod.node_selector.clone()).filter(|m| !m.is_empty()),
                     tolerations: Some(spec_pod.tolerations.clone()).filter(|v| !v.is_empty()),
                     priority_class_name: spec_pod.priority_class_name.clone(),
@@ -137,12 +228,16 @@ pub fn memcached(pool: &Pool<'_>) -> Option<(Service, StatefulSet)> {
         }),
         status: None,
     };
-    Some((service, stateful_set))
+    Some(Memcached {
+        service,
+        network_policy: network_policy(pool, operator),
+        stateful_set,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{pool, spec};
+    use super::super::fixtures::{operator, pool, spec};
     use super::*;
     use serde_json::json;
 
@@ -161,14 +256,18 @@ mod tests {
     #[test]
     fn zero_replicas_means_no_statefulset_and_no_servers() {
         let spec = spec(json!({"memcached": {"replicas": 0}}));
-        assert!(memcached(&pool(&spec)).is_none());
+        assert!(memcached(&pool(&spec), &operator()).is_none());
         assert!(memcached_servers(&pool(&spec)).is_empty());
     }
 
     #[test]
     fn statefulset_is_headless_sized_and_unprivileged() {
         let spec = spec(json!({"memcached": {"replicas": 3, "memoryMiB": 256, "image": "mc:1"}}));
-        let (svc, sts) = memcached(&pool(&spec)).unwrap();
+        let Memcached {
+            service: svc,
+            stateful_set: sts,
+            ..
+        } = memcached(&pool(&spec), &operator()).unwrap();
         let svc_spec = svc.spec.unwrap();
         assert_eq!(svc_spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(svc.metadata.name.as_deref(), Some("main-memcached"));
@@ -202,15 +301,88 @@ mod tests {
             "imagePullSecrets": [{"name": "registry"}],
             "affinity": {"podAntiAffinity": {}}
         }}));
-        let (_, stateful_set) = memcached(&pool(&spec)).unwrap();
+        let stateful_set = memcached(&pool(&spec), &operator()).unwrap().stateful_set;
         let pod = stateful_set.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.node_selector.unwrap()["role"], "mail");
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("mail"));
         assert_eq!(pod.priority_class_name.as_deref(), Some("mail-critical"));
         assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        let anti_affinity = pod.affinity.unwrap().pod_anti_affinity.unwrap();
         assert!(
-            pod.affinity.is_none(),
-            "the proxies' affinity selects proxy pods"
+            anti_affinity
+                .preferred_during_scheduling_ignored_during_execution
+                .is_some(),
+            "memcached's own spreading, not the proxies' affinity"
+        );
+    }
+
+    #[test]
+    fn memcached_pods_spread_over_nodes_and_are_restarted_when_they_stop_accepting() {
+        let spec = spec(json!({}));
+        let stateful_set = memcached(&pool(&spec), &operator()).unwrap().stateful_set;
+        let pod = stateful_set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            serde_json::to_value(&pod.affinity).unwrap(),
+            json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {
+                        "app.kubernetes.io/component": "memcached",
+                        "app.kubernetes.io/instance": "main",
+                        "app.kubernetes.io/name": "mailproxy"}},
+                    "topologyKey": "kubernetes.io/hostname"}}]}})
+        );
+        let container = &pod.containers[0];
+        assert_eq!(
+            serde_json::to_value(&container.liveness_probe).unwrap(),
+            json!({"tcpSocket": {"port": "memcached"}, "periodSeconds": 10,
+                   "failureThreshold": 3})
+        );
+        assert_eq!(
+            serde_json::to_value(&container.readiness_probe).unwrap(),
+            json!({"tcpSocket": {"port": "memcached"}, "periodSeconds": 5})
+        );
+    }
+
+    #[test]
+    fn only_the_pools_proxies_and_the_operator_reach_memcached() {
+        let spec = spec(json!({}));
+        let policy = memcached(&pool(&spec), &operator()).unwrap().network_policy;
+        assert_eq!(policy.metadata.name.as_deref(), Some("main-memcached"));
+        assert_eq!(policy.metadata.namespace.as_deref(), Some("mail"));
+        assert_eq!(
+            serde_json::to_value(&policy.spec).unwrap(),
+            json!({
+                "podSelector": {"matchLabels": {
+                    "app.kubernetes.io/component": "memcached",
+                    "app.kubernetes.io/instance": "main",
+                    "app.kubernetes.io/name": "mailproxy"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "from": [
+                        {"podSelector": {"matchLabels": {
+                            "app.kubernetes.io/component": "proxy",
+                            "app.kubernetes.io/instance": "main",
+                            "app.kubernetes.io/name": "mailproxy"}}},
+                        {"namespaceSelector": {"matchLabels": {
+                            "kubernetes.io/metadata.name": "mailproxy-system"}},
+                         "podSelector": {"matchLabels": {
+                            "app.kubernetes.io/instance": "mp",
+                            "app.kubernetes.io/name": "mailproxy-operator"}}}],
+                    "ports": [{"protocol": "TCP", "port": 11211}]}]
+            })
+        );
+        // Without its pod labels, the operator's whole namespace.
+        let anywhere = OperatorPods {
+            labels: BTreeMap::new(),
+            ..operator()
+        };
+        let policy = memcached(&pool(&spec), &anywhere).unwrap().network_policy;
+        let from = &policy.spec.unwrap().ingress.unwrap()[0];
+        assert_eq!(
+            serde_json::to_value(&from.from.as_ref().unwrap()[1]).unwrap(),
+            json!({"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": "mailproxy-system"}}})
         );
     }
 }

@@ -9,7 +9,7 @@ pub mod rbac;
 pub mod route_table;
 pub mod service;
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use mailproxy_crds::route_table::RouteTable;
 use mailproxy_crds::{MailboxServer, ProxyPoolSpec};
 
+use crate::context::OperatorPods;
 use crate::labels::{self, Component};
 
 /// A ProxyPool that passed validation: it has a name, a namespace and a uid to own children.
@@ -52,14 +53,15 @@ pub struct Desired {
     pub route_table: RouteTable,
     pub routes: ConfigMap,
     pub config: ConfigMap,
-    pub memcached: Option<(Service, StatefulSet)>,
+    pub memcached: Option<memcached::Memcached>,
     pub service: Service,
     pub deployment: Deployment,
     pub pdb: Option<PodDisruptionBudget>,
 }
 
-/// Builds every child of `pool` from the MailboxServers its selector matched.
-pub fn desired(pool: &Pool<'_>, servers: &[MailboxServer]) -> Desired {
+/// Builds every child of `pool` from the MailboxServers its selector matched; `operator` is
+/// where the operator's pods run, which memcached admits.
+pub fn desired(pool: &Pool<'_>, servers: &[MailboxServer], operator: &OperatorPods) -> Desired {
     let route_table = route_table::route_table(pool, servers);
     let proxy_config = config::proxy_config(pool);
     Desired {
@@ -69,7 +71,7 @@ pub fn desired(pool: &Pool<'_>, servers: &[MailboxServer]) -> Desired {
         routes: route_table::config_map(pool, &route_table),
         route_table,
         config: config::config_map(pool, &proxy_config),
-        memcached: memcached::memcached(pool),
+        memcached: memcached::memcached(pool, operator),
         service: service::service(pool),
         deployment: deployment::deployment(pool, &proxy_config),
         pdb: pdb::pdb(pool),
@@ -79,8 +81,10 @@ pub fn desired(pool: &Pool<'_>, servers: &[MailboxServer]) -> Desired {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::Pool;
+    use crate::context::OperatorPods;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use mailproxy_crds::{MailboxServer, ProxyPoolSpec};
+    use std::collections::BTreeMap;
 
     /// A pool spec from JSON as the API server would store it (serde fills the defaults).
     pub fn spec(json: serde_json::Value) -> ProxyPoolSpec {
@@ -109,6 +113,17 @@ pub(crate) mod fixtures {
         }
     }
 
+    /// The operator as the chart installs it, release `mp` in `mailproxy-system`.
+    pub fn operator() -> OperatorPods {
+        OperatorPods {
+            namespace: "mailproxy-system".into(),
+            labels: BTreeMap::from([
+                ("app.kubernetes.io/name".into(), "mailproxy-operator".into()),
+                ("app.kubernetes.io/instance".into(), "mp".into()),
+            ]),
+        }
+    }
+
     pub fn server(name: &str, spec: serde_json::Value) -> MailboxServer {
         MailboxServer::new(name, serde_json::from_value(spec).expect("valid spec"))
     }
@@ -116,7 +131,7 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::{pool, server, spec};
+    use super::fixtures::{operator, pool, server, spec};
     use super::*;
     use kube::Resource;
 
@@ -130,9 +145,10 @@ mod tests {
             d.service.meta(),
             d.deployment.meta(),
         ];
-        if let Some((svc, sts)) = &d.memcached {
-            metas.push(svc.meta());
-            metas.push(sts.meta());
+        if let Some(memcached) = &d.memcached {
+            metas.push(memcached.service.meta());
+            metas.push(memcached.network_policy.meta());
+            metas.push(memcached.stateful_set.meta());
         }
         if let Some(pdb) = &d.pdb {
             metas.push(pdb.meta());
@@ -144,9 +160,13 @@ mod tests {
     fn every_child_is_labelled_and_owned_by_the_pool() {
         let spec = spec(serde_json::json!({}));
         let pool = pool(&spec);
-        let desired = desired(&pool, &[server("a", serde_json::json!({"host": "h"}))]);
+        let desired = desired(
+            &pool,
+            &[server("a", serde_json::json!({"host": "h"}))],
+            &operator(),
+        );
         let metas = metas(&desired);
-        assert_eq!(metas.len(), 10);
+        assert_eq!(metas.len(), 11);
         for meta in metas {
             let labels = meta.labels.as_ref().unwrap();
             assert_eq!(labels["app.kubernetes.io/managed-by"], "mailproxy-operator");
