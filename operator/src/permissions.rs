@@ -30,10 +30,12 @@ pub const WATCHED: &[Rule] = &[
         resource: "mailboxservers",
         verbs: &["get", "list", "watch", "patch"],
     },
+    // Pools are only read: their status is written through the subresource, and they carry no
+    // finalizer.
     Rule {
         group: "mailproxy.io",
         resource: "proxypools",
-        verbs: &["get", "list", "watch", "patch"],
+        verbs: &["get", "list", "watch"],
     },
     // The children's owner references block the pool's deletion until they are gone, which an
     // API server with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift)
@@ -46,12 +48,12 @@ pub const WATCHED: &[Rule] = &[
     Rule {
         group: "mailproxy.io",
         resource: "mailboxservers/status",
-        verbs: &["get", "patch"],
+        verbs: &["patch"],
     },
     Rule {
         group: "mailproxy.io",
         resource: "proxypools/status",
-        verbs: &["get", "patch"],
+        verbs: &["patch"],
     },
     Rule {
         group: "",

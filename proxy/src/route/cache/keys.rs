@@ -109,10 +109,11 @@ impl CacheKey {
         Self(key.finish())
     }
 
-    /// `throttle:user=<account>`.
+    /// `throttle:user=<account>`, in lower case: account names are case-insensitive, and a
+    /// user who logs in as `Bob` and `bob` is one user to limit.
     pub fn throttle_user(account: &str) -> Result<Self, KeyError> {
         let mut key = Builder::new("throttle:user=");
-        key.escaped("account name", account)?;
+        key.escaped("account name", &account.to_lowercase())?;
         Ok(Self(key.finish()))
     }
 
@@ -218,12 +219,12 @@ mod tests {
             CacheKey::throttle_ip(IpScope::AllProtocols, client).as_str(),
             "throttle:ip=198.51.100.4"
         );
-        assert_eq!(
-            CacheKey::throttle_user("alice@example.com")
-                .unwrap()
-                .as_str(),
-            "throttle:user=alice@example.com"
-        );
+        for login in ["alice@example.com", "Alice@EXAMPLE.com"] {
+            assert_eq!(
+                CacheKey::throttle_user(login).unwrap().as_str(),
+                "throttle:user=alice@example.com"
+            );
+        }
         assert_eq!(
             CacheKey::whitelist_ip(client).as_str(),
             "whitelist:ip=198.51.100.4"
