@@ -165,6 +165,44 @@ fn the_operator_pod_runs_as_non_root_read_only_with_no_capabilities() {
     );
 }
 
+/// The pod labels the Deployment selects by, and by which each pool's memcached admits the
+/// operator (`POD_LABELS`), stay the chart's whatever `podLabels` says.
+#[test]
+fn pod_labels_add_to_the_selector_labels_and_cannot_replace_them() {
+    let objects = render(
+        RELEASE,
+        NAMESPACE,
+        &[
+            "podLabels.team=mail",
+            "podLabels.app\\.kubernetes\\.io/name=other",
+        ],
+    )
+    .unwrap();
+    let deployment = object(&objects, "Deployment", FULLNAME).unwrap();
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        labels,
+        &json!({
+            "app.kubernetes.io/name": "mailproxy-operator",
+            "app.kubernetes.io/instance": RELEASE,
+            "team": "mail",
+        })
+    );
+    let selected = &deployment["spec"]["selector"]["matchLabels"];
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let pod_labels = env.iter().find(|var| var["name"] == "POD_LABELS").unwrap();
+    assert_eq!(
+        pod_labels["value"],
+        format!(
+            "app.kubernetes.io/name={},app.kubernetes.io/instance={}",
+            selected["app.kubernetes.io/name"].as_str().unwrap(),
+            selected["app.kubernetes.io/instance"].as_str().unwrap()
+        )
+    );
+}
+
 #[test]
 fn a_namespaced_install_holds_no_cluster_wide_permission() {
     let objects = render(
