@@ -363,9 +363,13 @@ impl RouteTable {
         (!server.draining).then_some((name.as_str(), server))
     }
 
-    /// zmprov garpu: the lookup handler URLs on one line.
+    /// zmprov garpu: the lookup handlers on one line, as `host:port/path` (Zimbra prints no
+    /// scheme: "don't need proto for nginx.conf").
     pub fn garpu(&self) -> String {
-        self.lookup_handlers.join(" ")
+        zmprov_line(self.lookup_handlers.iter().map(|url| {
+            url.split_once("://")
+                .map_or(url.as_str(), |(_, without)| without)
+        }))
     }
 
     /// zmprov garpb: an nginx `server` line per web backend.
@@ -381,13 +385,19 @@ impl RouteTable {
 
     /// zmprov gamau: the MTA auth URLs on one line.
     pub fn gamau(&self) -> String {
-        self.mta_auth_urls.join(" ")
+        zmprov_line(self.mta_auth_urls.iter().map(String::as_str))
     }
 
     /// zmprov gamcs: the memcached servers on one line.
     pub fn gamcs(&self) -> String {
-        self.memcached_servers.join(" ")
+        zmprov_line(self.memcached_servers.iter().map(String::as_str))
     }
+}
+
+/// A zmprov one-line answer: each entry followed by a space, as ProvUtil prints them (scripts
+/// that split or paste the line see the same bytes).
+fn zmprov_line<'a>(entries: impl Iterator<Item = &'a str>) -> String {
+    entries.map(|entry| format!("{entry} ")).collect()
 }
 
 /// A host name or IPv4 address as the proxies take it in routes, handler URLs and memcached
@@ -470,14 +480,18 @@ mod tests {
         assert_eq!(table.pinned_domain("example.org").unwrap().0, "mbs-b");
         assert_eq!(
             table.garpu(),
-            "http://mbs-a.mail.svc:7072/service/extension/nginx-lookup https://10.0.0.2:7072/service/extension/nginx-lookup"
+            "mbs-a.mail.svc:7072/service/extension/nginx-lookup 10.0.0.2:7072/service/extension/nginx-lookup "
+        );
+        assert_eq!(
+            table.lookup_handlers[1], "https://10.0.0.2:7072/service/extension/nginx-lookup",
+            "the proxies' own URLs keep their scheme"
         );
         assert_eq!(
             table.garpb(),
             "    server mbs-a.mail.svc:8080;\n    server 10.0.0.2:8080;\n"
         );
-        assert_eq!(table.gamau(), "https://10.0.0.2:7073/service/admin/soap/");
-        assert_eq!(table.gamcs(), "pool-memcached-0.pool-memcached:11211");
+        assert_eq!(table.gamau(), "https://10.0.0.2:7073/service/admin/soap/ ");
+        assert_eq!(table.gamcs(), "pool-memcached-0.pool-memcached:11211 ");
     }
 
     #[test]

@@ -98,11 +98,8 @@ mod tests {
             memcached_servers: vec!["m:11211".into()],
             ..RouteTable::default()
         };
-        assert_eq!(
-            zmprov(&table, Zmprov::Garpu),
-            "http://a:7072/x http://b:7072/x\n"
-        );
-        assert_eq!(zmprov(&table, Zmprov::Gamcs), "m:11211\n");
+        assert_eq!(zmprov(&table, Zmprov::Garpu), "a:7072/x b:7072/x \n");
+        assert_eq!(zmprov(&table, Zmprov::Gamcs), "m:11211 \n");
         assert_eq!(zmprov(&table, Zmprov::Gamau), "\n");
         assert_eq!(
             zmprov(&table, Zmprov::Garpb),

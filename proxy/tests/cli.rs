@@ -39,11 +39,11 @@ fn zmprov_prints_zimbra_formats_from_a_route_table() {
     };
     assert_eq!(
         run("garpu"),
-        "http://a:7072/service/extension/nginx-lookup https://b:7072/service/extension/nginx-lookup\n"
+        "a:7072/service/extension/nginx-lookup b:7072/service/extension/nginx-lookup \n"
     );
     assert_eq!(run("garpb"), "    server a:8080;\n    server b:8080;\n");
-    assert_eq!(run("gamau"), "https://a:7073/service/admin/soap/\n");
-    assert_eq!(run("gamcs"), "m0:11211 m1:11211\n");
+    assert_eq!(run("gamau"), "https://a:7073/service/admin/soap/ \n");
+    assert_eq!(run("gamcs"), "m0:11211 m1:11211 \n");
 
     let missing = mailproxy()
         .args(["zmprov", "garpu", "--routes", "/nonexistent/routes.json"])

@@ -185,7 +185,7 @@ mod tests {
         assert!(!table.settings.web_upstream_tls);
         assert_eq!(
             table.gamcs(),
-            "main-memcached-0.main-memcached.mail.svc:11211"
+            "main-memcached-0.main-memcached.mail.svc:11211 "
         );
     }
 
