@@ -24,6 +24,9 @@ pub enum Error {
     #[error("{0} has no namespace: mailproxy resources are namespaced")]
     NoNamespace(String),
 
+    #[error("cached routes not purged, retrying: {0}")]
+    PurgeIncomplete(String),
+
     #[error("MailboxServer finalizer failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -40,6 +43,7 @@ impl Error {
             },
             Error::List { .. } => "list",
             Error::NoNamespace(_) => "no_namespace",
+            Error::PurgeIncomplete(_) => "purge",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(error)
                 | kube::runtime::finalizer::Error::CleanupFailed(error) => error.metric_label(),

@@ -1,12 +1,14 @@
 //! Deleting a MailboxServer: wait (bounded) until the pools' route tables no longer list it, then
 //! purge its pinned accounts' cached routes from every pool's memcached, then let it go. An
 //! unreachable memcached is logged, reported as an Event and skipped after a bounded timeout:
-//! a memcached nobody can reach serves no stale route either.
+//! a memcached nobody can reach serves no stale route either. One that took the connection and
+//! failed (busy, or answering nonsense) is retried, with backoff, for five minutes.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -14,9 +16,9 @@ use kube::{Resource, ResourceExt};
 use mailproxy_crds::MailboxServer;
 use mailproxy_crds::route_table::{CONFIGMAP_KEY, RouteTable};
 
-use super::purge::{purge, route_keys};
+use super::purge::{PurgeError, purge, route_keys};
 use super::{State, pools_selecting};
-use crate::error::{Result, kube_error};
+use crate::error::{Error, Result, kube_error};
 use crate::labels::names;
 
 /// What the pools' route tables say about a server being deleted.
@@ -118,27 +120,52 @@ pub async fn cleanup(server: &MailboxServer, state: &State) -> Result<Action> {
         tracing::info!(server = %name, %namespace, "no cached routes to purge");
         return Ok(Action::await_change());
     }
+    let deleting_for = server
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|since| Duration::try_from(Timestamp::now() - since.0).ok())
+        .unwrap_or_default();
     let mut purged = Vec::new();
+    let mut failed = Vec::new();
     for addr in &tables.memcached {
-        match purge(addr, &keys, ctx.settings.purge_timeout).await {
+        let error = match purge(addr, &keys, ctx.settings.purge_timeout).await {
             Ok(result) => {
                 ctx.metrics.purge_done("purged");
                 tracing::info!(server = %name, memcached = %addr, deleted = result.deleted, "purged cached routes");
                 purged.push(format!("{addr} ({} deleted)", result.deleted));
+                continue;
             }
-            Err(error) => {
-                ctx.metrics.purge_done("unreachable");
-                tracing::warn!(server = %name, %error, "cannot purge cached routes; skipping this memcached");
-                ctx.event(
-                    &reference,
-                    EventType::Warning,
-                    "PurgeSkipped",
-                    "Purge",
-                    format!("{error}; its cached routes were not purged (an unreachable memcached serves none either)"),
-                )
-                .await;
+            Err(error) => error,
+        };
+        let why = match after_failure(&error, deleting_for) {
+            AfterFailure::Retry => {
+                ctx.metrics.purge_done("retried");
+                failed.push(error.to_string());
+                continue;
             }
-        }
+            AfterFailure::Skip => {
+                "its cached routes were not purged (an unreachable memcached serves none either)"
+            }
+            AfterFailure::GiveUp => {
+                "its cached routes were not purged: given up after retrying for 5 minutes; they \
+                 expire with the pool's cache TTL"
+            }
+        };
+        ctx.metrics.purge_done("unreachable");
+        tracing::warn!(server = %name, %error, "cannot purge cached routes; skipping this memcached");
+        ctx.event(
+            &reference,
+            EventType::Warning,
+            "PurgeSkipped",
+            "Purge",
+            format!("{error}; {why}"),
+        )
+        .await;
+    }
+    if !failed.is_empty() {
+        // The finalizer stays: the reconcile is retried with backoff, every memcached again.
+        return Err(Error::PurgeIncomplete(failed.join("; ")));
     }
     if !purged.is_empty() {
         ctx.event(
@@ -157,9 +184,53 @@ pub async fn cleanup(server: &MailboxServer, state: &State) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// How long a purge that failed on a reachable memcached is retried before the server is let
+/// go anyway.
+const PURGE_RETRY_WINDOW: Duration = Duration::from_secs(300);
+
+#[derive(Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// Try again: the memcached took the connection, so it may serve the stale routes.
+    Retry,
+    /// Go on without it: nothing reaches it, proxies included.
+    Skip,
+    /// Go on: retried for [`PURGE_RETRY_WINDOW`] already; the routes expire with their TTL.
+    GiveUp,
+}
+
+fn after_failure(error: &PurgeError, deleting_for: Duration) -> AfterFailure {
+    if error.unreachable() {
+        AfterFailure::Skip
+    } else if deleting_for < PURGE_RETRY_WINDOW {
+        AfterFailure::Retry
+    } else {
+        AfterFailure::GiveUp
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reachable_memcached_that_failed_is_retried_for_a_while() {
+        let addr = "m0:11211".to_string();
+        let unreachable = PurgeError::Unreachable {
+            addr: addr.clone(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let silent = PurgeError::Timeout {
+            addr,
+            timeout: Duration::from_secs(3),
+        };
+        let early = Duration::from_secs(10);
+        assert_eq!(after_failure(&unreachable, early), AfterFailure::Skip);
+        assert_eq!(after_failure(&silent, early), AfterFailure::Retry);
+        assert_eq!(
+            after_failure(&silent, PURGE_RETRY_WINDOW),
+            AfterFailure::GiveUp
+        );
+    }
 
     #[test]
     fn inspect_reports_listing_pools_and_their_memcached() {

@@ -45,6 +45,12 @@ pub struct Purged {
 /// Why a server could not be purged.
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
+    #[error("memcached {addr} cannot be reached: {source}")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("memcached {addr} did not answer within {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
     #[error("memcached {addr}: {source}")]
@@ -57,23 +63,44 @@ pub enum PurgeError {
     Protocol { addr: String, line: String },
 }
 
-/// Deletes `keys` on the memcached at `addr` (`host:port`), all within `timeout`.
+impl PurgeError {
+    /// A memcached that takes no connection serves no route either, stale or not; one that
+    /// took the connection and failed still may.
+    pub fn unreachable(&self) -> bool {
+        matches!(self, PurgeError::Unreachable { .. })
+    }
+}
+
+/// Deletes per second a busy memcached is still expected to answer: the exchange's deadline
+/// grows with the number of keys (a server pinning thousands of accounts has tens of thousands).
+const DELETES_PER_SECOND: u64 = 10_000;
+
+/// Deletes `keys` on the memcached at `addr` (`host:port`): connects within `timeout`, then
+/// exchanges within `timeout` plus a second per [`DELETES_PER_SECOND`] keys.
 pub async fn purge(addr: &str, keys: &[String], timeout: Duration) -> Result<Purged, PurgeError> {
-    match tokio::time::timeout(timeout, purge_unbounded(addr, keys)).await {
+    let unreachable = |source| PurgeError::Unreachable {
+        addr: addr.to_string(),
+        source,
+    };
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(connected) => connected.map_err(unreachable)?,
+        Err(_) => return Err(unreachable(std::io::ErrorKind::TimedOut.into())),
+    };
+    let exchange_timeout = timeout + Duration::from_secs(keys.len() as u64 / DELETES_PER_SECOND);
+    match tokio::time::timeout(exchange_timeout, exchange(addr, stream, keys)).await {
         Ok(result) => result,
         Err(_) => Err(PurgeError::Timeout {
             addr: addr.to_string(),
-            timeout,
+            timeout: exchange_timeout,
         }),
     }
 }
 
-async fn purge_unbounded(addr: &str, keys: &[String]) -> Result<Purged, PurgeError> {
+async fn exchange(addr: &str, stream: TcpStream, keys: &[String]) -> Result<Purged, PurgeError> {
     let io = |source| PurgeError::Io {
         addr: addr.to_string(),
         source,
     };
-    let stream = TcpStream::connect(addr).await.map_err(io)?;
     let (read, mut write) = stream.into_split();
     let commands: String = keys.iter().map(|key| format!("delete {key}\r\n")).collect();
     let send = async move {
@@ -147,5 +174,23 @@ mod tests {
             .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(error.to_string().contains(&addr), "{error}");
+        assert!(error.unreachable(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_takes_the_connection_and_stays_silent_is_not_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let (connection, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(connection);
+        });
+        let error = purge(&addr, &["k".into()], Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PurgeError::Timeout { .. }), "{error}");
+        assert!(!error.unreachable());
+        silent.abort();
     }
 }
