@@ -31,9 +31,12 @@ pub fn zmprov(table: &RouteTable, command: Zmprov) -> String {
     format!("{text}\n")
 }
 
+/// What `kubectl mailproxy status` found of one pool's route table.
+pub type TableRead = Result<RouteTable, String>;
+
 /// A status overview of `pools`, with the servers of each pool's route table (`tables`, by pool
-/// name) when it could be read.
-pub fn render_status(pools: &[ProxyPool], tables: &BTreeMap<String, RouteTable>) -> String {
+/// name: the table, or why it could not be read; absent when it is not written yet).
+pub fn render_status(pools: &[ProxyPool], tables: &BTreeMap<String, TableRead>) -> String {
     if pools.is_empty() {
         return "No ProxyPools found.\n".to_string();
     }
@@ -61,7 +64,7 @@ pub fn render_status(pools: &[ProxyPool], tables: &BTreeMap<String, RouteTable>)
             );
         }
         match tables.get(name) {
-            Some(table) if !table.servers.is_empty() => {
+            Some(Ok(table)) if !table.servers.is_empty() => {
                 let servers: Vec<String> = table
                     .servers
                     .iter()
@@ -72,8 +75,11 @@ pub fn render_status(pools: &[ProxyPool], tables: &BTreeMap<String, RouteTable>)
                     .collect();
                 let _ = writeln!(out, "  servers: {}", servers.join(", "));
             }
-            Some(_) => {
+            Some(Ok(_)) => {
                 let _ = writeln!(out, "  servers: none selected");
+            }
+            Some(Err(error)) => {
+                let _ = writeln!(out, "  servers: route table unreadable: {error}");
             }
             None => {
                 let _ = writeln!(out, "  servers: route table not written yet");
@@ -141,7 +147,10 @@ mod tests {
                 mail_upstream: Default::default(),
             },
         );
-        let text = render_status(&[pool], &BTreeMap::from([("main".to_string(), table)]));
+        let text = render_status(
+            std::slice::from_ref(&pool),
+            &BTreeMap::from([("main".to_string(), Ok(table))]),
+        );
         assert!(
             text.contains("ProxyPool main: 0/2 proxies ready, 1 MailboxServers, route table abc"),
             "{text}"
@@ -153,6 +162,14 @@ mod tests {
         assert!(
             text.contains("  servers: mbs1 (10.0.0.1, draining)"),
             "{text}"
+        );
+        let unreadable = render_status(
+            &[pool],
+            &BTreeMap::from([("main".to_string(), Err("not JSON".to_string()))]),
+        );
+        assert!(
+            unreadable.contains("  servers: route table unreadable: not JSON"),
+            "{unreadable}"
         );
         assert_eq!(
             render_status(&[], &BTreeMap::new()),

@@ -43,6 +43,7 @@ enum Command {
     Status,
 }
 
+/// A pool's route table: `None` when its ConfigMap does not exist (yet).
 async fn route_table(
     api: &Api<ConfigMap>,
     namespace: &str,
@@ -90,10 +91,17 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot list ProxyPools in namespace {namespace}"))?
                 .items;
             let mut tables = BTreeMap::new();
+            // One pool's unreadable table is shown with the others, not instead of them.
             for pool in &pools {
                 let name = pool.metadata.name.clone().unwrap_or_default();
-                if let Some(table) = route_table(&maps, &namespace, &name).await? {
-                    tables.insert(name, table);
+                match route_table(&maps, &namespace, &name).await {
+                    Ok(Some(table)) => {
+                        tables.insert(name, Ok(table));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tables.insert(name, Err(format!("{error:#}")));
+                    }
                 }
             }
             print!("{}", render_status(&pools, &tables));
