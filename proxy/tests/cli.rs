@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lookup_support::{DIRECTORY, Files, TABLE, login};
-use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
+use mailproxy::route::cache::{AliasScope, RouteCache, RouteCacheConfig};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
 use mailproxy::route::{Protocol, Upstream};
 use mailproxy_testkit::{Memcached, free_port, wait_for_port};
@@ -113,6 +113,72 @@ async fn purge_deletes_the_accounts_routes_from_every_memcached_server() {
         String::from_utf8_lossy(&output.stderr).contains("did not reach every memcached server"),
         "{output:?}"
     );
+}
+
+/// What a purge given the account's id, alias and proxy address deletes beyond its routes: the
+/// routes by id (web requests routed by auth token), the alias's routes and alias entries, and
+/// the name in lower case as the client may have typed it differently.
+#[tokio::test]
+async fn purge_deletes_id_alias_and_lower_case_entries_when_named() {
+    let memcached = Memcached::start().unwrap();
+    let server = memcached.addr();
+    let cache = RouteCache::new(RouteCacheConfig::default());
+    cache.set_servers(std::slice::from_ref(&server)).unwrap();
+    let client_ip: IpAddr = [203, 0, 113, 7].into();
+    let proxy_ip: IpAddr = [10, 0, 0, 1].into();
+    let upstream = Upstream::new("10.0.0.5", 7143);
+    let ttl = Duration::from_secs(600);
+    for login in ["dave@example.com", "d.alias@example.com"] {
+        cache
+            .put_route(Protocol::Imap, login, client_ip, &upstream, ttl)
+            .await
+            .unwrap();
+    }
+    cache
+        .put_route_by_id(Protocol::HttpSsl, "id-dave", &upstream, ttl)
+        .await
+        .unwrap();
+    cache
+        .put_alias(
+            "d.alias@example.com",
+            AliasScope::ProxyIp(proxy_ip),
+            "dave@example.com",
+            ttl,
+        )
+        .await
+        .unwrap();
+
+    let output = mailproxy()
+        .args(["purge", "Dave@Example.com", "--id", "id-dave"])
+        .args(["--alias", "d.alias@example.com", "--proxy-ip", "10.0.0.1"])
+        .args(["--memcached", &server])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("4 deleted"), "{stdout}");
+    for login in ["dave@example.com", "d.alias@example.com"] {
+        let left = cache.get_route(Protocol::Imap, login, client_ip).await;
+        assert_eq!(left.unwrap(), None, "{login}");
+    }
+    let by_id = cache.get_route_by_id(Protocol::HttpSsl, "id-dave").await;
+    assert_eq!(by_id.unwrap(), None);
+    let alias = cache
+        .get_alias("d.alias@example.com", AliasScope::ProxyIp(proxy_ip))
+        .await;
+    assert_eq!(alias.unwrap(), None);
+
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.json");
+    std::fs::write(&routes, r#"{"memcachedServers": []}"#).unwrap();
+    let embedded = mailproxy()
+        .args(["purge", "dave@example.com", "--routes"])
+        .arg(&routes)
+        .output()
+        .unwrap();
+    assert!(!embedded.status.success());
+    let stderr = String::from_utf8_lossy(&embedded.stderr);
+    assert!(stderr.contains("embedded caches"), "{stderr}");
 }
 
 #[tokio::test]
