@@ -6,6 +6,7 @@
 //! memcached servers (gamcs), plus the pool's protocol and timeout settings.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -52,6 +53,16 @@ pub enum RouteTableError {
     },
     #[error("route table setting {0}")]
     Whitelist(#[from] BadWhitelist),
+    #[error(
+        "route table maps {kind} {key:?} to server {first:?} and to server {second:?} \
+         (names compare case-insensitively)"
+    )]
+    ConflictingKeys {
+        kind: &'static str,
+        key: String,
+        first: String,
+        second: String,
+    },
 }
 
 /// Why a ConfigMap holds no usable route table.
@@ -302,7 +313,8 @@ impl RouteTable {
     }
 
     /// Parses a table and checks that every pinned entry names a known server and that every
-    /// setting is one a proxy can apply.
+    /// setting is one a proxy can apply. Pinned account and domain names are lower-cased, as
+    /// [`RouteTable::compile`] writes them and the lookups compare them.
     pub fn from_json(text: &str) -> Result<Self, RouteTableError> {
         let value: serde_json::Value = serde_json::from_str(text)?;
         let kind = match &value {
@@ -316,7 +328,9 @@ impl RouteTable {
         if let Some(kind) = kind {
             return Err(RouteTableError::NotAnObject(kind));
         }
-        let table: RouteTable = serde_json::from_value(value)?;
+        let mut table: RouteTable = serde_json::from_value(value)?;
+        table.accounts = lower_case_keys("account", std::mem::take(&mut table.accounts))?;
+        table.domains = lower_case_keys("domain", std::mem::take(&mut table.domains))?;
         table.settings.check_ranges()?;
         table.settings.login_limits.whitelist_blocks()?;
         for (kind, map) in [("account", &table.accounts), ("domain", &table.domains)] {
@@ -392,6 +406,31 @@ impl RouteTable {
     pub fn gamcs(&self) -> String {
         zmprov_line(self.memcached_servers.iter().map(String::as_str))
     }
+}
+
+/// A hand-written table may spell a name in any case; two spellings of one name must agree.
+fn lower_case_keys(
+    kind: &'static str,
+    map: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, RouteTableError> {
+    let mut lowered = BTreeMap::new();
+    for (key, server) in map {
+        match lowered.entry(key.to_ascii_lowercase()) {
+            Entry::Vacant(entry) => {
+                entry.insert(server);
+            }
+            Entry::Occupied(entry) if *entry.get() != server => {
+                return Err(RouteTableError::ConflictingKeys {
+                    kind,
+                    key: entry.key().clone(),
+                    first: entry.get().clone(),
+                    second: server,
+                });
+            }
+            Entry::Occupied(_) => {}
+        }
+    }
+    Ok(lowered)
 }
 
 /// A zmprov one-line answer: each entry followed by a space, as ProvUtil prints them (scripts
@@ -601,6 +640,44 @@ mod tests {
         assert!(array.to_string().contains("not an array"), "{array}");
         let empty = RouteTable::from_json("{}").unwrap();
         assert_eq!(empty.settings.cache_ttl_seconds, 3600);
+    }
+
+    #[test]
+    fn from_json_lower_cases_hand_written_names() {
+        let table = RouteTable::from_json(
+            r#"{
+                "servers": {"Mbs-1": {"host": "h1"}, "mbs-2": {"host": "h2"}},
+                "accounts": {"Alice@Example.COM": "Mbs-1", "alice@example.com": "Mbs-1"},
+                "domains": {"Example.ORG": "mbs-2"}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table.pinned_account("ALICE@example.com").unwrap().0,
+            "Mbs-1",
+            "server names are kept as written"
+        );
+        assert_eq!(table.pinned_domain("example.org").unwrap().0, "mbs-2");
+        assert_eq!(
+            table.accounts.keys().collect::<Vec<_>>(),
+            ["alice@example.com"]
+        );
+        assert_eq!(table.domains.keys().collect::<Vec<_>>(), ["example.org"]);
+
+        let conflict = RouteTable::from_json(
+            r#"{
+                "servers": {"a": {"host": "h1"}, "b": {"host": "h2"}},
+                "domains": {"Example.org": "a", "example.ORG": "b"}
+            }"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &conflict,
+                RouteTableError::ConflictingKeys { kind: "domain", key, .. } if key == "example.org"
+            ),
+            "{conflict}"
+        );
     }
 
     fn configmap(data: Option<(&str, &str)>) -> ConfigMap {

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
-use mailproxy::lookupd::{LookupdTls, RequestOutcome};
+use mailproxy::lookupd::{Lookupd, LookupdError, LookupdTls, RequestOutcome};
 use mailproxy::route::lookup::{
     AuthMethod, HandlerFailure, LookupClient, LookupClientConfig, LookupError, LookupOutcome,
-    ResponseError, parse_response_head,
+    parse_response_head,
 };
 use mailproxy::route::{Protocol, Route, Upstream};
 use prometheus_client::registry::Registry;
@@ -140,6 +140,34 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
     lookupd.stop().await;
 }
 
+/// A server lookupd cannot give an address for holds the account all the same: the answer is a
+/// 200 that names it, which a proxy takes as "temporarily unavailable", not as a broken handler
+/// (marked down) or an unknown account (sent to the domain's server).
+#[tokio::test]
+async fn an_unreachable_server_makes_its_accounts_unavailable_not_unknown() {
+    let table = TABLE.replace(
+        r#""old":"#,
+        r#""lost": {"host": "no-such-host.invalid"}, "old":"#,
+    );
+    let directory =
+        format!("{DIRECTORY}account carol@example.org lost\naccount dave@example.org mbs-x\n");
+    let files = Files::new(&table, &directory);
+    let lookupd = RunningLookupd::start(files.config()).await;
+    let client = client_for(lookupd.url(), None);
+    // example.org's domain entry is mbs-2, where neither mailbox is.
+    assert_eq!(
+        ask(&client, "carol@example.org", Protocol::Imap).await,
+        draining("lost")
+    );
+    assert_eq!(
+        ask(&client, "dave@example.org", Protocol::Imap).await,
+        draining("mbs-x")
+    );
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Unavailable), 2);
+    assert!(client.handlers()[0].down_for.is_none());
+    lookupd.stop().await;
+}
+
 #[tokio::test]
 async fn reloads_changed_files_and_keeps_serving_on_bad_ones() {
     let files = Files::new(TABLE, DIRECTORY);
@@ -224,17 +252,7 @@ async fn shared_secret_is_required_when_configured() {
     config.secret_file = Some(files.write_secret("s3cret\n"));
     let lookupd = RunningLookupd::start(config).await;
     for secret in [None, Some("wrong"), Some("s3cret-but-longer")] {
-        let error = client_for(lookupd.url(), secret)
-            .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
-            .await
-            .unwrap_err();
-        let LookupError::AllHandlersFailed { attempts } = error else {
-            panic!("{error}");
-        };
-        assert_eq!(
-            attempts[0].failure,
-            HandlerFailure::Response(ResponseError::Status { status: 403 })
-        );
+        assert_forbidden(&client_for(lookupd.url(), secret)).await;
     }
     assert_eq!(
         ask(
@@ -266,6 +284,70 @@ async fn shared_secret_is_required_when_configured() {
     );
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Forbidden), 4);
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 3);
+}
+
+/// The lookup fails on lookupd's 403 (whether the client then tries other handlers is its own
+/// business).
+async fn assert_forbidden(client: &LookupClient) {
+    let error = client
+        .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("HTTP 403"), "{error}");
+}
+
+/// Whether `registry` shows `series` (a metric line, value included).
+fn shows(registry: &Registry, series: &str) -> Option<()> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.contains(series).then_some(())
+}
+
+#[tokio::test]
+async fn an_empty_secret_file_is_refused_at_start_and_on_reload() {
+    let files = Files::new(TABLE, DIRECTORY);
+    for empty in ["", " \n\t\n"] {
+        let mut config = files.config();
+        let path = files.write_secret(empty);
+        config.secret_file = Some(path.clone());
+        let error = Lookupd::new(config).unwrap_err();
+        assert!(matches!(error, LookupdError::EmptySecret { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains("--secret-file"),
+            "{message}"
+        );
+    }
+
+    let mut config = files.config();
+    config.secret_file = Some(files.write_secret("s3cret"));
+    let lookupd = RunningLookupd::start(config).await;
+    let mut registry = Registry::default();
+    lookupd.lookupd.register(&mut registry);
+    files.write_secret("\n");
+    eventually(
+        "the empty secret refused",
+        Duration::from_secs(10),
+        async || {
+            shows(
+                &registry,
+                "mailproxy_lookupd_reloads_total{file=\"secret\",result=\"error\"} 1",
+            )
+        },
+    )
+    .await;
+    // The check stays on, with the secret in force before.
+    assert_forbidden(&client_for(lookupd.url(), None)).await;
+    assert_eq!(
+        ask(
+            &client_for(lookupd.url(), Some("s3cret")),
+            "alice",
+            Protocol::Imap
+        )
+        .await,
+        found(1143, Some("alice@example.com"), true)
+    );
+    lookupd.stop().await;
 }
 
 /// Collects what lookupd logs, to check that the password nginx sends never shows.
@@ -344,16 +426,21 @@ async fn answers_stock_nginx_auth_http_requests_without_logging_the_password() {
         "no Auth-Pass to give back"
     );
 
-    // What lookupd cannot route at all is a 400, which nginx reports as a temporary failure.
+    // A login lookupd cannot route is refused like any unknown account, as Zimbra's servlet
+    // refuses it: the lookup protocol answers 200 about every login.
     for request in [
         nginx("alice", "plain", "smtp"),
+        nginx("%ff", "plain", "imap"),
+        nginx("", "plain", "imap"),
+    ] {
+        let answer = raw(lookupd.addr, &request).await;
+        assert_eq!(parse_response_head(&answer), Ok(refused()), "{request:?}");
+    }
+    // Only what is no lookup request at all gets another status.
+    for request in [
         nginx_request(&[("Auth-Method", "plain"), ("Auth-Protocol", "imap")]),
         nginx_request(&[("Auth-User", "alice"), ("Auth-Protocol", "imap")]),
-        nginx_request(&[
-            ("Auth-Method", "plain"),
-            ("Auth-User", "%ff"),
-            ("Auth-Protocol", "imap"),
-        ]),
+        nginx_request(&[("Auth-Method", "plain"), ("Auth-User", "alice")]),
     ] {
         let answer = raw(lookupd.addr, &request).await;
         assert_eq!(status_of(&answer), "HTTP/1.0 400", "{request:?}");
@@ -364,8 +451,8 @@ async fn answers_stock_nginx_auth_http_requests_without_logging_the_password() {
     assert_eq!(status_of(&answer), "HTTP/1.1 400");
 
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 2);
-    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Refused), 2);
-    assert_eq!(lookupd.lookupd.requests(RequestOutcome::BadRequest), 5);
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Refused), 5);
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::BadRequest), 4);
     lookupd.stop().await;
 
     let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
@@ -464,12 +551,28 @@ async fn a_rotated_secret_is_followed_with_an_overlap_for_the_previous_one() {
             let alice = alice.clone();
             async move { client.lookup(&alice, AuthMethod::Username).await.is_ok() }
         };
+        let mut registry = Registry::default();
+        lookupd.lookupd.register(&mut registry);
         assert!(answers("first").await);
         files.write_secret("second");
         eventually(
             "the new secret accepted",
             Duration::from_secs(10),
             async || answers("second").await.then_some(()),
+        )
+        .await;
+        // The kubelet swaps the file again when another key of the Secret changes: the same
+        // secret, a new file, and the overlap of the one before must go on.
+        files.write_secret("second");
+        eventually(
+            "the same secret reloaded",
+            Duration::from_secs(10),
+            async || {
+                shows(
+                    &registry,
+                    "mailproxy_lookupd_reloads_total{file=\"secret\",result=\"ok\"} 2",
+                )
+            },
         )
         .await;
         assert_eq!(

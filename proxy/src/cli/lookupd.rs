@@ -24,8 +24,9 @@ pub struct Args {
     /// (see examples/lookupd-directory.txt).
     #[arg(long, env = "MAILPROXY_LOOKUPD_DIRECTORY")]
     directory: Option<PathBuf>,
-    /// File holding the shared secret clients must send in X-Mailproxy-Lookup-Secret; followed
-    /// like the other files, with the previous secret accepted for 5 minutes after a change.
+    /// File holding the shared secret clients must send in X-Mailproxy-Lookup-Secret (an empty
+    /// file is refused); followed like the other files, with the previous secret accepted for
+    /// 5 minutes after a change.
     #[arg(long, env = "MAILPROXY_LOOKUPD_SECRET_FILE")]
     secret_file: Option<PathBuf>,
     /// Auth-Wait, in seconds, of a refused lookup (Zimbra: 10).

@@ -11,6 +11,10 @@
 //! nothing else), resolving the route table's host names the way Zimbra's servlet does: the
 //! first IPv4 address, else the first IPv6 one.
 //!
+//! Every answer about a login is HTTP 200, as the protocol requires, refusals included; one
+//! whose server cannot take it now (draining, or unreachable) names that server in
+//! [`DRAINING_HEADER`], which a mailproxy answers as temporarily unavailable.
+//!
 //! The files (and the shared secret's) are polled for changes (see [`crate::mounted_file`],
 //! every [`LookupdConfig::reload_interval`]). A file that fails to parse is logged and the
 //! previous content keeps serving. A changed secret is required from then on, and the previous
@@ -83,9 +87,10 @@ pub struct LookupdConfig {
     pub route_table: PathBuf,
     /// The directory file, see [`directory`]; without it only the table's pins answer.
     pub directory: Option<PathBuf>,
-    /// When set, requests without the `X-Mailproxy-Lookup-Secret` this file holds get 403. The
-    /// file is followed like the others; after a change the previous secret is still accepted
-    /// for `secret_overlap`, so that proxies that have not seen the new one yet keep working.
+    /// When set, requests without the `X-Mailproxy-Lookup-Secret` this file holds get 403 (an
+    /// empty file is refused). The file is followed like the others; after a change the
+    /// previous secret is still accepted for `secret_overlap`, so that proxies that have not
+    /// seen the new one yet keep working.
     pub secret_file: Option<PathBuf>,
     pub secret_overlap: Duration,
     /// `Auth-Wait` of a refusal (whole seconds).
@@ -139,6 +144,11 @@ pub enum LookupdError {
     Tls(String),
     #[error("the secret in {path} cannot be an HTTP header value (one line of printable text)")]
     BadSecret { path: PathBuf },
+    #[error(
+        "the secret file {path} is empty: put the shared secret in it, or leave out \
+         --secret-file to answer lookups without one"
+    )]
+    EmptySecret { path: PathBuf },
 }
 
 /// How a request was answered, the label of `mailproxy_lookupd_requests_total{outcome}`.
@@ -146,16 +156,19 @@ pub enum LookupdError {
 pub enum RequestOutcome {
     /// `Auth-Status: OK`.
     Found,
-    /// `Auth-Status: login failed` (unknown account, unsupported method).
+    /// `Auth-Status: login failed` (unknown account, a login name, method or protocol lookupd
+    /// cannot route).
     Refused,
     /// `Auth-Status: login failed` with `x-mailproxy-draining`: the account's server is
     /// draining.
     Draining,
-    /// 400 or 405: a required header missing or unusable.
+    /// 400 or 405: not a lookup request (not a GET, or without `Auth-Method`, `Auth-User` or
+    /// `Auth-Protocol`).
     BadRequest,
     /// 403: the shared secret was missing or wrong.
     Forbidden,
-    /// 503: the server's host name did not resolve.
+    /// Answered like [`RequestOutcome::Draining`]: the account's server cannot be reached (its
+    /// host name does not resolve, or the route table does not list it).
     Unavailable,
 }
 
@@ -383,7 +396,6 @@ where
 struct Ask {
     user: String,
     protocol: Protocol,
-    method: String,
 }
 
 impl Shared {
@@ -403,6 +415,8 @@ impl Shared {
         peer: SocketAddr,
     ) -> (RequestOutcome, Response<Full<Bytes>>) {
         let headers = request.headers();
+        // No answer about any account, so no Auth-Status: a refusal would tell the proxy that
+        // the account does not exist. The status puts the fault on this handler in its log.
         if !self.secret_matches(headers) {
             warn!(%peer, "lookup request without the right shared secret");
             return (
@@ -416,27 +430,24 @@ impl Shared {
                 plain(StatusCode::METHOD_NOT_ALLOWED, "lookups are GET requests"),
             );
         }
+        let client = headers
+            .get("client-ip")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("-");
         let ask = match parse_ask(headers) {
             Ok(ask) => ask,
-            Err(problem) => {
+            Err(Unasked::Malformed(problem)) => {
                 info!(%peer, problem, "bad lookup request");
                 return (
                     RequestOutcome::BadRequest,
                     plain(StatusCode::BAD_REQUEST, problem),
                 );
             }
+            Err(Unasked::Unroutable(problem)) => {
+                info!(%peer, client, problem, "lookup refused");
+                return (RequestOutcome::Refused, self.refusal());
+            }
         };
-        let client = headers
-            .get("client-ip")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("-");
-        if !matches!(
-            ask.method.to_ascii_lowercase().as_str(),
-            "plain" | "login" | "username"
-        ) {
-            info!(%peer, client, user = %ask.user, method = %ask.method, "lookup refused: unsupported Auth-Method");
-            return (RequestOutcome::Refused, self.refusal());
-        }
         let table = self.table.load();
         let directory = self.directory.load();
         let routed = match decide(&table, &directory, &ask.user, ask.protocol) {
@@ -447,19 +458,23 @@ impl Shared {
             }
             Decision::Draining { server } => {
                 info!(%peer, client, user = %ask.user, protocol = %ask.protocol, server, "lookup refused: the account's server is draining");
-                return (RequestOutcome::Draining, self.draining_refusal(server));
+                return (RequestOutcome::Draining, self.unavailable_refusal(server));
+            }
+            Decision::Unlisted { server } => {
+                warn!(%peer, client, user = %ask.user, protocol = %ask.protocol, %server, "lookup refused: the directory puts the account on a server the route table does not list");
+                return (
+                    RequestOutcome::Unavailable,
+                    self.unavailable_refusal(&server),
+                );
             }
         };
         let ip = match resolve(&self.dns, routed.host).await {
             Ok(ip) => ip,
             Err(error) => {
-                warn!(host = routed.host, server = routed.server, %error, "cannot resolve a mailbox server");
+                warn!(%peer, client, user = %ask.user, host = routed.host, server = routed.server, %error, "lookup refused: cannot resolve the account's server");
                 return (
                     RequestOutcome::Unavailable,
-                    plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the mailbox server's host name does not resolve",
-                    ),
+                    self.unavailable_refusal(routed.server),
                 );
             }
         };
@@ -499,11 +514,14 @@ impl Shared {
         auth_response(&self.refusal_headers())
     }
 
-    /// A refusal that names the account's draining server, so that a proxy does not fall back
-    /// to a domain's server; other peers (stock nginx) see a plain refusal.
-    fn draining_refusal(&self, server: &str) -> Response<Full<Bytes>> {
+    /// A refusal that names the server holding the account's mailbox, which cannot take the
+    /// login now (draining, or unreachable): a proxy answers the login as temporarily
+    /// unavailable, neither taking the answer for a broken handler's (as any non-200 one) nor
+    /// falling back to a domain's server (as after a plain refusal). Other peers (stock nginx)
+    /// see a plain refusal.
+    fn unavailable_refusal(&self, server: &str) -> Response<Full<Bytes>> {
         let mut headers = self.refusal_headers();
-        // A hand-written table may name a server anything; escaped, it is always a header value.
+        // Hand-written files may name a server anything; escaped, it is always a header value.
         headers.push((DRAINING_HEADER, server.escape_default().to_string()));
         auth_response(&headers)
     }
@@ -516,25 +534,39 @@ impl Shared {
     }
 }
 
-fn parse_ask(headers: &HeaderMap) -> Result<Ask, &'static str> {
-    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let method = text("auth-method").ok_or("no readable Auth-Method header")?;
-    let user = headers
-        .get("auth-user")
-        .and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
-        .ok_or("no UTF-8 Auth-User header")?;
-    let user = unescape_auth_user(user)
+/// Why a request is answered without consulting the route table.
+enum Unasked {
+    /// Not a lookup request at all: a header every lookup carries is missing (400).
+    Malformed(&'static str),
+    /// A lookup of a login lookupd cannot route (a name that is no account's, a method or a
+    /// protocol it does not serve): refused, as Zimbra's servlet refuses it.
+    Unroutable(&'static str),
+}
+
+fn parse_ask(headers: &HeaderMap) -> Result<Ask, Unasked> {
+    let header = |name: &str, missing| headers.get(name).ok_or(Unasked::Malformed(missing));
+    let method = header("auth-method", "no Auth-Method header")?;
+    let user = header("auth-user", "no Auth-User header")?;
+    let protocol = header("auth-protocol", "no Auth-Protocol header")?;
+    let method = method.to_str().unwrap_or_default().to_ascii_lowercase();
+    if !matches!(method.as_str(), "plain" | "login" | "username") {
+        return Err(Unasked::Unroutable("unsupported Auth-Method"));
+    }
+    let user = std::str::from_utf8(user.as_bytes())
+        .ok()
+        .and_then(unescape_auth_user)
         .filter(|user| !user.is_empty())
-        .ok_or("Auth-User is empty or its escapes are not UTF-8")?;
-    let protocol = text("auth-protocol")
-        .ok_or("no readable Auth-Protocol header")?
-        .parse()
-        .map_err(|_| "Auth-Protocol is not imap, imapssl, pop3, pop3ssl, http or httpssl")?;
-    Ok(Ask {
-        user,
-        protocol,
-        method: method.to_string(),
-    })
+        .ok_or(Unasked::Unroutable(
+            "Auth-User is empty or does not decode to UTF-8",
+        ))?;
+    let protocol = protocol
+        .to_str()
+        .ok()
+        .and_then(|protocol| protocol.parse().ok())
+        .ok_or(Unasked::Unroutable(
+            "Auth-Protocol is not imap, imapssl, pop3, pop3ssl, http or httpssl",
+        ))?;
+    Ok(Ask { user, protocol })
 }
 
 /// A lookup-protocol answer: status 200, the given headers, no body.
@@ -594,6 +626,13 @@ fn load_table(path: &Path) -> Result<RouteTable, LookupdError> {
 /// The shared secret a file holds (surrounding white space is not part of it).
 fn load_secret(path: &Path) -> Result<String, LookupdError> {
     let secret = read(path)?.trim().to_string();
+    // A request without the header compares as the empty secret, so an empty secret would
+    // accept every request: with --secret-file, a secret is required.
+    if secret.is_empty() {
+        return Err(LookupdError::EmptySecret {
+            path: path.to_path_buf(),
+        });
+    }
     if HeaderValue::from_str(&secret).is_err() {
         return Err(LookupdError::BadSecret {
             path: path.to_path_buf(),
@@ -651,10 +690,19 @@ async fn reload_loop(shared: Arc<Shared>) {
             let secret = secret_path.as_deref().map(|path| {
                 reload_if_changed(&shared, "secret", path, secret_stamp, |path| {
                     let current = load_secret(path)?;
+                    let loaded = shared.secrets.load();
+                    // The kubelet also swaps the file when another key of its Secret changes:
+                    // a new stamp with the same secret must not cut the overlap of the one
+                    // before it short.
+                    if loaded
+                        .as_ref()
+                        .is_some_and(|secrets| secrets.current == current)
+                    {
+                        debug!(path = %path.display(), "secret file replaced; the secret is unchanged");
+                        return Ok(());
+                    }
                     let until = Instant::now() + shared.config.secret_overlap;
-                    let previous = shared
-                        .secrets
-                        .load()
+                    let previous = loaded
                         .as_ref()
                         .map(|secrets| (secrets.current.clone(), until));
                     shared
