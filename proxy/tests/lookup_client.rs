@@ -96,12 +96,13 @@ impl Drop for Silent {
     }
 }
 
-/// Answers every request head it reads with `answer`; closes after each answer unless
-/// `keep_alive`. Records the request heads.
+/// Answers every request head it reads with `answer` (see [`Scripted::answer_with`]); closes
+/// after each answer unless `keep_alive`. Records the request heads.
 struct Scripted {
     url: String,
     connections: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<String>>>,
+    answer: Arc<std::sync::Mutex<Arc<Vec<u8>>>>,
     task: JoinHandle<()>,
 }
 
@@ -111,11 +112,12 @@ impl Scripted {
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (counter, log) = (connections.clone(), requests.clone());
-        let answer = Arc::new(answer);
+        let answer = Arc::new(std::sync::Mutex::new(Arc::new(answer)));
+        let current = answer.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let (log, answer) = (log.clone(), answer.clone());
+                let (log, current) = (log.clone(), current.clone());
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     loop {
@@ -132,6 +134,7 @@ impl Scripted {
                         log.lock()
                             .await
                             .push(String::from_utf8_lossy(&head).into_owned());
+                        let answer = current.lock().unwrap().clone();
                         if stream.write_all(&answer).await.is_err() || !keep_alive {
                             return;
                         }
@@ -143,8 +146,14 @@ impl Scripted {
             url,
             connections,
             requests,
+            answer,
             task,
         }
+    }
+
+    /// Answers later requests with `answer`.
+    fn answer_with(&self, answer: Vec<u8>) {
+        *self.answer.lock().unwrap() = Arc::new(answer);
     }
 }
 
@@ -223,6 +232,7 @@ async fn outcome_of(answer: &[u8]) -> Result<LookupOutcome, HandlerFailure> {
             assert_eq!(attempts.len(), 1);
             Err(attempts.remove(0).failure)
         }
+        Err(LookupError::BadAnswer { error, .. }) => Err(error.into()),
         Err(other) => panic!("unexpected error {other}"),
     }
 }
@@ -425,6 +435,158 @@ async fn all_handlers_failing_is_a_clear_error_within_bounded_time() {
     assert_eq!(
         empty.lookup(&alice, AuthMethod::Username).await,
         Err(LookupError::NoHandlers)
+    );
+}
+
+/// A handler's raw answer that is [`alice_on_mbs1`].
+fn alice_answer() -> Vec<u8> {
+    head(&[
+        "HTTP/1.1 200 OK",
+        "Auth-Status: OK",
+        "Auth-Server: 127.0.0.1",
+        "Auth-Port: 1143",
+        "Auth-User: alice@example.com",
+        "Auth-Cache-Alias: TRUE",
+        "Content-Length: 0",
+    ])
+}
+
+/// A 4xx or a malformed answer comes from this login (a 431 for a huge Auth-User): the lookup
+/// fails, no other handler is asked, and the handler stays in rotation for other logins.
+#[tokio::test]
+async fn an_unusable_answer_fails_the_lookup_and_leaves_the_handler_up() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let healthy = RunningLookupd::start(files.config()).await;
+    for (answer, expected) in [
+        (
+            head(&[
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "Content-Length: 0",
+            ]),
+            ResponseError::Status { status: 431 },
+        ),
+        (
+            head(&["HTTP/1.1 200 OK", "Content-Length: 0"]),
+            ResponseError::MissingStatus,
+        ),
+    ] {
+        let bad = Scripted::start(answer, false).await;
+        let client = client(
+            &[bad.url.clone(), healthy.url()],
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        let mut registry = Registry::default();
+        client.register(&mut registry);
+        let alice = login("alice", Protocol::Imap);
+        let asked_before = healthy.lookupd.requests(RequestOutcome::Found);
+
+        let error = client
+            .lookup(&alice, AuthMethod::Username)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            LookupError::BadAnswer {
+                handler: bad.url.parse().unwrap(),
+                error: expected.clone(),
+            }
+        );
+        assert!(
+            client.handlers().iter().all(|h| h.down_for.is_none()),
+            "{expected}: {:?}",
+            client.handlers()
+        );
+        assert_eq!(
+            healthy.lookupd.requests(RequestOutcome::Found),
+            asked_before,
+            "no failover"
+        );
+        let failures = format!(
+            "mailproxy_lookup_handler_failures_total{{handler=\"{}\",reason=\"response\"}}",
+            bad.url
+        );
+        assert_eq!(sample(&registry, &failures), Some(1.0));
+
+        // The rotation goes on through both.
+        assert_eq!(
+            client.lookup(&alice, AuthMethod::Username).await,
+            Ok(alice_on_mbs1())
+        );
+        assert!(client.lookup(&alice, AuthMethod::Username).await.is_err());
+        assert_eq!(bad.requests.lock().await.len(), 2);
+    }
+}
+
+/// A 5xx says the handler is failing, whoever asks: it is marked down and the next one answers.
+#[tokio::test]
+async fn a_server_error_marks_the_handler_down_and_fails_over() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let healthy = RunningLookupd::start(files.config()).await;
+    // A 403 is a handler that does not take this proxy's lookup secret (a rotation that
+    // reached it first, or not yet): it fails every login alike.
+    for status in ["HTTP/1.1 503 Service Unavailable", "HTTP/1.1 403 Forbidden"] {
+        let failing = Scripted::start(head(&[status, "Content-Length: 0"]), false).await;
+        let client = client(
+            &[failing.url.clone(), healthy.url()],
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            client
+                .lookup(&login("alice", Protocol::Imap), AuthMethod::Username)
+                .await,
+            Ok(alice_on_mbs1()),
+            "{status}"
+        );
+        let down: Vec<bool> = client
+            .handlers()
+            .iter()
+            .map(|handler| handler.down_for.is_some())
+            .collect();
+        assert_eq!(down, [true, false], "{status}");
+    }
+}
+
+/// When every handler in rotation fails, those marked down are tried before the login fails:
+/// one may be back before its down period ends.
+#[tokio::test]
+async fn handlers_marked_down_are_tried_when_the_others_fail() {
+    let recovering = Scripted::start(
+        head(&["HTTP/1.1 503 Service Unavailable", "Content-Length: 0"]),
+        false,
+    )
+    .await;
+    let client = client(
+        std::slice::from_ref(&recovering.url),
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let alice = login("alice", Protocol::Imap);
+    assert!(client.lookup(&alice, AuthMethod::Username).await.is_err());
+    assert!(client.handlers()[0].down_for.is_some());
+
+    recovering.answer_with(alice_answer());
+    let refusing = refusing_url().await;
+    client.set_handlers(
+        [refusing.as_str(), recovering.url.as_str()]
+            .iter()
+            .map(|url| url.parse().unwrap())
+            .collect(),
+    );
+    assert_eq!(
+        client.lookup(&alice, AuthMethod::Username).await,
+        Ok(alice_on_mbs1())
+    );
+    let down: Vec<bool> = client
+        .handlers()
+        .iter()
+        .map(|handler| handler.down_for.is_some())
+        .collect();
+    assert_eq!(
+        down,
+        [true, false],
+        "the refusing one is down, the other back"
     );
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use lookup_support::{DIRECTORY, Files, RunningLookupd, TABLE, eventually, login};
 use mailproxy::dns::Dns;
 use mailproxy::lookupd::RequestOutcome;
-use mailproxy::route::cache::{RouteCache, RouteCacheConfig};
+use mailproxy::route::cache::{AliasScope, RouteCache, RouteCacheConfig};
 use mailproxy::route::lookup::{AuthMethod, LookupClient, LookupClientConfig, LookupOutcome};
 use mailproxy::route::resolver::{ResolveError, Resolver, RouteSource};
 use mailproxy::route::table::TableHandle;
@@ -696,10 +696,13 @@ async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_nam
     table.lookup_handlers = vec![handler.url()];
     let resolver = proxy(table);
     let staying = Upstream::new("127.0.0.1", 7143);
-    eventually("localhost resolved", Duration::from_secs(10), async || {
-        resolver.server_at(&staying, Protocol::Imap)
-    })
-    .await;
+    assert_eq!(
+        resolver
+            .server_at(&staying, Protocol::Imap)
+            .await
+            .as_deref(),
+        Some("named")
+    );
 
     let resolved = resolver
         .resolve(&login("staying@example.com", Protocol::Imap))
@@ -709,7 +712,9 @@ async fn a_learned_route_finds_its_server_by_the_address_of_the_servers_host_nam
     assert_eq!(resolved.route.upstream, staying);
     assert_eq!(resolved.server.as_deref(), Some("named"));
     assert_eq!(
-        resolver.server_at(&Upstream::new("127.0.0.1", 9999), Protocol::Imap),
+        resolver
+            .server_at(&Upstream::new("127.0.0.1", 9999), Protocol::Imap)
+            .await,
         None,
         "an address of the servers on none of their ports is neither of them"
     );
@@ -727,4 +732,90 @@ async fn an_account_pinned_to_a_draining_server_is_unavailable() {
         .insert("pinned@fallback.example".to_string(), "old".to_string());
     let resolver = proxy(table);
     assert_unavailable_on_old(&resolver, &login("Pinned@fallback.example", Protocol::Imap)).await;
+}
+
+/// Right after start the table's host names are not resolved yet: a login routed to one of
+/// their addresses waits for them, rather than going there without its server's settings (TLS
+/// upstream, drain).
+#[tokio::test]
+async fn a_login_right_after_start_is_matched_to_its_server_by_host_name() {
+    let table = RouteTable::from_json(
+        r#"{"servers": {"named": {"host": "localhost", "ports": {"imap": 7143}}}}"#,
+    )
+    .unwrap();
+    let resolver = proxy(table);
+    let bob = login("bob@example.com", Protocol::Imap);
+    resolver
+        .cache()
+        .put_route(
+            bob.protocol,
+            &bob.user,
+            bob.client_ip,
+            &Upstream::new("127.0.0.1", 7143),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    // Nothing above yielded to the task resolving the names.
+    let resolved = resolver.resolve(&bob).await.unwrap();
+    assert_eq!(resolved.source, RouteSource::Cache);
+    assert_eq!(resolved.server.as_deref(), Some("named"));
+}
+
+/// `cacheTtlSeconds: 0` turns the route cache off: every login asks a handler, and nothing is
+/// stored (memcached would keep an entry with expiry 0 for ever).
+#[tokio::test]
+async fn a_zero_ttl_caches_nothing() {
+    let files = Files::new(TABLE, DIRECTORY);
+    let lookupd = RunningLookupd::start(files.config()).await;
+    let ids = http_support::Handler::start(
+        [].into(),
+        [("id-alice".to_string(), at("127.0.0.1", 8080))].into(),
+    )
+    .await;
+    for memcached in [None, Some(Memcached::start().unwrap())] {
+        let servers: Vec<String> = memcached.iter().map(Memcached::addr).collect();
+        let resolver = proxy(proxy_table(&[lookupd.url()], &servers, 0));
+        let by_ids = proxy(proxy_table(&[ids.url()], &servers, 0));
+        let cache = resolver.cache();
+        for user in ["alice@example.com", "al"] {
+            let alice = login(user, Protocol::Imap);
+            for _ in 0..2 {
+                let resolved = resolver.resolve(&alice).await.unwrap();
+                assert_eq!(resolved.source, RouteSource::Lookup, "{user}");
+            }
+            assert_eq!(
+                cache
+                    .get_route(alice.protocol, user, alice.client_ip)
+                    .await
+                    .unwrap(),
+                None
+            );
+        }
+        let al = login("al", Protocol::Imap);
+        let scope = AliasScope::of(&al).unwrap();
+        assert_eq!(cache.get_alias("al", scope).await.unwrap(), None);
+        assert_eq!(
+            cache
+                .get_route(al.protocol, "alice@example.com", al.client_ip)
+                .await
+                .unwrap(),
+            None
+        );
+
+        let id = login("id-alice", Protocol::Http);
+        for _ in 0..2 {
+            let resolved = by_ids.resolve_account_id(&id).await.unwrap();
+            assert_eq!(resolved.source, RouteSource::Lookup);
+        }
+        assert_eq!(
+            by_ids
+                .cache()
+                .get_route_by_id(id.protocol, &id.user)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 8);
 }

@@ -12,8 +12,9 @@
 //! mid-login cancels nothing the others wait for.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -27,7 +28,7 @@ use prometheus_client::registry::Registry;
 use super::cache::keys::is_qualified;
 use super::cache::{AliasScope, RouteCache};
 use super::lookup::{AuthMethod, LookupClient, LookupError, LookupOutcome};
-use super::table::{REFRESH_INTERVAL, ServerAddresses, TableHandle};
+use super::table::{AddressIndex, REFRESH_INTERVAL, ServerAddresses, TableHandle, ip_literal};
 use super::{LoginContext, Protocol, Route, Upstream};
 use crate::dns::Dns;
 
@@ -224,14 +225,23 @@ impl Resolver {
 
     /// The current table's MailboxServer at `upstream` for a login of `protocol`: by its host as
     /// the table names it, or by the address its host name resolved to (see
-    /// [`Resolver::follow_table`]).
-    pub fn server_at(&self, upstream: &Upstream, protocol: Protocol) -> Option<String> {
-        server_at(
-            &self.inner.table.current(),
-            &self.inner.addresses,
-            upstream,
-            protocol,
-        )
+    /// [`Resolver::follow_table`]; waits for the table's names to be resolved).
+    pub async fn server_at(&self, upstream: &Upstream, protocol: Protocol) -> Option<String> {
+        self.server_of(&self.inner.table.current(), upstream, protocol)
+            .await
+    }
+
+    /// The MailboxServer of `table` at `upstream`. A route learned for an address is matched
+    /// only once the index has resolved `table`'s host names: before that, a server that needs
+    /// TLS upstream or is draining would be taken for no server, and get neither.
+    async fn server_of(
+        &self,
+        table: &Arc<RouteTable>,
+        upstream: &Upstream,
+        protocol: Protocol,
+    ) -> Option<String> {
+        let index = self.inner.addresses.index_for(table).await;
+        server_at(table, &index, upstream, protocol)
     }
 
     fn apply(&self, table: &RouteTable) {
@@ -390,15 +400,10 @@ impl Resolver {
     async fn cached_serving(
         &self,
         login: &LoginContext,
-        table: &RouteTable,
+        table: &Arc<RouteTable>,
     ) -> Option<(Route, Option<String>)> {
         let route = self.cached(login).await?;
-        let server = server_at(
-            table,
-            &self.inner.addresses,
-            &route.upstream,
-            login.protocol,
-        );
+        let server = self.server_of(table, &route.upstream, login.protocol).await;
         if is_draining(table, server.as_deref()) {
             tracing::debug!(user = %login.user, server = ?server, "cached route points at a draining server; resolving the login again");
             self.forget(login, &route).await;
@@ -411,10 +416,10 @@ impl Resolver {
     async fn cached_by_id_serving(
         &self,
         login: &LoginContext,
-        table: &RouteTable,
+        table: &Arc<RouteTable>,
     ) -> Option<(Upstream, Option<String>)> {
         let upstream = self.cached_by_id(login).await?;
-        let server = server_at(table, &self.inner.addresses, &upstream, login.protocol);
+        let server = self.server_of(table, &upstream, login.protocol).await;
         if is_draining(table, server.as_deref()) {
             tracing::debug!(account_id = %login.user, server = ?server, "cached route points at a draining server; resolving the account id again");
             self.forget_account_id(login).await;
@@ -472,42 +477,58 @@ impl Resolver {
     }
 
     async fn flight(&self, login: &LoginContext, method: AuthMethod) -> FlightResult {
-        let key = FlightKey::of(login, method);
-        let flight = {
+        self.fly(FlightKey::of(login, method), || {
+            let resolver = self.clone();
+            let login = login.clone();
+            async move {
+                match method {
+                    AuthMethod::Username => resolver.lookup_and_cache(&login).await,
+                    AuthMethod::ZimbraId => resolver.lookup_id_and_cache(&login).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Joins the flight of `key`, or starts one with `lookup` for later misses to join.
+    async fn fly<Lookup, Answer>(&self, key: FlightKey, lookup: Lookup) -> FlightResult
+    where
+        Lookup: FnOnce() -> Answer,
+        Answer: Future<Output = FlightResult> + Send + 'static,
+    {
+        let (flight, answer) = {
             let mut flights = self.inner.flights.lock().expect("flight map lock");
             if let Some(flight) = flights.get(&key) {
                 self.inner.metrics.coalesced.inc();
-                flight.clone()
+                (flight.clone(), None)
             } else {
-                let resolver = self.clone();
-                let login = login.clone();
-                let task_key = key.clone();
-                let task = tokio::spawn(async move {
-                    let result = match method {
-                        AuthMethod::Username => resolver.lookup_and_cache(&login).await,
-                        AuthMethod::ZimbraId => resolver.lookup_id_and_cache(&login).await,
-                    };
-                    resolver
-                        .inner
-                        .flights
-                        .lock()
-                        .expect("flight map lock")
-                        .remove(&task_key);
-                    result
-                });
+                let (answer, answered) = tokio::sync::oneshot::channel();
                 let flight = async move {
-                    task.await.unwrap_or_else(|error| {
+                    answered.await.unwrap_or_else(|_| {
                         Err(ResolveError::Unavailable {
-                            reason: format!("the lookup task failed: {error}"),
+                            reason: "the lookup task ended without an answer".to_string(),
                         })
                     })
                 }
                 .boxed()
                 .shared();
-                flights.insert(key, flight.clone());
-                flight
+                flights.insert(key.clone(), flight.clone());
+                (flight, Some(answer))
             }
         };
+        // Spawned once the lock is released: a runtime that is shutting down drops the task at
+        // once, on this thread, and its landing takes the lock.
+        if let Some(answer) = answer {
+            let landing = Landing {
+                resolver: self.clone(),
+                key,
+            };
+            let lookup = lookup();
+            tokio::spawn(async move {
+                let _landing = landing;
+                let _ = answer.send(lookup.await);
+            });
+        }
         flight.await
     }
 
@@ -526,12 +547,9 @@ impl Resolver {
         let outcome = self.inner.lookup.lookup(login, AuthMethod::Username).await;
         let refusal = match outcome {
             Ok(LookupOutcome::Found { route, cache_alias }) => {
-                let server = server_at(
-                    &table,
-                    &self.inner.addresses,
-                    &route.upstream,
-                    login.protocol,
-                );
+                let server = self
+                    .server_of(&table, &route.upstream, login.protocol)
+                    .await;
                 refuse_draining(login, &table, server.as_deref())?;
                 self.remember(login, &route, cache_alias, &table).await;
                 return Ok(Resolved {
@@ -564,19 +582,16 @@ impl Resolver {
         }
         match self.inner.lookup.lookup(login, AuthMethod::ZimbraId).await {
             Ok(LookupOutcome::Found { route, .. }) => {
-                let server = server_at(
-                    &table,
-                    &self.inner.addresses,
-                    &route.upstream,
-                    login.protocol,
-                );
+                let server = self
+                    .server_of(&table, &route.upstream, login.protocol)
+                    .await;
                 refuse_draining(login, &table, server.as_deref())?;
-                let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
-                if let Err(error) = self
-                    .inner
-                    .cache
-                    .put_route_by_id(login.protocol, &login.user, &route.upstream, ttl)
-                    .await
+                if let Some(ttl) = cache_ttl(&table)
+                    && let Err(error) = self
+                        .inner
+                        .cache
+                        .put_route_by_id(login.protocol, &login.user, &route.upstream, ttl)
+                        .await
                 {
                     tracing::debug!(%error, "could not cache a learned route");
                 }
@@ -606,8 +621,10 @@ impl Resolver {
         cache_alias: bool,
         table: &RouteTable,
     ) {
+        let Some(ttl) = cache_ttl(table) else {
+            return;
+        };
         let cache = &self.inner.cache;
-        let ttl = Duration::from_secs(table.settings.cache_ttl_seconds);
         let rewritten = route
             .account
             .as_deref()
@@ -649,6 +666,26 @@ impl Resolver {
     }
 }
 
+/// Takes a flight off the map when its task ends, however it ends (an answer, a panic, an abort
+/// when the runtime stops): a finished flight left there would answer every later miss of its
+/// key with its failure.
+struct Landing {
+    resolver: Resolver,
+    key: FlightKey,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        // This may run while a panic unwinds, where a second panic would abort the process.
+        self.resolver
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
 /// The route of the login's domain in the table, else `otherwise`.
 fn table_domain(login: &LoginContext, table: &RouteTable, otherwise: ResolveError) -> FlightResult {
     let domain = login.user.rsplit_once('@').map(|(_, domain)| domain);
@@ -673,6 +710,13 @@ fn pinned(name: &str, server: &RouteServer, protocol: Protocol, source: RouteSou
         source,
         server: Some(name.to_string()),
     }
+}
+
+/// How long a learned route is cached; `None` when `cacheTtlSeconds` is 0, which turns caching
+/// off (memcached would take an expiry of 0 as "never").
+fn cache_ttl(table: &RouteTable) -> Option<Duration> {
+    let seconds = table.settings.cache_ttl_seconds;
+    (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
 fn is_draining(table: &RouteTable, server: Option<&str>) -> bool {
@@ -716,15 +760,18 @@ fn draining(login: &LoginContext, server: &str) -> ResolveError {
 /// drain must hold for it all the same).
 fn server_at(
     table: &RouteTable,
-    addresses: &ServerAddresses,
+    addresses: &AddressIndex,
     upstream: &Upstream,
     protocol: Protocol,
 ) -> Option<String> {
     let port = i32::from(upstream.port);
-    let ip = upstream.host.parse::<IpAddr>().ok();
-    let resolved = ip.map(|ip| addresses.servers_at(ip)).unwrap_or_default();
-    let at_host = |name: &String, server: &RouteServer| {
-        server.host.eq_ignore_ascii_case(&upstream.host) || resolved.contains(name)
+    let ip = ip_literal(&upstream.host);
+    let resolved = ip.map_or(&[][..], |ip| addresses.servers_at(ip));
+    // Addresses compare parsed: `fd00::5` is `fd00:0:0:0:0:0:0:5`, `::ffff:10.0.0.5` is
+    // `10.0.0.5`, whichever way the table and the handler write them.
+    let at_host = |name: &String, server: &RouteServer| match (ip, ip_literal(&server.host)) {
+        (Some(ip), Some(server_ip)) => ip == server_ip,
+        _ => server.host.eq_ignore_ascii_case(&upstream.host) || resolved.contains(name),
     };
     let find = |serves: &dyn Fn(&RouteServer) -> bool| {
         table
@@ -744,6 +791,8 @@ fn server_at(
 
 #[cfg(test)]
 mod tests {
+    use super::super::cache::RouteCacheConfig;
+    use super::super::lookup::LookupClientConfig;
     use super::*;
 
     fn login(user: &str) -> LoginContext {
@@ -772,7 +821,7 @@ mod tests {
             }}"#,
         )
         .unwrap();
-        let addresses = ServerAddresses::new(Dns::from_system_config());
+        let addresses = AddressIndex::default();
         let at = |port, protocol| {
             server_at(
                 &table,
@@ -785,6 +834,92 @@ mod tests {
         assert_eq!(at(7143, Protocol::Pop3).as_deref(), Some("b"));
         assert_eq!(at(7110, Protocol::Imap).as_deref(), Some("a"));
         assert_eq!(at(9999, Protocol::Imap), None);
+    }
+
+    /// Handlers and tables write one address in several ways; each finds the server.
+    #[test]
+    fn a_server_named_by_an_address_is_found_however_the_address_is_written() {
+        let table = RouteTable::from_json(
+            r#"{"servers": {
+                "v6": {"host": "fd00::5", "ports": {"imap": 7143}},
+                "v4": {"host": "10.0.0.5", "ports": {"imap": 7143}},
+                "long": {"host": "fd00:0:0:0:0:0:0:6", "ports": {"imap": 7143}}
+            }}"#,
+        )
+        .unwrap();
+        let addresses = AddressIndex::default();
+        let at = |host: &str| {
+            server_at(
+                &table,
+                &addresses,
+                &Upstream::new(host, 7143),
+                Protocol::Imap,
+            )
+        };
+        assert_eq!(at("fd00:0:0:0:0:0:0:5").as_deref(), Some("v6"));
+        assert_eq!(at("FD00::5").as_deref(), Some("v6"));
+        assert_eq!(at("::ffff:10.0.0.5").as_deref(), Some("v4"));
+        assert_eq!(at("fd00::6").as_deref(), Some("long"));
+        assert_eq!(at("fd00::7"), None);
+    }
+
+    fn resolver() -> Resolver {
+        Resolver::new(
+            TableHandle::fixed(RouteTable::default()),
+            RouteCache::new(RouteCacheConfig::default()),
+            Arc::new(
+                LookupClient::new(LookupClientConfig {
+                    system_roots: false,
+                    ..LookupClientConfig::default()
+                })
+                .unwrap(),
+            ),
+            Dns::from_system_config(),
+        )
+    }
+
+    fn found() -> FlightResult {
+        Ok(Resolved {
+            route: Route {
+                upstream: Upstream::new("10.0.0.5", 7143),
+                account: None,
+            },
+            source: RouteSource::Lookup,
+            server: None,
+        })
+    }
+
+    /// A lookup task that panics must not leave its failure for every later login of the key.
+    #[tokio::test]
+    async fn a_flight_whose_task_panics_is_not_joined_later() {
+        let resolver = resolver();
+        let key = key(&login("alice@example.com"));
+        let failed = resolver
+            .fly(key.clone(), || async { panic!("a bug in the lookup") })
+            .await;
+        assert!(
+            matches!(&failed, Err(ResolveError::Unavailable { reason }) if reason.contains("ended without an answer")),
+            "{failed:?}"
+        );
+        assert_eq!(resolver.fly(key, || async { found() }).await, found());
+    }
+
+    /// The runtime stopping aborts a lookup task mid-flight.
+    #[test]
+    fn a_flight_whose_task_is_aborted_leaves_the_map() {
+        let resolver = resolver();
+        let key = key(&login("alice@example.com"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let waiting = resolver.fly(key.clone(), std::future::pending::<FlightResult>);
+            let _ = tokio::time::timeout(Duration::from_millis(1), waiting).await;
+        });
+        assert!(resolver.inner.flights.lock().unwrap().contains_key(&key));
+        drop(runtime);
+        assert!(resolver.inner.flights.lock().unwrap().is_empty());
     }
 
     #[test]

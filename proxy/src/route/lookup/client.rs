@@ -2,14 +2,19 @@
 //!
 //! Zimbra's proxy rotates through its handlers, fails over to the next one on a connect error
 //! or timeout (15 s by default), and marks a failed handler down (60 s by default) so that
-//! later logins do not wait on it again. This client does the same, and also fails over on an
-//! answer it cannot use (non-200, malformed): another handler may well answer properly, and a
-//! handler that answers garbage is as useless as one that does not answer.
+//! later logins do not wait on it again. This client does the same, and treats a broken HTTP
+//! exchange and a 5xx answer (the handler itself is failing) the same way.
 //!
-//! When every handler is marked down, a lookup tries them all anyway rather than failing at
-//! once: after a brief outage of all handlers, logins then resume as soon as one is back
-//! instead of failing for the rest of the down period. A lookup's time stays bounded by the
-//! number of handlers times the timeout.
+//! Any other answer it cannot use (a 4xx, a 200 without the lookup protocol's headers) fails
+//! this lookup alone, as in Zimbra: the handler is up, and such an answer is most often caused
+//! by the login (a 431 for a huge `Auth-User`), so the next handler would answer it the same.
+//! Marking handlers down for it would let one client's logins take every handler out of
+//! rotation for everyone.
+//!
+//! Handlers marked down are tried last, after those in rotation have failed, rather than not at
+//! all: after a brief outage, logins then resume as soon as one is back instead of failing for
+//! the rest of the down period. A lookup's time stays bounded by the number of handlers times
+//! the timeout.
 
 use std::fmt;
 use std::str::FromStr;
@@ -238,6 +243,12 @@ pub enum LookupError {
     Request(#[from] RequestError),
     #[error("every Route Lookup Handler failed: {}", describe_attempts(.attempts))]
     AllHandlersFailed { attempts: Vec<FailedAttempt> },
+    /// A handler answered this login with something it cannot use; no other is asked.
+    #[error("Route Lookup Handler {handler} gave no usable answer: {error}")]
+    BadAnswer {
+        handler: HandlerUrl,
+        error: ResponseError,
+    },
 }
 
 fn describe_attempts(attempts: &[FailedAttempt]) -> String {
@@ -495,7 +506,7 @@ impl LookupClient {
     }
 
     /// Asks where `login` lives: the next handler in rotation first, then the others in turn
-    /// until one answers. Handlers marked down are skipped unless all are.
+    /// until one answers, those marked down last.
     pub async fn lookup(
         &self,
         login: &LoginContext,
@@ -530,7 +541,6 @@ impl LookupClient {
                     return Ok(outcome);
                 }
                 Err(failure) => {
-                    warn!(handler = %url, user = %login.user, protocol = %login.protocol, error = %failure, down_for = ?down_period, "route lookup handler failed; marking it down");
                     self.metrics
                         .failures
                         .get_or_create(&FailureLabels {
@@ -538,11 +548,24 @@ impl LookupClient {
                             reason: failure.reason(),
                         })
                         .inc();
-                    self.mark(&url, Some(Instant::now() + down_period));
-                    attempts.push(FailedAttempt {
-                        handler: url,
-                        failure,
-                    });
+                    match failure {
+                        HandlerFailure::Response(error) if !is_server_error(&error) => {
+                            warn!(handler = %url, user = %login.user, protocol = %login.protocol, %error, "route lookup handler gave no usable answer for this login; failing the lookup, the handler stays in rotation");
+                            self.metrics.finish("failed", started);
+                            return Err(LookupError::BadAnswer {
+                                handler: url,
+                                error,
+                            });
+                        }
+                        failure => {
+                            warn!(handler = %url, user = %login.user, protocol = %login.protocol, error = %failure, down_for = ?down_period, "route lookup handler failed; marking it down");
+                            self.mark(&url, Some(Instant::now() + down_period));
+                            attempts.push(FailedAttempt {
+                                handler: url,
+                                failure,
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -550,28 +573,22 @@ impl LookupClient {
         Err(LookupError::AllHandlersFailed { attempts })
     }
 
-    /// The handlers to try, in order: those in rotation starting at the next turn, or all of
-    /// them when every one is marked down.
+    /// The handlers to try, in order: those in rotation starting at the next turn, then those
+    /// marked down, likewise.
     fn plan(&self) -> (Vec<HandlerUrl>, Duration, Duration) {
         let state = self.lock();
         let now = Instant::now();
-        let mut plan: Vec<HandlerUrl> = state
-            .handlers
-            .iter()
-            .filter(|entry| !entry.is_down(now))
-            .map(|entry| entry.url.clone())
-            .collect();
-        if plan.is_empty() {
-            plan = state
-                .handlers
-                .iter()
-                .map(|entry| entry.url.clone())
-                .collect();
+        let (mut plan, mut down): (Vec<&Entry>, Vec<&Entry>) =
+            state.handlers.iter().partition(|entry| !entry.is_down(now));
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        for handlers in [&mut plan, &mut down] {
+            let len = handlers.len();
+            if len > 0 {
+                handlers.rotate_left(turn % len);
+            }
         }
-        if !plan.is_empty() {
-            let turn = self.next.fetch_add(1, Ordering::Relaxed) % plan.len();
-            plan.rotate_left(turn);
-        }
+        plan.append(&mut down);
+        let plan = plan.into_iter().map(|entry| entry.url.clone()).collect();
         (plan, state.timeout, state.down_period)
     }
 
@@ -624,6 +641,13 @@ impl LookupClient {
         // holding the lock leaves nothing half-done.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A 5xx, or a refusal of this proxy (401, 403: a lookup secret the handler does not take, as
+/// during a rotation that reached some handlers only): the handler fails whatever login is
+/// asked, so it is marked down and another one tried.
+fn is_server_error(error: &ResponseError) -> bool {
+    matches!(error, ResponseError::Status { status } if (500..600).contains(status) || matches!(status, 401 | 403))
 }
 
 /// hyper-util's errors say "client error (Connect)"; the cause is further down the chain.
@@ -729,26 +753,24 @@ mod tests {
     }
 
     #[test]
-    fn rotation_skips_down_handlers_unless_all_are_down() {
+    fn rotation_puts_down_handlers_last() {
         let client = client(&["http://a/", "http://b/", "http://c/"]);
         let first: Vec<String> = (0..3).map(|_| client.plan().0[0].to_string()).collect();
         assert_eq!(first, ["http://a/", "http://b/", "http://c/"]);
         let b: HandlerUrl = "http://b/".parse().unwrap();
-        client.mark(&b, Some(Instant::now() + Duration::from_secs(60)));
+        let down = || Some(Instant::now() + Duration::from_secs(60));
+        client.mark(&b, down());
         for _ in 0..4 {
             let plan = client.plan().0;
-            assert_eq!(plan.len(), 2);
-            assert!(!plan.contains(&b));
+            assert_eq!(plan.len(), 3);
+            assert_eq!(plan[2], b, "{plan:?}");
         }
         for url in ["http://a/", "http://c/"] {
-            client.mark(
-                &url.parse().unwrap(),
-                Some(Instant::now() + Duration::from_secs(60)),
-            );
+            client.mark(&url.parse().unwrap(), down());
         }
         assert_eq!(client.plan().0.len(), 3);
         client.mark(&b, Some(Instant::now()));
-        assert_eq!(client.plan().0, vec![b.clone()]);
+        assert_eq!(client.plan().0[0], b);
     }
 
     #[test]

@@ -11,7 +11,8 @@ mod file;
 
 use std::sync::Arc;
 
-pub use addresses::{REFRESH_INTERVAL, ServerAddresses};
+pub(crate) use addresses::ip_literal;
+pub use addresses::{AddressIndex, REFRESH_INTERVAL, ServerAddresses};
 pub use configmap::ConfigMapSource;
 pub use file::watch_file;
 use mailproxy_crds::route_table::RouteTable;
