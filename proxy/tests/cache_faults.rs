@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mailproxy::route::cache::{CacheError, MemcachedConfig, RouteCache, RouteCacheConfig};
+use mailproxy::route::throttle::{LoginThrottle, ThrottleDecision};
 use mailproxy::route::{Protocol, Upstream};
+use mailproxy_crds::settings::LoginLimits;
 use mailproxy_testkit::Memcached;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -19,6 +21,8 @@ const KEY: &str = "route:proto=imap;user=alice@example.com";
 
 enum Action {
     Reply(Vec<u8>),
+    /// Answer after a while (a busy server).
+    ReplyAfter(Duration, Vec<u8>),
     ReplyAndClose(Vec<u8>),
     /// Read on, never answer.
     Hang,
@@ -47,6 +51,12 @@ async fn fake(respond: impl Fn(&str) -> Action + Send + Sync + 'static) -> Fake 
                 while let Ok(Some(line)) = lines.next_line().await {
                     match respond(&line) {
                         Action::Reply(bytes) => {
+                            if write.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Action::ReplyAfter(delay, bytes) => {
+                            tokio::time::sleep(delay).await;
                             if write.write_all(&bytes).await.is_err() {
                                 return;
                             }
@@ -372,4 +382,58 @@ async fn a_pooled_connection_closed_by_the_server_is_replaced_silently() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(server.connections.load(Ordering::SeqCst), 5);
+}
+
+/// A login storm against a slow memcached opens at most 64 connections from one proxy (memcached
+/// refuses past its own limit, shared by the whole pool); the requests beyond wait their turn.
+#[tokio::test]
+async fn connections_to_a_server_are_capped_and_the_others_wait() {
+    let server = fake(|_| Action::ReplyAfter(Duration::from_millis(50), b"END\r\n".to_vec())).await;
+    let proxy = RouteCache::new(RouteCacheConfig {
+        // Every connection is kept idle for reuse, so that the connections opened are the most
+        // ever in use at once.
+        memcached: MemcachedConfig {
+            timeout: Duration::from_secs(5),
+            max_idle_connections: 200,
+            ..MemcachedConfig::default()
+        },
+        ..RouteCacheConfig::default()
+    });
+    proxy.set_servers(&[&server.addr]).unwrap();
+    let lookups = (0..200).map(|_| proxy.get_route(Protocol::Imap, USER, client()));
+    for result in futures::future::join_all(lookups).await {
+        assert_eq!(result.unwrap(), None);
+    }
+    let opened = server.connections.load(Ordering::SeqCst);
+    assert!((1..=64).contains(&opened), "{opened} connections");
+}
+
+/// An increment whose connection broke after it was sent may have been counted: it is not sent
+/// again (a login would count twice), and the failure does not stop the login.
+#[tokio::test]
+async fn a_broken_increment_is_not_sent_twice() {
+    let increments = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&increments);
+    let server = fake(move |line| {
+        if line.starts_with("incr") {
+            if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Action::Close;
+            }
+            return Action::Reply(b"2\r\n".to_vec());
+        }
+        Action::Reply(b"END\r\n".to_vec())
+    })
+    .await;
+    let proxy = cache(&[&server.addr], Duration::from_secs(60));
+    let limits = LoginLimits {
+        ip_limit: 10,
+        ..LoginLimits::default()
+    };
+    let throttle = LoginThrottle::new(&limits, proxy).unwrap();
+    // The whitelist read leaves an idle connection; the count goes out on it.
+    assert_eq!(
+        throttle.check_ip(Protocol::Imap, client()).await,
+        ThrottleDecision::Allowed
+    );
+    assert_eq!(increments.load(Ordering::SeqCst), 1);
 }

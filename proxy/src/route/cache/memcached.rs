@@ -33,6 +33,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 use super::CacheError;
 use super::keys::CacheKey;
@@ -248,8 +249,15 @@ impl MemcachedTier {
     }
 }
 
+/// Connections in use at once per server and proxy. A login storm must not open one per
+/// request: memcached refuses connections past its own limit (1024 by default), shared by every
+/// proxy of the pool, and the refusals would mark it down for everyone.
+const MAX_CONNECTIONS: usize = 64;
+
 struct Server {
     addr: String,
+    /// Permits for connections in use ([`MAX_CONNECTIONS`]); idle ones hold none.
+    in_use: Semaphore,
     idle: Mutex<Vec<Connection>>,
     down_until: Mutex<Option<Instant>>,
     up: Gauge,
@@ -288,6 +296,7 @@ impl Server {
         up.set(1);
         Self {
             addr,
+            in_use: Semaphore::new(MAX_CONNECTIONS),
             idle: Mutex::new(Vec::new()),
             down_until: Mutex::new(None),
             up,
@@ -338,6 +347,14 @@ impl Server {
     /// outcome.
     async fn call(&self, request: &Request<'_>, budget: &Budget<'_>) -> Result<Reply, CacheError> {
         let config = budget.config;
+        let Ok(Ok(_permit)) = tokio::time::timeout_at(budget.deadline, self.in_use.acquire()).await
+        else {
+            self.count_error("busy");
+            return Err(CacheError::Busy {
+                server: self.addr.clone(),
+                limit: MAX_CONNECTIONS,
+            });
+        };
         let exchange = self.exchange(request, config.max_value_len);
         match tokio::time::timeout_at(budget.deadline, exchange).await {
             Ok(Ok((reply, connection))) => {
@@ -390,12 +407,17 @@ impl Server {
         request: &Request<'_>,
         max_value: usize,
     ) -> Result<(Reply, Connection), Failure> {
-        let reused = lock(&self.idle).pop();
+        let reused = std::iter::from_fn(|| lock(&self.idle).pop()).find(Connection::is_open);
         if let Some(mut connection) = reused {
             match connection.call(request, max_value).await {
                 Ok(reply) => return Ok((reply, connection)),
-                // Closed while idle (memcached restarted, or an idle timeout): open a new one.
-                Err(Failure::Io(_)) => {}
+                // Closed while idle in a way not seen yet: sent again on a new connection, but
+                // an increment only if nothing reached the server (it may have counted it).
+                Err(Failure::Io(error))
+                    if !matches!(request, Request::Incr(..)) || connection.sent == 0 =>
+                {
+                    tracing::debug!(server = %self.addr, %error, "an idle memcached connection had closed");
+                }
                 Err(error) => return Err(error),
             }
         }
@@ -445,6 +467,8 @@ impl Server {
 struct Connection {
     stream: TcpStream,
     read: BytesMut,
+    /// Bytes of the current request written so far.
+    sent: usize,
 }
 
 impl Connection {
@@ -454,13 +478,29 @@ impl Connection {
         Ok(Self {
             stream,
             read: BytesMut::with_capacity(1024),
+            sent: 0,
         })
+    }
+
+    /// Whether an idle connection is still usable: the server has neither closed it nor sent
+    /// anything (which would be out of step with the requests). No system call unless the
+    /// runtime saw the socket become readable.
+    fn is_open(connection: &Connection) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(connection.stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
     }
 
     async fn call(&mut self, request: &Request<'_>, max_value: usize) -> Result<Reply, Failure> {
         let mut command = Vec::with_capacity(128);
         request.encode(&mut command);
-        self.stream.write_all(&command).await.map_err(Failure::Io)?;
+        self.sent = 0;
+        while self.sent < command.len() {
+            match self.stream.write(&command[self.sent..]).await {
+                Ok(0) => return Err(Failure::Io(io::ErrorKind::WriteZero.into())),
+                Ok(written) => self.sent += written,
+                Err(error) => return Err(Failure::Io(error)),
+            }
+        }
         loop {
             if let Some((reply, used)) =
                 parse_reply(request.expect(), &self.read, max_value).map_err(Failure::Protocol)?

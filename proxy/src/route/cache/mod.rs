@@ -77,6 +77,10 @@ pub enum CacheError {
     NoServer { configured: usize },
     #[error("memcached {server}: no reply within {after:?}")]
     Timeout { server: String, after: Duration },
+    /// Every connection this proxy may open to the server was in use until the deadline: the
+    /// proxy is busy, not the server down.
+    #[error("memcached {server}: all {limit} connections stayed busy")]
+    Busy { server: String, limit: usize },
     #[error("memcached {server}: {source}")]
     Io {
         server: String,
