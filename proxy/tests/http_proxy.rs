@@ -924,3 +924,51 @@ async fn http2_uploads_are_timed_from_their_end_and_stalls_are_cut() {
         "{waited:?}"
     );
 }
+
+/// A backend that takes an HTTP/2 client's upload and then stops reading it (a hung server) is
+/// given up after the body idle time: nothing else would end the stream, since the proxy's
+/// client no longer asks the body for data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upload_to_a_backend_that_stops_reading_is_given_up() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let hung = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let routes = table(&[], &[backend], None, &[]);
+    let proxy = Proxy::start(&routes, |options| {
+        options.http.body_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tcp = connect_from(client(1), proxy.http).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    let (mut chunks, receiver) = futures::channel::mpsc::channel(1);
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..4096 {
+            if futures::SinkExt::send(&mut chunks, Ok(chunk.clone()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let request = Request::post("http://mail.example.com/upload")
+        .body(boxed_stream(receiver))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), async {
+        read(sender.send_request(request).await.unwrap()).await
+    })
+    .await
+    .expect("the stalled upload is answered");
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT, "{answer:?}");
+    hung.abort();
+}

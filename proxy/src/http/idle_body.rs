@@ -1,22 +1,27 @@
 //! Bodies relayed for HTTP/2 clients, with the limits the HTTP/1 relay has: a body that sends no
 //! frame for `http.bodyIdleTimeoutSeconds` fails (a stalled upload or download would otherwise
 //! hold its stream, a pooled backend connection and a connection slot for ever), and a request
-//! body says when it is complete, for the backend's answer is waited for from then on (a long
-//! upload is not a slow backend).
+//! body reports its progress ([`UploadProgress`]): the backend's answer is waited for from its
+//! end (a long upload is not a slow backend), and a backend that stops taking it is given up
+//! after the idle time (the body's own timer does not run then: nobody polls it).
 //!
 //! Written here rather than taken from tower-http's `TimeoutBody`: that one times each frame
 //! from the body's creation, not from its first poll (hyper polls a request body only once the
-//! backend connection is open), and has no completion signal.
+//! backend connection is open), and reports no progress.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
+
+use crate::session::activity::ActivityClock;
 
 /// The error of a relayed body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,13 +31,58 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no body data for {0:?}")]
 pub struct BodyIdle(Duration);
 
-/// `inner` with an idle limit between frames and, optionally, a signal sent when it ends.
+/// How a request body is going, for the task waiting on the backend's answer.
+#[derive(Debug)]
+pub struct UploadProgress {
+    /// The last frame the backend took.
+    moved: ActivityClock,
+    /// No more of it goes out: sent whole, failed, or dropped.
+    ended: AtomicBool,
+    ended_signal: Notify,
+}
+
+impl UploadProgress {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            moved: ActivityClock::new(),
+            ended: AtomicBool::new(false),
+            ended_signal: Notify::new(),
+        })
+    }
+
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.ended_signal.notify_waiters();
+    }
+
+    /// Resolves once the body has ended.
+    pub async fn ended(&self) {
+        loop {
+            let signalled = self.ended_signal.notified();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            signalled.await;
+        }
+    }
+
+    /// Resolves once the backend has taken nothing of an unfinished body for `idle`; never
+    /// once it has ended.
+    pub async fn stalled(&self, idle: Duration) {
+        self.moved
+            .idle_for(idle, || self.ended.load(Ordering::Acquire))
+            .await;
+    }
+}
+
+/// `inner` with an idle limit between frames and, for a request body, its progress reported.
 pub struct IdleBody<B> {
     inner: B,
     idle: Duration,
-    /// Armed at the first poll, reset by every frame.
+    /// Armed when the body first waits for its source, re-armed when it waits after a frame.
     deadline: Option<Pin<Box<Sleep>>>,
-    ended: Option<oneshot::Sender<()>>,
+    rearm: bool,
+    progress: Option<Arc<UploadProgress>>,
 }
 
 impl<B> IdleBody<B> {
@@ -41,23 +91,28 @@ impl<B> IdleBody<B> {
             inner,
             idle,
             deadline: None,
-            ended: None,
+            rearm: false,
+            progress: None,
         }
     }
 
-    /// Like [`IdleBody::new`]; `ended` gets a message once the whole body has been read (it is
-    /// dropped without one if the body fails or is dropped first).
-    pub fn signalling(inner: B, idle: Duration, ended: oneshot::Sender<()>) -> Self {
-        Self {
-            ended: Some(ended),
-            ..Self::new(inner, idle)
-        }
+    /// Like [`IdleBody::new`], reporting to `progress` each frame taken and the end.
+    pub fn watched(inner: B, idle: Duration, progress: Arc<UploadProgress>) -> Self {
+        let mut body = Self::new(inner, idle);
+        body.progress = Some(progress);
+        body
     }
 
-    fn signal_end(&mut self) {
-        if let Some(ended) = self.ended.take() {
-            let _ = ended.send(());
+    fn end(&mut self) {
+        if let Some(progress) = self.progress.take() {
+            progress.end();
         }
+    }
+}
+
+impl<B> Drop for IdleBody<B> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -76,25 +131,35 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                this.signal_end();
+                this.end();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(deadline) = &mut this.deadline {
-                    deadline.as_mut().reset(Instant::now() + this.idle);
+                // The time the consumer takes with this frame is not the source's: the timer
+                // starts again when the body next waits.
+                this.rearm = true;
+                if let Some(progress) = &this.progress {
+                    progress.moved.touch();
                 }
                 if this.inner.is_end_stream() {
-                    this.signal_end();
+                    this.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                this.end();
+                Poll::Ready(Some(Err(error.into())))
+            }
             Poll::Pending => {
                 let idle = this.idle;
                 let deadline = this
                     .deadline
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if std::mem::take(&mut this.rearm) {
+                    deadline.as_mut().reset(Instant::now() + idle);
+                }
                 ready!(deadline.as_mut().poll(cx));
+                this.end();
                 Poll::Ready(Some(Err(Box::new(BodyIdle(idle)))))
             }
         }
@@ -124,17 +189,23 @@ mod tests {
         (sender, StreamBody::new(receiver))
     }
 
+    fn data(text: &'static str) -> Result<Frame<Bytes>, BoxError> {
+        Ok(Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_fails_only_after_the_idle_time_without_a_frame() {
         let (mut sender, inner) = body();
-        let (ended, mut end) = oneshot::channel();
-        let mut relayed = IdleBody::signalling(inner, Duration::from_secs(30), ended);
+        let progress = UploadProgress::new();
+        let mut relayed = IdleBody::watched(inner, Duration::from_secs(30), progress.clone());
         let started = Instant::now();
         tokio::spawn(async move {
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_secs(20)).await;
-                let frame = Ok(Frame::data(Bytes::from_static(b"data")));
-                if futures::SinkExt::send(&mut sender, frame).await.is_err() {
+                if futures::SinkExt::send(&mut sender, data("data"))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -148,22 +219,72 @@ mod tests {
         let error = relayed.frame().await.unwrap().unwrap_err();
         assert!(error.is::<BodyIdle>(), "{error}");
         assert_eq!(started.elapsed(), Duration::from_secs(90));
-        assert!(end.try_recv().is_err(), "a failed body never ended");
+        assert!(
+            progress.ended.load(Ordering::Acquire),
+            "a failed body sends no more"
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_end_is_signalled_and_the_clock_starts_at_the_first_poll() {
+    async fn the_time_a_consumer_takes_with_a_frame_is_not_idle_time() {
         let (mut sender, inner) = body();
-        let (ended, end) = oneshot::channel();
-        let mut relayed = IdleBody::signalling(inner, Duration::from_secs(30), ended);
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        futures::SinkExt::send(&mut sender, Ok(Frame::data(Bytes::from_static(b"late"))))
+        let mut relayed = IdleBody::new(inner, Duration::from_secs(30));
+        futures::SinkExt::send(&mut sender, data("first"))
+            .await
+            .unwrap();
+        // Armed by a first wait, before any frame.
+        assert!(futures::poll!(relayed.frame()).is_ready());
+        assert!(futures::poll!(relayed.frame()).is_pending());
+        futures::SinkExt::send(&mut sender, data("second"))
+            .await
+            .unwrap();
+        relayed.frame().await.unwrap().unwrap();
+        // A slow consumer: 40 s before it asks for the next frame, which comes 5 s later.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            futures::SinkExt::send(&mut sender, data("third"))
+                .await
+                .unwrap();
+        });
+        let frame = relayed.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "third");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_reports_the_end_and_a_stall() {
+        let (mut sender, inner) = body();
+        let progress = UploadProgress::new();
+        let mut relayed = IdleBody::watched(inner, Duration::from_secs(30), progress.clone());
+        // Nobody polls the body (a backend that stopped reading): stalled after the idle time.
+        let started = Instant::now();
+        progress.stalled(Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+
+        futures::SinkExt::send(&mut sender, data("last"))
             .await
             .unwrap();
         drop(sender);
-        let frame = relayed.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), "late");
+        relayed.frame().await.unwrap().unwrap();
         assert!(relayed.frame().await.is_none());
-        end.await.unwrap();
+        progress.ended().await;
+        let stalled = tokio::time::timeout(
+            Duration::from_secs(3600),
+            progress.stalled(Duration::from_secs(30)),
+        )
+        .await;
+        assert!(stalled.is_err(), "an ended body never stalls");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unfinished_has_ended() {
+        let (_sender, inner) = body();
+        let progress = UploadProgress::new();
+        drop(IdleBody::watched(
+            inner,
+            Duration::from_secs(30),
+            progress.clone(),
+        ));
+        progress.ended().await;
     }
 }

@@ -46,7 +46,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{TlsAcceptor, TlsStream};
 
 use super::h1;
@@ -54,7 +54,7 @@ use super::h1::connection::Ended;
 use super::h1::head::{ClientAddress, https_location, is_hop_by_hop, proto};
 use super::h1::rewind::Rewind;
 use super::h2_idle::StreamActivity;
-use super::idle_body::{BoxError, IdleBody};
+use super::idle_body::{BoxError, IdleBody, UploadProgress};
 use super::routing::{self, WebRoute};
 use super::upstream::{ConnectError, WebConnector, is_handshake_failure};
 use crate::route::resolver::Resolver;
@@ -646,11 +646,11 @@ impl HttpProxy {
         loop {
             // The backend's answer is waited for once the body is sent: an upload may take
             // longer than the response timeout and still be going well.
-            let (ended, body_sent) = oneshot::channel();
+            let progress = UploadProgress::new();
             let attempt = match body.take() {
-                Some(body) => IdleBody::signalling(body, idle, ended).boxed(),
+                Some(body) => IdleBody::watched(body, idle, progress.clone()).boxed(),
                 None => {
-                    let _ = ended.send(());
+                    progress.end();
                     empty()
                 }
             };
@@ -674,12 +674,15 @@ impl HttpProxy {
             let response_timeout = self.settings.upstream_response_timeout;
             let answer_by = async {
                 // A body that failed or was dropped ends the wait for it too.
-                let _ = body_sent.await;
+                progress.ended().await;
                 tokio::time::sleep(response_timeout).await;
             };
             let sent = tokio::select! {
                 sent = self.client.request(outgoing) => Some(sent),
                 () = answer_by => None,
+                // A backend that stopped reading the body: hyper no longer polls it, so the
+                // body's own idle timer does not run.
+                () = progress.stalled(idle) => None,
             };
             let error = match sent {
                 None => return (Err(Failure::Timeout), Some(upstream)),

@@ -559,14 +559,15 @@ fn spans(buffer: &[u8], headers: &[httparse::Header<'_>]) -> Vec<HeaderSpan> {
         .collect()
 }
 
-/// A Host value a name or an address with a port could have: no path separators, commas,
-/// spaces or controls, no empty label (`a..b`), at most as long as a DNS name and a port.
+/// A Host value nginx would take (`ngx_http_validate_host`): no path separator, space, control
+/// byte or empty label (`a..b`), at most as long as a DNS name and a port. Anything else (`_`
+/// in internal names, UTF-8) passes, as it does through nginx.
 fn is_valid_host(host: &[u8]) -> bool {
     host.len() <= 261
         && !host.windows(2).any(|pair| pair == b"..")
-        && host
+        && !host
             .iter()
-            .all(|byte| byte.is_ascii_alphanumeric() || b"-._~:[]!$&'()*+;=%".contains(byte))
+            .any(|&byte| byte <= b' ' || byte == 0x7f || byte == b'/' || byte == b'\\')
 }
 
 /// Where `part` (a slice of `buffer`) lies in `buffer`. A part that is not in it (httparse
@@ -785,7 +786,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: a.example\r\nhost: a.example\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a.example/evil\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: a.example,b.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\u{7f}example\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n",
         ] {
@@ -795,6 +796,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: mail.example.com\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: mail.example.com:8443\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: mail_int.example.com\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: \r\n\r\n",
             "GET / HTTP/1.0\r\n\r\n",
         ] {
