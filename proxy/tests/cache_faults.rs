@@ -429,11 +429,55 @@ async fn a_broken_increment_is_not_sent_twice() {
         ip_limit: 10,
         ..LoginLimits::default()
     };
-    let throttle = LoginThrottle::new(&limits, proxy).unwrap();
+    let throttle = LoginThrottle::new(&limits, proxy.clone()).unwrap();
     // The whitelist read leaves an idle connection; the count goes out on it.
     assert_eq!(
         throttle.check_ip(Protocol::Imap, client()).await,
         ThrottleDecision::Allowed
     );
     assert_eq!(increments.load(Ordering::SeqCst), 1);
+    // A server that closed an idle connection is not down: the next request goes to it.
+    assert_eq!(
+        proxy
+            .get_route(Protocol::Imap, USER, client())
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Requests that queue for a connection past their deadline fail as "busy", and the time one
+/// waited for its connection does not count against the server: a storm on a slow but healthy
+/// memcached never marks it down.
+#[tokio::test]
+async fn a_queue_for_connections_is_not_a_dead_server() {
+    let server =
+        fake(|_| Action::ReplyAfter(Duration::from_millis(150), b"END\r\n".to_vec())).await;
+    let proxy = RouteCache::new(RouteCacheConfig {
+        memcached: MemcachedConfig {
+            timeout: Duration::from_millis(400),
+            max_idle_connections: 200,
+            ..MemcachedConfig::default()
+        },
+        ..RouteCacheConfig::default()
+    });
+    proxy.set_servers(&[&server.addr]).unwrap();
+    let lookups = (0..320).map(|_| proxy.get_route(Protocol::Imap, USER, client()));
+    let mut busy = 0;
+    for result in futures::future::join_all(lookups).await {
+        match result {
+            Ok(route) => assert_eq!(route, None),
+            Err(CacheError::Busy { .. }) => busy += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(busy > 0, "the queue was longer than the deadline");
+    assert_eq!(
+        proxy
+            .get_route(Protocol::Imap, USER, client())
+            .await
+            .unwrap(),
+        None,
+        "the server is still up"
+    );
 }

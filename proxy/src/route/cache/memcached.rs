@@ -283,6 +283,9 @@ impl<'a> Budget<'a> {
 enum Failure {
     Io(io::Error),
     Protocol(ProtocolError),
+    /// A kept connection broke after an increment went out: the server may have counted it, so
+    /// it is not sent again, and the server is not blamed (it closed an idle connection).
+    Unconfirmed(io::Error),
 }
 
 impl Server {
@@ -347,6 +350,7 @@ impl Server {
     /// outcome.
     async fn call(&self, request: &Request<'_>, budget: &Budget<'_>) -> Result<Reply, CacheError> {
         let config = budget.config;
+        let waiting = tokio::time::Instant::now();
         let Ok(Ok(_permit)) = tokio::time::timeout_at(budget.deadline, self.in_use.acquire()).await
         else {
             self.count_error("busy");
@@ -355,8 +359,11 @@ impl Server {
                 limit: MAX_CONNECTIONS,
             });
         };
+        // Time spent waiting for a connection is the proxy's, not the server's: the exchange
+        // still gets what the budget left it, so that a queue never looks like a dead server.
+        let deadline = budget.deadline + waiting.elapsed();
         let exchange = self.exchange(request, config.max_value_len);
-        match tokio::time::timeout_at(budget.deadline, exchange).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok((reply, connection))) => {
                 self.mark_up();
                 let mut idle = lock(&self.idle);
@@ -390,6 +397,13 @@ impl Server {
                     source: error,
                 })
             }
+            Ok(Err(Failure::Unconfirmed(error))) => {
+                self.count_error("io");
+                Err(CacheError::Io {
+                    server: self.addr.clone(),
+                    source: error,
+                })
+            }
             Err(_) => {
                 self.count_error("timeout");
                 let error = CacheError::Timeout {
@@ -414,8 +428,11 @@ impl Server {
                 // Closed while idle in a way not seen yet: sent again on a new connection, but
                 // an increment only if nothing reached the server (it may have counted it).
                 Err(Failure::Io(error))
-                    if !matches!(request, Request::Incr(..)) || connection.sent == 0 =>
+                    if matches!(request, Request::Incr(..)) && connection.sent > 0 =>
                 {
+                    return Err(Failure::Unconfirmed(error));
+                }
+                Err(Failure::Io(error)) => {
                     tracing::debug!(server = %self.addr, %error, "an idle memcached connection had closed");
                 }
                 Err(error) => return Err(error),
