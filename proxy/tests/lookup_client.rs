@@ -524,8 +524,13 @@ async fn a_server_error_marks_the_handler_down_and_fails_over() {
     let files = Files::new(TABLE, DIRECTORY);
     let healthy = RunningLookupd::start(files.config()).await;
     // A 403 is a handler that does not take this proxy's lookup secret (a rotation that
-    // reached it first, or not yet): it fails every login alike.
-    for status in ["HTTP/1.1 503 Service Unavailable", "HTTP/1.1 403 Forbidden"] {
+    // reached it first, or not yet), a 404 a URL that is no lookup handler: they fail every
+    // login alike.
+    for status in [
+        "HTTP/1.1 503 Service Unavailable",
+        "HTTP/1.1 403 Forbidden",
+        "HTTP/1.1 404 Not Found",
+    ] {
         let failing = Scripted::start(head(&[status, "Content-Length: 0"]), false).await;
         let client = client(
             &[failing.url.clone(), healthy.url()],

@@ -643,11 +643,13 @@ impl LookupClient {
     }
 }
 
-/// A 5xx, or a refusal of this proxy (401, 403: a lookup secret the handler does not take, as
-/// during a rotation that reached some handlers only): the handler fails whatever login is
-/// asked, so it is marked down and another one tried.
+/// A status that no login of this proxy can change: the handler fails whatever login is
+/// asked (a 5xx, a refused lookup secret during a rotation that reached some handlers only, a
+/// URL that is no lookup handler: 404, 405), so it is marked down and another one tried. Only
+/// what a login's own request can cause (400, 414, 431: a name too long or malformed for it)
+/// fails that login alone.
 fn is_server_error(error: &ResponseError) -> bool {
-    matches!(error, ResponseError::Status { status } if (500..600).contains(status) || matches!(status, 401 | 403))
+    matches!(error, ResponseError::Status { status } if !matches!(status, 400 | 414 | 431))
 }
 
 /// hyper-util's errors say "client error (Connect)"; the cause is further down the chain.
