@@ -69,7 +69,13 @@ pub async fn serve(
     let (listener, addr) = match TcpListener::bind(addr).await {
         // `[::]` serves both families (the kubelet probes the pod's IPv6 address in IPv6-only
         // clusters); a kernel without IPv6 gets IPv4 alone.
-        Err(error) if addr.ip() == Ipv6Addr::UNSPECIFIED => {
+        Err(error)
+            if addr.ip() == Ipv6Addr::UNSPECIFIED
+                && matches!(
+                    error.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+        {
             let ipv4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
             tracing::info!(%error, %addr, "cannot listen on the IPv6 wildcard: trying IPv4 only");
             (TcpListener::bind(ipv4).await, ipv4)
@@ -106,6 +112,22 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a kernel without IPv6 falls back to IPv4: a port in use is reported as it is, for
+    /// the address asked for.
+    #[tokio::test]
+    async fn a_port_in_use_is_an_error_not_a_fallback() {
+        let taken = std::net::TcpListener::bind("[::]:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let error = serve(addr, Arc::default(), Arc::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!("cannot listen on {addr} ")),
+            "{error}"
+        );
+    }
 
     #[test]
     fn readyz_follows_readiness_and_metrics_are_served() {

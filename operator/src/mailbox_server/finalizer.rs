@@ -192,7 +192,8 @@ const PURGE_RETRY_WINDOW: Duration = Duration::from_secs(300);
 enum AfterFailure {
     /// Try again: the memcached took the connection, so it may serve the stale routes.
     Retry,
-    /// Go on without it: nothing reaches it, proxies included.
+    /// Go on without it: it refused the connection or its name is gone, so nothing reads
+    /// routes from it.
     Skip,
     /// Go on: retried for [`PURGE_RETRY_WINDOW`] already; the routes expire with their TTL.
     GiveUp,

@@ -82,9 +82,17 @@ pub async fn purge(addr: &str, keys: &[String], timeout: Duration) -> Result<Pur
         addr: addr.to_string(),
         source,
     };
+    // A refusal or a name that no longer resolves: nothing reads routes from there. Silence is
+    // not that: a NetworkPolicy that does not admit the operator drops its SYNs while the
+    // proxies still read the routes.
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(connected) => connected.map_err(unreachable)?,
-        Err(_) => return Err(unreachable(std::io::ErrorKind::TimedOut.into())),
+        Err(_) => {
+            return Err(PurgeError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            });
+        }
     };
     let exchange_timeout = timeout + Duration::from_secs(keys.len() as u64 / DELETES_PER_SECOND);
     match tokio::time::timeout(exchange_timeout, exchange(addr, stream, keys)).await {
@@ -175,6 +183,22 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(error.to_string().contains(&addr), "{error}");
         assert!(error.unreachable(), "{error}");
+    }
+
+    /// A listener whose accept queue is full drops SYNs, as a NetworkPolicy that does not admit
+    /// the operator does.
+    #[tokio::test]
+    async fn a_server_that_drops_the_connection_attempt_is_not_unreachable() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let _queued = std::net::TcpStream::connect(&addr).unwrap();
+        let error = purge(&addr, &["k".into()], Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PurgeError::Timeout { .. }), "{error}");
+        assert!(!error.unreachable());
     }
 
     #[tokio::test]
