@@ -88,6 +88,27 @@ fn cache(servers: &[&str], retry_interval: Duration) -> RouteCache {
     cache
 }
 
+/// A cache that keeps every connection idle for reuse, so that the connections a server saw
+/// opened are the most ever in use at once.
+fn keeping_every_connection(server: &str, timeout: Duration) -> RouteCache {
+    let cache = RouteCache::new(RouteCacheConfig {
+        memcached: MemcachedConfig {
+            timeout,
+            max_idle_connections: 200,
+            ..MemcachedConfig::default()
+        },
+        ..RouteCacheConfig::default()
+    });
+    cache.set_servers(&[server]).unwrap();
+    cache
+}
+
+/// The server answers the next request: it was not marked down.
+async fn assert_still_up(cache: &RouteCache) {
+    let route = cache.get_route(Protocol::Imap, USER, client()).await;
+    assert_eq!(route.unwrap(), None, "the server is still up");
+}
+
 fn client() -> IpAddr {
     "192.0.2.10".parse().unwrap()
 }
@@ -389,17 +410,7 @@ async fn a_pooled_connection_closed_by_the_server_is_replaced_silently() {
 #[tokio::test]
 async fn connections_to_a_server_are_capped_and_the_others_wait() {
     let server = fake(|_| Action::ReplyAfter(Duration::from_millis(50), b"END\r\n".to_vec())).await;
-    let proxy = RouteCache::new(RouteCacheConfig {
-        // Every connection is kept idle for reuse, so that the connections opened are the most
-        // ever in use at once.
-        memcached: MemcachedConfig {
-            timeout: Duration::from_secs(5),
-            max_idle_connections: 200,
-            ..MemcachedConfig::default()
-        },
-        ..RouteCacheConfig::default()
-    });
-    proxy.set_servers(&[&server.addr]).unwrap();
+    let proxy = keeping_every_connection(&server.addr, Duration::from_secs(5));
     let lookups = (0..200).map(|_| proxy.get_route(Protocol::Imap, USER, client()));
     for result in futures::future::join_all(lookups).await {
         assert_eq!(result.unwrap(), None);
@@ -453,15 +464,7 @@ async fn a_broken_increment_is_not_sent_twice() {
 async fn a_queue_for_connections_is_not_a_dead_server() {
     let server =
         fake(|_| Action::ReplyAfter(Duration::from_millis(150), b"END\r\n".to_vec())).await;
-    let proxy = RouteCache::new(RouteCacheConfig {
-        memcached: MemcachedConfig {
-            timeout: Duration::from_millis(400),
-            max_idle_connections: 200,
-            ..MemcachedConfig::default()
-        },
-        ..RouteCacheConfig::default()
-    });
-    proxy.set_servers(&[&server.addr]).unwrap();
+    let proxy = keeping_every_connection(&server.addr, Duration::from_millis(400));
     let lookups = (0..320).map(|_| proxy.get_route(Protocol::Imap, USER, client()));
     let mut busy = 0;
     for result in futures::future::join_all(lookups).await {
@@ -472,12 +475,37 @@ async fn a_queue_for_connections_is_not_a_dead_server() {
         }
     }
     assert!(busy > 0, "the queue was longer than the deadline");
-    assert_eq!(
-        proxy
-            .get_route(Protocol::Imap, USER, client())
-            .await
-            .unwrap(),
-        None,
-        "the server is still up"
-    );
+    assert_still_up(&proxy).await;
+}
+
+/// The same for a login count, whose increment and creation share one deadline: the wait for a
+/// connection before the increment is not charged to the creation that follows.
+#[tokio::test]
+async fn a_queue_for_connections_does_not_fail_the_counts_that_follow() {
+    let server = fake(|line| {
+        if line == "1" {
+            // The data line of `add`: answered with the command.
+            return Action::Hang;
+        }
+        let answer: &[u8] = if line.starts_with("incr") {
+            b"NOT_FOUND\r\n"
+        } else if line.starts_with("add") {
+            b"STORED\r\n"
+        } else {
+            b"END\r\n"
+        };
+        Action::ReplyAfter(Duration::from_millis(150), answer.to_vec())
+    })
+    .await;
+    let proxy = keeping_every_connection(&server.addr, Duration::from_millis(400));
+    let limits = LoginLimits {
+        ip_limit: 1000,
+        ..LoginLimits::default()
+    };
+    let throttle = LoginThrottle::new(&limits, proxy.clone()).unwrap();
+    let logins = (0..200).map(|_| throttle.check_ip(Protocol::Imap, client()));
+    for decision in futures::future::join_all(logins).await {
+        assert_eq!(decision, ThrottleDecision::Allowed);
+    }
+    assert_still_up(&proxy).await;
 }

@@ -36,6 +36,11 @@ pub struct BodyIdle(Duration);
 pub struct UploadProgress {
     /// The last frame the backend took.
     moved: ActivityClock,
+    /// The backend's side has asked for the body: the connection is open.
+    asked: AtomicBool,
+    /// The body is waiting for its source, the client: a stall there is the body's own timer's
+    /// (a 502), not the backend's.
+    waiting_on_client: AtomicBool,
     /// No more of it goes out: sent whole, failed, or dropped.
     ended: AtomicBool,
     ended_signal: Notify,
@@ -45,6 +50,8 @@ impl UploadProgress {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             moved: ActivityClock::new(),
+            asked: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             ended_signal: Notify::new(),
         })
@@ -66,12 +73,16 @@ impl UploadProgress {
         }
     }
 
-    /// Resolves once the backend has taken nothing of an unfinished body for `idle`; never
-    /// once it has ended.
+    /// Resolves once the backend has taken nothing of an unfinished body for `idle` while the
+    /// body had data for it; never before the backend first asks (connecting has its own
+    /// timeout), nor once the body has ended.
     pub async fn stalled(&self, idle: Duration) {
-        self.moved
-            .idle_for(idle, || self.ended.load(Ordering::Acquire))
-            .await;
+        let not_the_backends = || {
+            !self.asked.load(Ordering::Acquire)
+                || self.waiting_on_client.load(Ordering::Acquire)
+                || self.ended.load(Ordering::Acquire)
+        };
+        self.moved.idle_for(idle, not_the_backends).await;
     }
 }
 
@@ -129,7 +140,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(progress) = &this.progress {
+            if !progress.asked.swap(true, Ordering::AcqRel) {
+                progress.moved.touch();
+            }
+            progress
+                .waiting_on_client
+                .store(polled.is_pending(), Ordering::Release);
+        }
+        match polled {
             Poll::Ready(None) => {
                 this.end();
                 Poll::Ready(None)
@@ -252,14 +272,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn progress_reports_the_end_and_a_stall() {
+    async fn progress_reports_the_end_and_a_stall_of_the_backend_only() {
         let (mut sender, inner) = body();
         let progress = UploadProgress::new();
         let mut relayed = IdleBody::watched(inner, Duration::from_secs(30), progress.clone());
-        // Nobody polls the body (a backend that stopped reading): stalled after the idle time.
+        let idle = Duration::from_secs(30);
+        // Not asked for yet (connecting): no stall, however long.
+        let unasked = tokio::time::timeout(Duration::from_secs(100), progress.stalled(idle)).await;
+        assert!(unasked.is_err(), "connecting is not a stall");
+
+        // Asked, and the client has nothing yet: the body's own timer's business.
+        assert!(futures::poll!(relayed.frame()).is_pending());
+        let client_stall =
+            tokio::time::timeout(Duration::from_secs(100), progress.stalled(idle)).await;
+        assert!(
+            client_stall.is_err(),
+            "a client that stalls is not the backend"
+        );
+
+        // A frame taken, and nobody asks for the next (a backend that stopped reading).
+        futures::SinkExt::send(&mut sender, data("first"))
+            .await
+            .unwrap();
+        relayed.frame().await.unwrap().unwrap();
         let started = Instant::now();
-        progress.stalled(Duration::from_secs(30)).await;
-        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        progress.stalled(idle).await;
+        assert_eq!(started.elapsed(), idle);
 
         futures::SinkExt::send(&mut sender, data("last"))
             .await

@@ -786,7 +786,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: a.example\r\nhost: a.example\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a.example/evil\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: a\u{7f}example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\texample\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n",
         ] {

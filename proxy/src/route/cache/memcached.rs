@@ -194,7 +194,8 @@ impl MemcachedTier {
     /// expires. Returns the count including this one.
     pub async fn count(&self, key: &CacheKey, window_seconds: u32) -> Result<u64, CacheError> {
         let server = self.pick(key)?;
-        // One deadline for the whole exchange, so a count costs at most one timeout too.
+        // One deadline for the whole exchange, so a count costs at most one timeout too (plus
+        // any wait for a connection).
         let budget = Budget::new(&self.config);
         if let Some(count) = server.incr(key, &budget).await? {
             return Ok(count);
@@ -267,15 +268,28 @@ struct Server {
 /// The settings and the deadline of one operation (one or several requests to one server).
 struct Budget<'a> {
     config: &'a MemcachedConfig,
-    deadline: tokio::time::Instant,
+    /// Moved later by the time spent waiting for connections (see [`Server::call`]); shared by
+    /// the operation's requests, so a wait in the first one is not charged to the next.
+    deadline: Mutex<tokio::time::Instant>,
 }
 
 impl<'a> Budget<'a> {
     fn new(config: &'a MemcachedConfig) -> Self {
         Self {
             config,
-            deadline: tokio::time::Instant::now() + config.timeout,
+            deadline: Mutex::new(tokio::time::Instant::now() + config.timeout),
         }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        *lock(&self.deadline)
+    }
+
+    /// The new deadline, `waited` later.
+    fn extend(&self, waited: Duration) -> tokio::time::Instant {
+        let mut deadline = lock(&self.deadline);
+        *deadline += waited;
+        *deadline
     }
 }
 
@@ -351,7 +365,8 @@ impl Server {
     async fn call(&self, request: &Request<'_>, budget: &Budget<'_>) -> Result<Reply, CacheError> {
         let config = budget.config;
         let waiting = tokio::time::Instant::now();
-        let Ok(Ok(_permit)) = tokio::time::timeout_at(budget.deadline, self.in_use.acquire()).await
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout_at(budget.deadline(), self.in_use.acquire()).await
         else {
             self.count_error("busy");
             return Err(CacheError::Busy {
@@ -361,7 +376,7 @@ impl Server {
         };
         // Time spent waiting for a connection is the proxy's, not the server's: the exchange
         // still gets what the budget left it, so that a queue never looks like a dead server.
-        let deadline = budget.deadline + waiting.elapsed();
+        let deadline = budget.extend(waiting.elapsed());
         let exchange = self.exchange(request, config.max_value_len);
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok((reply, connection))) => {
