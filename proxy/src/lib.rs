@@ -14,6 +14,7 @@
 
 pub mod dns;
 pub mod http;
+mod kept_connection;
 pub mod listen;
 pub mod lookupd;
 pub mod mail;

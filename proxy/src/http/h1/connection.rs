@@ -6,12 +6,12 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::Method;
 use http::header::{AUTHORIZATION, COOKIE, HeaderMap, HeaderValue};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -25,6 +25,7 @@ use crate::http::proxy::{
     ConnectionInfo, Failure, HttpProxy, Routed, is_idempotent, is_usable_host,
 };
 use crate::http::upstream::ConnectError;
+use crate::kept_connection::is_open;
 use crate::route::Upstream;
 use crate::session::relay::{UpstreamEnd, relay};
 use crate::session::signalled;
@@ -542,15 +543,6 @@ async fn take_or_connect(
         buffer: ReadBuffer::new(BACKEND_BUFFER),
         reused: false,
     })
-}
-
-/// Whether an idle kept connection is still open: it has nothing to read (no close, no stray
-/// bytes). Polled once without waiting.
-fn is_open<I: AsyncRead + Unpin>(io: &mut I) -> bool {
-    let mut byte = [0u8; 1];
-    let mut buf = ReadBuf::new(&mut byte);
-    let mut cx = Context::from_waker(Waker::noop());
-    matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
 }
 
 /// Why no response head came back.

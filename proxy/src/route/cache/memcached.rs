@@ -39,6 +39,7 @@ use super::CacheError;
 use super::keys::CacheKey;
 use super::protocol::{ProtocolError, Reply, Request, parse_reply};
 use super::ring::Ring;
+use crate::kept_connection::is_open;
 
 /// Connection and failure handling of the memcached tier.
 #[derive(Clone, Debug)]
@@ -436,7 +437,8 @@ impl Server {
         request: &Request<'_>,
         max_value: usize,
     ) -> Result<(Reply, Connection), Failure> {
-        let reused = std::iter::from_fn(|| lock(&self.idle).pop()).find(Connection::is_open);
+        let reused = std::iter::from_fn(|| lock(&self.idle).pop())
+            .find_map(|mut connection| is_open(&mut connection.stream).then_some(connection));
         if let Some(mut connection) = reused {
             match connection.call(request, max_value).await {
                 Ok(reply) => return Ok((reply, connection)),
@@ -512,14 +514,6 @@ impl Connection {
             read: BytesMut::with_capacity(1024),
             sent: 0,
         })
-    }
-
-    /// Whether an idle connection is still usable: the server has neither closed it nor sent
-    /// anything (which would be out of step with the requests). No system call unless the
-    /// runtime saw the socket become readable.
-    fn is_open(connection: &Connection) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(connection.stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
     }
 
     async fn call(&mut self, request: &Request<'_>, max_value: usize) -> Result<Reply, Failure> {

@@ -549,7 +549,7 @@ impl LookupClient {
                         })
                         .inc();
                     match failure {
-                        HandlerFailure::Response(error) if !is_server_error(&error) => {
+                        HandlerFailure::Response(error) if !fails_every_login(&error) => {
                             warn!(handler = %url, user = %login.user, protocol = %login.protocol, %error, "route lookup handler gave no usable answer for this login; failing the lookup, the handler stays in rotation");
                             self.metrics.finish("failed", started);
                             return Err(LookupError::BadAnswer {
@@ -648,7 +648,7 @@ impl LookupClient {
 /// URL that is no lookup handler: 404, 405), so it is marked down and another one tried. Only
 /// what a login's own request can cause (400, 414, 431: a name too long or malformed for it)
 /// fails that login alone.
-fn is_server_error(error: &ResponseError) -> bool {
+fn fails_every_login(error: &ResponseError) -> bool {
     matches!(error, ResponseError::Status { status } if !matches!(status, 400 | 414 | 431))
 }
 
