@@ -550,12 +550,7 @@ async fn idle_keep_alive_connections_close_and_h2c_works() {
     assert!(started.elapsed() >= Duration::from_millis(900));
 
     // HTTP/2 in clear text by prior knowledge.
-    let tcp = connect_from(client(1), s.proxy.http).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2c(client(1), s.proxy.http).await;
     let request = Request::get("http://mail.example.com/dav/bob/")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -780,12 +775,7 @@ async fn web_backends_over_tls_are_verified_and_looked_up_as_httpssl() {
     }
 
     // HTTP/2: through the pooled client.
-    let tcp = connect_from(client(1), proxy.http).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2c(client(1), proxy.http).await;
     for (path, status, backend) in [
         ("/home/alice/h2", StatusCode::OK, "TLS"),
         ("/h2", StatusCode::OK, "TLS"),
@@ -880,12 +870,7 @@ async fn http2_uploads_are_timed_from_their_end_and_stalls_are_cut() {
         options.http.body_idle_timeout = Duration::from_secs(1);
     })
     .await;
-    let tcp = connect_from(client(1), proxy.http).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2c(client(1), proxy.http).await;
     let upload = |chunks: usize, then_stall: bool| {
         let (mut chunk_sender, receiver) = futures::channel::mpsc::channel(1);
         tokio::spawn(async move {
@@ -943,12 +928,7 @@ async fn an_http2_upload_to_a_backend_that_stops_reading_is_given_up() {
         options.http.body_idle_timeout = Duration::from_secs(1);
     })
     .await;
-    let tcp = connect_from(client(1), proxy.http).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2c(client(1), proxy.http).await;
     let (mut chunks, receiver) = futures::channel::mpsc::channel(1);
     tokio::spawn(async move {
         let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);

@@ -92,10 +92,7 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
     let client = client_for(lookupd.url(), None);
 
     // Directory accounts, qualified with the default domain; Auth-User only when rewritten.
-    assert_eq!(
-        ask(&client, "alice", Protocol::Imap).await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&client).await;
     assert_eq!(
         ask(&client, "alice@example.com", Protocol::ImapSsl).await,
         found(1993, None, true)
@@ -175,10 +172,7 @@ async fn reloads_changed_files_and_keeps_serving_on_bad_ones() {
     let mut registry = Registry::default();
     lookupd.lookupd.register(&mut registry);
     let client = client_for(lookupd.url(), None);
-    assert_eq!(
-        ask(&client, "alice", Protocol::Imap).await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&client).await;
 
     // alice moves to mbs-2.
     files.write_directory(&DIRECTORY.replace("account alice mbs-1", "account alice mbs-2"));
@@ -254,15 +248,7 @@ async fn shared_secret_is_required_when_configured() {
     for secret in [None, Some("wrong"), Some("s3cret-but-longer")] {
         assert_forbidden(&client_for(lookupd.url(), secret)).await;
     }
-    assert_eq!(
-        ask(
-            &client_for(lookupd.url(), Some("s3cret")),
-            "alice",
-            Protocol::Imap
-        )
-        .await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&client_for(lookupd.url(), Some("s3cret"))).await;
     // A rotated secret: the same client sends the new one from then on.
     let rotated = client_for(lookupd.url(), Some("before-rotation"));
     assert!(
@@ -272,16 +258,10 @@ async fn shared_secret_is_required_when_configured() {
             .is_err()
     );
     rotated.replace_secret("s3cret").unwrap();
-    assert_eq!(
-        ask(&rotated, "alice", Protocol::Imap).await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&rotated).await;
     // A secret that cannot be a header value is refused and the previous one stays.
     assert!(rotated.replace_secret("line\nbreak").is_err());
-    assert_eq!(
-        ask(&rotated, "alice", Protocol::Imap).await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&rotated).await;
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Forbidden), 4);
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 3);
 }
@@ -294,6 +274,14 @@ async fn assert_forbidden(client: &LookupClient) {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("HTTP 403"), "{error}");
+}
+
+/// lookupd routes alice, a directory account, to her server.
+async fn assert_alice_found(client: &LookupClient) {
+    assert_eq!(
+        ask(client, "alice", Protocol::Imap).await,
+        found(1143, Some("alice@example.com"), true)
+    );
 }
 
 /// Whether `registry` shows `series` (a metric line, value included).
@@ -338,15 +326,7 @@ async fn an_empty_secret_file_is_refused_at_start_and_on_reload() {
     .await;
     // The check stays on, with the secret in force before.
     assert_forbidden(&client_for(lookupd.url(), None)).await;
-    assert_eq!(
-        ask(
-            &client_for(lookupd.url(), Some("s3cret")),
-            "alice",
-            Protocol::Imap
-        )
-        .await,
-        found(1143, Some("alice@example.com"), true)
-    );
+    assert_alice_found(&client_for(lookupd.url(), Some("s3cret"))).await;
     lookupd.stop().await;
 }
 
@@ -508,10 +488,7 @@ async fn serves_https_to_clients_that_trust_its_ca() {
     })
     .unwrap();
     for _ in 0..3 {
-        assert_eq!(
-            ask(&trusting, "alice", Protocol::Imap).await,
-            found(1143, Some("alice@example.com"), true)
-        );
+        assert_alice_found(&trusting).await;
     }
 
     let untrusting = LookupClient::new(LookupClientConfig {

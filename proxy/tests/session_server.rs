@@ -115,6 +115,21 @@ fn options() -> ServeOptions {
 }
 
 /// Waits for the health port's `/readyz` to answer 503.
+/// Runs `server` in the background until `stop` is sent (or dropped); the task returns what
+/// `run` returned.
+fn serve_until_stopped(
+    server: Server,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    (stop, running)
+}
+
 async fn until_unready(health: u16) {
     eventually(
         "readyz to fail",
@@ -180,10 +195,7 @@ async fn reloads_keep_sessions_and_shutdown_drains_them() {
     );
     let server = Server::bind(&setup.config, options()).await.unwrap();
     assert_eq!(server.listener_addresses().len(), 2);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
     assert!(
         http_get(setup.health, "/readyz")
             .unwrap()
@@ -270,10 +282,7 @@ async fn a_terminating_proxy_serves_new_clients_until_its_delay_is_over() {
     );
     setup.config.shutdown_delay_seconds = 3;
     let server = Server::bind(&setup.config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
     Client::logged_in(setup.imap, "u@f.test").await;
 
     let shutdown_started = Instant::now();
@@ -304,10 +313,7 @@ async fn idle_timeout_pipelining_refusals_and_ip_throttling() {
     let pki = Pki::new();
     let setup = setup(&pki, &routes(&fake, json!({"f.test": "fake"}), settings), 1);
     let server = Server::bind(&setup.config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
 
     // Commands pipelined behind the login reach the backend once it is done.
     let mut session = Client::connect(setup.imap).await.unwrap();
@@ -376,10 +382,7 @@ async fn a_client_half_close_is_passed_on_and_the_server_close_ends_the_session(
         1,
     );
     let server = Server::bind(&setup.config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
 
     // The client sends its last command and half-closes: the answer still comes back, then
     // the end (the backend closed once it saw the client's end).
@@ -437,10 +440,7 @@ async fn starttls_only_reloaded_on_a_proxy_without_certificate_fails_closed() {
     );
     let config = ProxyConfig::parse(&yaml, Path::new("test.yaml")).unwrap();
     let server = Server::bind(&config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
     drop(Client::logged_in(imap, "u@f.test").await);
 
     replace(
@@ -488,10 +488,7 @@ async fn mail_tls_refuses_clients_offering_only_other_protocols() {
         0,
     );
     let server = Server::bind(&setup.config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
     let localhost = || rustls::pki_types::ServerName::try_from("localhost").unwrap();
 
     for alpn in [&[&b"http/1.1"[..]][..], &[b"h2", b"http/1.1"], &[b"pop3"]] {
@@ -614,10 +611,7 @@ async fn what_the_backend_says_during_the_login_reaches_the_client_bounded() {
         0,
     );
     let server = Server::bind(&setup.config, options()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = serve_until_stopped(server);
 
     let mut client = Client::connect(setup.imap).await.unwrap();
     assert!(client.line().await.unwrap().starts_with("* OK"));

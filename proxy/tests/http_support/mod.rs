@@ -635,6 +635,27 @@ pub fn executor() -> TokioExecutor {
     TokioExecutor::new()
 }
 
+/// An HTTP/2 connection in clear text (prior knowledge) from `from` to `to`, driven in the
+/// background; the task ends with the connection.
+pub async fn h2c<B>(
+    from: IpAddr,
+    to: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = connect_from(from, to).await;
+    let (sender, connection) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    (sender, tokio::spawn(connection))
+}
+
 pub fn boxed_stream<S>(stream: S) -> TestBody
 where
     S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
