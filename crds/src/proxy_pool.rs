@@ -191,34 +191,59 @@ mod web {
 #[x_kube(validation = Rule::new("[self.imap.enabled ? self.imap.port : 0, self.imaps.enabled ? self.imaps.port : 0, self.pop3.enabled ? self.pop3.port : 0, self.pop3s.enabled ? self.pop3s.port : 0, self.http.enabled ? self.http.port : 0, self.https.enabled ? self.https.port : 0].all(p, p == 0 || [self.imap.enabled ? self.imap.port : 0, self.imaps.enabled ? self.imaps.port : 0, self.pop3.enabled ? self.pop3.port : 0, self.pop3s.enabled ? self.pop3s.port : 0, self.http.enabled ? self.http.port : 0, self.https.enabled ? self.https.port : 0].filter(q, q == p).size() == 1)").message("spec.listeners: two enabled listeners use the same port"))]
 #[serde(rename_all = "camelCase")]
 pub struct Listeners {
-    #[serde(default = "listener::imap")]
+    #[serde(
+        default = "listener::on::<143>",
+        deserialize_with = "listener::or_port::<143, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<143>")]
     pub imap: Listener,
-    #[serde(default = "listener::imaps")]
+    #[serde(
+        default = "listener::on::<993>",
+        deserialize_with = "listener::or_port::<993, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<993>")]
     pub imaps: Listener,
-    #[serde(default = "listener::pop3")]
+    #[serde(
+        default = "listener::on::<110>",
+        deserialize_with = "listener::or_port::<110, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<110>")]
     pub pop3: Listener,
-    #[serde(default = "listener::pop3s")]
+    #[serde(
+        default = "listener::on::<995>",
+        deserialize_with = "listener::or_port::<995, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<995>")]
     pub pop3s: Listener,
-    #[serde(default = "listener::http")]
+    #[serde(
+        default = "listener::on::<80>",
+        deserialize_with = "listener::or_port::<80, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<80>")]
     pub http: Listener,
-    #[serde(default = "listener::https")]
+    #[serde(
+        default = "listener::on::<443>",
+        deserialize_with = "listener::or_port::<443, _>"
+    )]
+    #[schemars(schema_with = "listener::schema::<443>")]
     pub https: Listener,
 }
 
 impl Default for Listeners {
     fn default() -> Self {
         Self {
-            imap: listener::imap(),
-            imaps: listener::imaps(),
-            pop3: listener::pop3(),
-            pop3s: listener::pop3s(),
-            http: listener::http(),
-            https: listener::https(),
+            imap: listener::on::<143>(),
+            imaps: listener::on::<993>(),
+            pop3: listener::on::<110>(),
+            pop3s: listener::on::<995>(),
+            http: listener::on::<80>(),
+            https: listener::on::<443>(),
         }
     }
 }
 
-/// One client-facing listener.
+/// One client-facing listener. Its port defaults to the protocol's well-known one, so that
+/// `{enabled: false}` is all it takes to turn a listener off.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
@@ -228,32 +253,55 @@ pub struct Listener {
     pub port: i32,
 }
 
+/// Each listener's port default, for the API server (in the schema) and for serde alike.
 mod listener {
-    use super::Listener;
+    use schemars::{JsonSchema, Schema, SchemaGenerator};
+    use serde::{Deserialize, Deserializer};
 
-    fn on(port: i32) -> Listener {
+    use super::{Listener, defaults};
+
+    pub fn on<const PORT: i32>() -> Listener {
         Listener {
             enabled: true,
-            port,
+            port: PORT,
         }
     }
-    pub fn imap() -> Listener {
-        on(143)
+
+    /// A listener as written, its port left out or not.
+    #[derive(Deserialize)]
+    struct Written {
+        #[serde(default = "defaults::enabled")]
+        enabled: bool,
+        port: Option<i32>,
     }
-    pub fn imaps() -> Listener {
-        on(993)
+
+    pub fn or_port<'de, const PORT: i32, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Listener, D::Error> {
+        let written = Written::deserialize(deserializer)?;
+        Ok(Listener {
+            enabled: written.enabled,
+            port: written.port.unwrap_or(PORT),
+        })
     }
-    pub fn pop3() -> Listener {
-        on(110)
-    }
-    pub fn pop3s() -> Listener {
-        on(995)
-    }
-    pub fn http() -> Listener {
-        on(80)
-    }
-    pub fn https() -> Listener {
-        on(443)
+
+    /// [`Listener`]'s schema with `PORT` as the port's default: the API server fills it in,
+    /// and the port is no longer required.
+    pub fn schema<const PORT: i32>(generator: &mut SchemaGenerator) -> Schema {
+        let mut schema = Listener::json_schema(generator);
+        if let Some(port) = schema
+            .get_mut("properties")
+            .and_then(|properties| properties.get_mut("port"))
+            .and_then(|port| port.as_object_mut())
+        {
+            port.insert("default".into(), PORT.into());
+        }
+        schema.remove("required");
+        schema.insert(
+            "default".into(),
+            serde_json::to_value(on::<PORT>()).expect("a listener serializes"),
+        );
+        schema
     }
 }
 

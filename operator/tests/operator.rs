@@ -1251,6 +1251,35 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
     )
     .await;
 
+    // A listener turned off, or moved, needs no more than that: the API server fills in the
+    // protocol's port.
+    apply(
+        &typed_pools,
+        "ports",
+        proxy_pool(
+            "ports",
+            json!({"mailboxSelector": {"matchLabels": {"a": "b"}},
+                   "listeners": {"pop3": {"enabled": false}, "imap": {"enabled": true}}}),
+        ),
+    )
+    .await;
+    let stored: kube::api::DynamicObject = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<ProxyPool>(&()),
+    )
+    .get("ports")
+    .await
+    .unwrap();
+    assert_eq!(
+        stored.data["spec"]["listeners"]["pop3"],
+        json!({"enabled": false, "port": 110})
+    );
+    assert_eq!(
+        stored.data["spec"]["listeners"]["imap"],
+        json!({"enabled": true, "port": 143})
+    );
+
     apply(
         &typed_servers,
         "moving",

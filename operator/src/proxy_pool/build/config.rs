@@ -186,6 +186,27 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_written_without_its_port_keeps_the_protocols_port() {
+        let spec = spec(json!({
+            "tls": {"secretName": "mail-tls"},
+            "listeners": {"pop3": {"enabled": false}, "imaps": {}, "imap": {"port": 1143}},
+        }));
+        let served: Vec<(&str, i32)> = listeners(&spec).iter().map(|l| (l.name, l.port)).collect();
+        assert_eq!(
+            served,
+            [
+                ("imap", 1143),
+                ("imaps", 993),
+                ("pop3s", 995),
+                ("http", 80),
+                ("https", 443)
+            ]
+        );
+        assert!(!spec.listeners.pop3.enabled);
+        assert_eq!(spec.listeners.pop3.port, 110);
+    }
+
+    #[test]
     fn config_lists_enabled_listeners_and_references_the_route_table() {
         let spec = spec(json!({"listeners": {"pop3": {"enabled": false, "port": 110}}}));
         let pool = pool(&spec);
