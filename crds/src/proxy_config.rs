@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::MAX_SECONDS;
+use crate::settings::{IpBlock, MAX_SECONDS};
 
 /// Key of the proxy configuration in its ConfigMap.
 pub const CONFIGMAP_KEY: &str = "config.yaml";
@@ -72,6 +72,21 @@ pub struct ProxyConfig {
     /// Limits and timeouts of the `http` and `https` listeners.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Who may send the PROXY protocol header that listeners with `proxyProtocol` expect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// The load balancers in front of listeners with `proxyProtocol: true`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// Addresses and CIDR blocks whose headers are believed; such a listener closes connections
+    /// from anywhere else (they could claim any client address).
+    pub trusted_networks: Vec<String>,
+    /// How long a connection may take to send its header (nginx's `proxy_protocol_timeout`).
+    #[serde(default = "defaults::proxy_protocol_timeout_seconds")]
+    pub header_timeout_seconds: u64,
 }
 
 /// Limits and timeouts of the web proxy. Every field is optional.
@@ -154,6 +169,10 @@ impl ListenerProtocol {
 pub struct ListenerConfig {
     pub protocol: ListenerProtocol,
     pub address: String,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer in
+    /// `proxyProtocol.trustedNetworks`, which gives the client's address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 /// Certificates, reloaded when their files change (Kubernetes rotates Secrets in place).
@@ -258,9 +277,55 @@ mod defaults {
     pub fn max_connections() -> usize {
         100_000
     }
+    pub fn proxy_protocol_timeout_seconds() -> u64 {
+        30
+    }
 }
 
 impl ProxyConfig {
+    /// The networks whose PROXY protocol headers are believed; empty when no listener expects
+    /// one. An error says what is wrong with `proxyProtocol`.
+    pub fn proxy_protocol_networks(&self) -> Result<Vec<IpBlock>, String> {
+        let Some(listener) = self.listeners.iter().find(|l| l.proxy_protocol) else {
+            return Ok(Vec::new());
+        };
+        let networks = self
+            .proxy_protocol
+            .as_ref()
+            .map(|p| p.trusted_networks.as_slice())
+            .unwrap_or_default();
+        if networks.is_empty() {
+            return Err(format!(
+                "listener {} expects a PROXY protocol header, but proxyProtocol.trustedNetworks \
+                 is empty: list the load balancers' addresses or CIDR blocks (0.0.0.0/0 and ::/0 \
+                 believe any source, which lets every client claim any address)",
+                listener.address
+            ));
+        }
+        let timeout = self
+            .proxy_protocol
+            .as_ref()
+            .map_or(1, |p| p.header_timeout_seconds);
+        if timeout == 0 || timeout > MAX_SECONDS.unsigned_abs() {
+            return Err(format!(
+                "proxyProtocol.headerTimeoutSeconds is {timeout}: give it 1 to {MAX_SECONDS} \
+                 seconds (the default is 30)"
+            ));
+        }
+        networks
+            .iter()
+            .map(|entry| {
+                IpBlock::parse_trimmed(entry.trim()).ok_or_else(|| {
+                    format!(
+                        "proxyProtocol.trustedNetworks entry {entry:?} is not an IP address or \
+                         CIDR block: list addresses such as 192.0.2.7 and blocks such as \
+                         10.0.0.0/8 or 2001:db8::/32"
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Parses a configuration (YAML or JSON) and checks what the types cannot say.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ProxyConfigError> {
         let config: ProxyConfig =
@@ -366,6 +431,7 @@ impl ProxyConfig {
                 http.max_header_bytes
             )));
         }
+        config.proxy_protocol_networks().map_err(invalid)?;
         let mut addresses: Vec<&str> = config
             .listeners
             .iter()

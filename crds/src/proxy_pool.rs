@@ -427,10 +427,34 @@ pub struct ServiceSpec {
     /// LoadBalancer Services; the proxy logs and forwards the real client IP.
     #[serde(default)]
     pub preserve_client_ip: bool,
+    /// The load balancer in front of the Service sends a PROXY protocol header (v1 or v2) with
+    /// the client's address on every connection: an AWS NLB, HAProxy or a cloud load balancer
+    /// with the PROXY protocol turned on (usually through `annotations`). Every client-facing
+    /// listener then requires the header and takes the client's address from it (logs, login
+    /// limits, X-Forwarded-For, IMAP ID and POP3 XOIP to the mailbox servers); connections
+    /// from outside `trustedNetworks` are closed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
     /// The Service's IP families on a dual-stack cluster (`PreferDualStack`: clients reach the
     /// proxies over IPv4 and IPv6); unset, the cluster's default (one family).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_family_policy: Option<IpFamilyPolicy>,
+}
+
+/// The PROXY protocol from the load balancer in front of the Service.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyProtocolSpec {
+    /// Where the headers may come from: IP addresses and CIDR blocks, the only sources the
+    /// listeners serve. List the load balancer's addresses, or the node or pod CIDRs its
+    /// connections arrive from (a client allowed to send the header could claim any address,
+    /// and escape the per-IP login limits).
+    #[schemars(length(max = 1000), inner(length(max = 64)))]
+    #[x_kube(
+        validation = Rule::new("self.size() > 0").message("spec.service.proxyProtocol.trustedNetworks must not be empty: list the load balancer's addresses or CIDR blocks, the only sources the proxies will serve"),
+        validation = Rule::new("self.all(e, isIP(e) || isCIDR(e))").message("spec.service.proxyProtocol.trustedNetworks entries must be IP addresses or CIDR blocks: list addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or 2001:db8::/32"),
+    )]
+    pub trusted_networks: Vec<String>,
 }
 
 /// Kubernetes Service `ipFamilyPolicy`.

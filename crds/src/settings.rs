@@ -109,7 +109,9 @@ impl IpBlock {
         Self::parse_trimmed(entry.trim()).ok_or_else(|| BadWhitelist(entry.to_string()))
     }
 
-    fn parse_trimmed(text: &str) -> Option<Self> {
+    /// An address (`192.0.2.7`, `2001:db8::1`) or CIDR block (`10.0.0.0/8`); `None` for
+    /// anything else.
+    pub fn parse_trimmed(text: &str) -> Option<Self> {
         let (address, prefix) = match text.split_once('/') {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),

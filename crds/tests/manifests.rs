@@ -349,6 +349,35 @@ fn proxy_pool_rejects_empty_selectors_bad_ports_and_unsafe_settings() {
                "loginLimits": {"whitelist": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1"]}}),
     )
     .unwrap();
+    // The validator here runs the CEL rules only; the API server enforces `required` itself.
+    assert_eq!(
+        schema("proxypools")["properties"]["spec"]["properties"]["service"]["properties"]["proxyProtocol"]
+            ["required"],
+        json!(["trustedNetworks"])
+    );
+    reject(
+        json!({"mailboxSelector": selector,
+               "service": {"proxyProtocol": {"trustedNetworks": []}}}),
+        "spec.service.proxyProtocol.trustedNetworks must not be empty",
+    );
+    let trusted = "spec.service.proxyProtocol.trustedNetworks entries must be IP addresses or CIDR \
+                   blocks: list addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 or \
+                   2001:db8::/32";
+    for bad in ["10.0.0.0/33", "lb.example.com", "::/129", "fe80::1%eth0"] {
+        reject(
+            json!({"mailboxSelector": selector,
+                   "service": {"proxyProtocol": {"trustedNetworks": ["10.0.0.0/8", bad]}}}),
+            trusted,
+        );
+    }
+    admit(
+        "proxypools",
+        "ProxyPool",
+        json!({"mailboxSelector": selector,
+               "service": {"type": "LoadBalancer", "proxyProtocol":
+                           {"trustedNetworks": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]}}}),
+    )
+    .unwrap();
     admit(
         "proxypools",
         "ProxyPool",

@@ -1250,6 +1250,39 @@ async fn the_api_server_rejects_invalid_resources_with_cel() {
         "loginLimits.whitelist entries must be IP addresses or CIDR blocks",
     )
     .await;
+    for (name, proxy_protocol, expected) in [
+        (
+            "pp-empty",
+            json!({"trustedNetworks": []}),
+            "spec.service.proxyProtocol.trustedNetworks must not be empty",
+        ),
+        (
+            "pp-bad",
+            json!({"trustedNetworks": ["10.0.0.0/8", "10.0.0.0/33", "lb.example.com"]}),
+            "spec.service.proxyProtocol.trustedNetworks entries must be IP addresses or CIDR blocks",
+        ),
+    ] {
+        rejected(
+            &typed_pools,
+            proxy_pool(
+                name,
+                json!({"mailboxSelector": {"matchLabels": {"a": "b"}},
+                       "service": {"proxyProtocol": proxy_protocol}}),
+            ),
+            expected,
+        )
+        .await;
+    }
+    apply(
+        &typed_pools,
+        "pp",
+        proxy_pool(
+            "pp",
+            json!({"mailboxSelector": {"matchLabels": {"a": "b"}},
+                   "service": {"proxyProtocol": {"trustedNetworks": ["10.0.0.0/8", "2001:db8::/32"]}}}),
+        ),
+    )
+    .await;
 
     // A listener turned off, or moved, needs no more than that: the API server fills in the
     // protocol's port.

@@ -130,6 +130,17 @@ fn serve_until_stopped(
     (stop, running)
 }
 
+/// Serves the configuration `yaml` until stopped, as [`serve_until_stopped`].
+async fn serve_yaml(
+    yaml: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let config = ProxyConfig::parse(yaml, Path::new("test.yaml")).unwrap();
+    serve_until_stopped(Server::bind(&config, options()).await.unwrap())
+}
+
 async fn until_unready(health: u16) {
     eventually(
         "readyz to fail",
@@ -438,9 +449,7 @@ async fn starttls_only_reloaded_on_a_proxy_without_certificate_fails_closed() {
          shutdownGraceSeconds: 0\n",
         routes_path.display()
     );
-    let config = ProxyConfig::parse(&yaml, Path::new("test.yaml")).unwrap();
-    let server = Server::bind(&config, options()).await.unwrap();
-    let (stop, running) = serve_until_stopped(server);
+    let (stop, running) = serve_yaml(&yaml).await;
     drop(Client::logged_in(imap, "u@f.test").await);
 
     replace(
@@ -635,6 +644,113 @@ async fn what_the_backend_says_during_the_login_reaches_the_client_bounded() {
 
     stop.send(()).unwrap();
     drop(client);
+    running.await.unwrap().unwrap();
+    task.abort();
+}
+
+/// A backend that answers OK to everything and hands over each `ID` line it receives.
+async fn id_recording_imap() -> (
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (ids, received) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let greeting = "* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n";
+                write.write_all(greeting.as_bytes()).await.unwrap();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains(" ID (") {
+                        let _ = ids.send(line.clone());
+                    }
+                    let tag = line.split(' ').next().unwrap_or("*");
+                    let answer = format!("{tag} OK done\r\n");
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, received, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_balancers_proxy_protocol_header_gives_the_clients_address() {
+    let (backend, mut ids, task) = id_recording_imap().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes_path = dir.path().join("routes.json");
+    replace(
+        &routes_path,
+        &routes_to(backend, json!({"f.test": "fake"}), json!({})),
+    );
+    let [behind, direct, health] = free_ports();
+    let yaml = format!(
+        "listeners:\n  - {{protocol: imap, address: '127.0.0.1:{behind}', proxyProtocol: true}}\n  \
+         - {{protocol: imap, address: '127.0.0.1:{direct}'}}\n\
+         proxyProtocol: {{trustedNetworks: [127.0.0.0/8], headerTimeoutSeconds: 5}}\n\
+         routeTable: {{file: '{}'}}\nhealthListen: '127.0.0.1:{health}'\n\
+         shutdownGraceSeconds: 0\n",
+        routes_path.display()
+    );
+    let (stop, running) = serve_yaml(&yaml).await;
+
+    // Behind the load balancer: the header names the client; the mailbox server hears of it.
+    for header in [
+        b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 143\r\n".to_vec(),
+        [
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".as_slice(),
+            &[198, 51, 100, 7, 192, 0, 2, 1, 0x9c, 0x40, 0, 143],
+        ]
+        .concat(),
+    ] {
+        let mut client = Client::connect(behind).await.unwrap();
+        client
+            .reader
+            .get_mut()
+            .write_all(&header)
+            .await
+            .expect("send the header");
+        assert!(client.line().await.unwrap().starts_with("* OK"));
+        client.send("a LOGIN u@f.test pw\r\n").await;
+        assert_eq!(client.line().await.as_deref(), Some("a OK done"));
+        let id = ids.recv().await.unwrap();
+        let claimed = if header.starts_with(b"PROXY") {
+            "203.0.113.9"
+        } else {
+            "198.51.100.7"
+        };
+        assert!(
+            id.contains(&format!("\"X-ORIGINATING-IP\" \"{claimed}\"")),
+            "{id}"
+        );
+    }
+
+    // Without a header that listener serves nothing; the other one is unaffected, and a
+    // header sent to it is a bad command, not an address.
+    let mut client = Client::connect(behind).await.unwrap();
+    client.send("a LOGIN u@f.test pw\r\n").await;
+    assert_eq!(client.line().await, None);
+    let mut client = Client::connect(direct).await.unwrap();
+    assert!(client.line().await.unwrap().starts_with("* OK"));
+    client
+        .send("PROXY TCP4 203.0.113.9 192.0.2.1 40000 143\r\n")
+        .await;
+    assert!(client.line().await.unwrap().contains("BAD"));
+    client.send("a LOGIN u@f.test pw\r\n").await;
+    assert_eq!(client.line().await.as_deref(), Some("a OK done"));
+    let id = ids.recv().await.unwrap();
+    assert!(id.contains("\"X-ORIGINATING-IP\" \"127.0.0.1\""), "{id}");
+
+    stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     task.abort();
 }

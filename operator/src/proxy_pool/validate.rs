@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 use mailproxy_crds::ProxyPool;
 use mailproxy_crds::proxy_pool::ServiceType;
-use mailproxy_crds::settings::StartTlsMode;
+use mailproxy_crds::settings::{IpBlock, StartTlsMode};
 
 use super::build::{Pool, config::listeners};
 use super::dereference::{Dereferenced, SecretFound};
@@ -78,6 +78,24 @@ pub fn valid_spec<'a>(pool: &'a ProxyPool, deref: &Dereferenced) -> Result<Pool<
     // counts: a whitelist they cannot parse would stop every new proxy at startup.
     if let Err(error) = spec.login_limits.whitelist_blocks() {
         invalid.push(format!("spec.{error}"));
+    }
+    // Likewise for the PROXY protocol's trusted networks, which the proxies check at startup.
+    if let Some(proxy_protocol) = &spec.service.proxy_protocol {
+        let networks = &proxy_protocol.trusted_networks;
+        if networks.is_empty() {
+            invalid.push(
+                "spec.service.proxyProtocol.trustedNetworks must not be empty: list the load \
+                 balancer's addresses or CIDR blocks, the only sources the proxies will serve"
+                    .to_string(),
+            );
+        }
+        if let Some(entry) = networks.iter().find(|e| IpBlock::parse(e).is_err()) {
+            invalid.push(format!(
+                "spec.service.proxyProtocol.trustedNetworks entry {entry:?} is not an IP address \
+                 or CIDR block: list addresses such as 192.0.2.7 and blocks such as 10.0.0.0/8 \
+                 or 2001:db8::/32"
+            ));
+        }
     }
     // As the built-in controllers' children do, they hold up a foreground deletion of the pool
     // (`kubectl delete --cascade=foreground`) until they are gone.
@@ -273,6 +291,37 @@ mod tests {
                     .into()
             )
         );
+
+        let untrusting = pool(
+            "main",
+            json!({"service": {"proxyProtocol": {"trustedNetworks": []}}}),
+        );
+        let Err(Problem::Invalid(message)) = validate(&untrusting, &deref(&untrusting, None))
+        else {
+            panic!("expected invalid");
+        };
+        assert!(
+            message.contains("spec.service.proxyProtocol.trustedNetworks must not be empty"),
+            "{message}"
+        );
+        let zoned = pool(
+            "main",
+            json!({"service": {"proxyProtocol": {"trustedNetworks": ["10.0.0.0/8", "fe80::1%eth0"]}}}),
+        );
+        assert_eq!(
+            validate(&zoned, &deref(&zoned, None)).unwrap_err(),
+            Problem::Invalid(
+                "spec.service.proxyProtocol.trustedNetworks entry \"fe80::1%eth0\" is not an IP \
+                 address or CIDR block: list addresses such as 192.0.2.7 and blocks such as \
+                 10.0.0.0/8 or 2001:db8::/32"
+                    .into()
+            )
+        );
+        let trusting = pool(
+            "main",
+            json!({"service": {"proxyProtocol": {"trustedNetworks": ["10.0.0.0/8", "192.0.2.7"]}}}),
+        );
+        assert!(validate(&trusting, &deref(&trusting, None)).is_ok());
     }
 
     #[test]

@@ -45,7 +45,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{TlsAcceptor, TlsStream};
 
@@ -61,7 +61,7 @@ use crate::route::resolver::Resolver;
 use crate::route::{LoginContext, Protocol, Route, Upstream};
 use crate::session::relay::Traffic;
 use crate::session::stream::Stream;
-use crate::session::{Accepted, Acceptor, signalled};
+use crate::session::{Accepted, Acceptor, client_origin, signalled};
 
 /// The body type on both sides of the proxy.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -723,7 +723,7 @@ impl HttpProxy {
 /// `limit`. On `stop` open connections finish their request in flight (keep-alive ends); on
 /// `closing` they are dropped, upgraded ones included.
 pub async fn serve_listener(
-    listener: TcpListener,
+    acceptor: Acceptor,
     tls: Option<TlsAcceptor>,
     proxy: Arc<HttpProxy>,
     limit: Arc<Semaphore>,
@@ -731,19 +731,22 @@ pub async fn serve_listener(
     closing: watch::Receiver<bool>,
 ) {
     let label = if tls.is_some() { "https" } else { "http" };
-    let acceptor = Acceptor::new(listener);
-    while let Some(Accepted {
-        permit,
-        tcp,
-        peer,
-        local,
-    }) = acceptor.accept(&limit, &mut stop, label).await
-    {
+    while let Some(accepted) = acceptor.accept(&limit, &mut stop, label).await {
         let proxy = proxy.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         let mut closing = closing.clone();
+        let proxy_header = acceptor.proxy_header();
         tokio::spawn(async move {
+            let Some(Accepted {
+                permit,
+                tcp,
+                peer,
+                local,
+            }) = client_origin(proxy_header.as_deref(), accepted, label).await
+            else {
+                return;
+            };
             let _permit = permit;
             tokio::select! {
                 biased;
@@ -971,6 +974,7 @@ fn upstream_uri(upstream: &Upstream, tls: bool, original: &Uri) -> Result<Uri, F
 mod tests {
     use super::*;
     use crate::dns::Dns;
+    use tokio::net::TcpListener;
 
     fn conn(peer: &str, tls: bool) -> ConnectionInfo {
         ConnectionInfo {
@@ -1078,7 +1082,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limit = Arc::new(Semaphore::new(10));
-        tokio::spawn(serve_listener(listener, None, proxy, limit, stop, closing));
+        let acceptor = Acceptor::new(listener, None);
+        tokio::spawn(serve_listener(acceptor, None, proxy, limit, stop, closing));
 
         let connect = || async {
             let tcp = TcpStream::connect(addr).await.unwrap();

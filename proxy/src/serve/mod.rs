@@ -42,7 +42,9 @@ use crate::route::lookup::{LookupClient, LookupClientConfig, certificates_from_p
 use crate::route::resolver::Resolver;
 use crate::route::table::{ConfigMapSource, TableHandle, watch_file};
 use crate::route::throttle::LoginThrottle;
-use crate::session::{ListenerKind, MailService, SessionContext, SessionMetrics};
+use crate::session::{
+    Acceptor, ListenerKind, MailService, ProxyHeaderPolicy, SessionContext, SessionMetrics,
+};
 use crate::tls::{ALPN_WEB, CertificateStore, MailTls, UpstreamConnector};
 
 /// After the grace, how long closed sessions get to finish their last writes and log.
@@ -98,9 +100,18 @@ enum Service {
     Web { tls: bool },
 }
 
+/// A bound listener and how its connections start.
+struct Listening {
+    protocol: ListenerProtocol,
+    service: Service,
+    listener: TcpListener,
+    /// Set when every connection starts with a PROXY protocol header.
+    proxy_header: Option<Arc<ProxyHeaderPolicy>>,
+}
+
 /// A bound, not yet serving, proxy.
 pub struct Server {
-    listeners: Vec<(ListenerProtocol, Service, TcpListener)>,
+    listeners: Vec<Listening>,
     web: Arc<HttpProxy>,
     web_tls: Option<tokio_rustls::TlsAcceptor>,
     health: TcpListener,
@@ -202,9 +213,15 @@ impl Server {
             via: options.via,
             closing: closing_receiver,
         });
+        let proxy_header = proxy_header_policy(config)?;
         let mut listeners = Vec::new();
-        for (listener, kind) in config.listeners.iter().zip(kinds) {
-            listeners.push((listener.protocol, kind, bind(&listener.address).await?));
+        for (listener, service) in config.listeners.iter().zip(kinds) {
+            listeners.push(Listening {
+                protocol: listener.protocol,
+                service,
+                listener: bind(&listener.address).await?,
+                proxy_header: proxy_header.clone().filter(|_| listener.proxy_protocol),
+            });
         }
         let health = bind(&config.health_listen)
             .await
@@ -231,7 +248,7 @@ impl Server {
     pub fn listener_addresses(&self) -> Vec<(ListenerProtocol, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(protocol, _, listener)| Some((*protocol, listener.local_addr().ok()?)))
+            .filter_map(|l| Some((l.protocol, l.listener.local_addr().ok()?)))
             .collect()
     }
 
@@ -260,20 +277,28 @@ impl Server {
         let limit = Arc::new(Semaphore::new(max_connections));
         let (stop, stopped) = watch::channel(false);
         let mut accepting = Vec::new();
-        for (protocol, kind, listener) in listeners {
+        for Listening {
+            protocol,
+            service,
+            listener,
+            proxy_header,
+        } in listeners
+        {
             if let Ok(address) = listener.local_addr() {
-                tracing::info!(?protocol, %address, "listening");
+                let proxy_protocol = proxy_header.is_some();
+                tracing::info!(?protocol, %address, proxy_protocol, "listening");
             }
-            let task = match kind {
+            let acceptor = Acceptor::new(listener, proxy_header);
+            let task = match service {
                 Service::Mail(kind) => tokio::spawn(crate::session::serve_listener(
-                    listener,
+                    acceptor,
                     kind,
                     context.clone(),
                     limit.clone(),
                     stopped.clone(),
                 )),
                 Service::Web { tls } => tokio::spawn(crate::http::proxy::serve_listener(
-                    listener,
+                    acceptor,
                     if tls { web_tls.clone() } else { None },
                     web.clone(),
                     limit.clone(),
@@ -319,6 +344,19 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The PROXY protocol policy of the listeners that expect a header, if any does.
+fn proxy_header_policy(config: &ProxyConfig) -> anyhow::Result<Option<Arc<ProxyHeaderPolicy>>> {
+    let trusted = config
+        .proxy_protocol_networks()
+        .map_err(anyhow::Error::msg)?;
+    Ok(config.proxy_protocol.as_ref().map(|settings| {
+        Arc::new(ProxyHeaderPolicy::new(
+            trusted,
+            Duration::from_secs(settings.header_timeout_seconds),
+        ))
+    }))
 }
 
 /// Binds, loads everything and serves until `shutdown` resolves.

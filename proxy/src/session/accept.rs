@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use super::proxy_header::ProxyHeaderPolicy;
 use super::signalled;
 use crate::listen::canonical;
 
@@ -24,11 +25,13 @@ const NODELAY_INHERITED: u8 = 1;
 const NODELAY_PER_CONNECTION: u8 = 2;
 
 /// A listening socket and what its connections share.
-pub(crate) struct Acceptor {
+pub struct Acceptor {
     listener: TcpListener,
     /// The listener's address when it is bound to one (not `0.0.0.0`, `::` or `::ffff:0.0.0.0`).
     local: Option<SocketAddr>,
     nodelay: AtomicU8,
+    /// Set when every connection starts with a PROXY protocol header from a load balancer.
+    proxy_header: Option<Arc<ProxyHeaderPolicy>>,
 }
 
 /// A client connection and its place among those the limit allows.
@@ -42,7 +45,7 @@ pub(crate) struct Accepted {
 }
 
 impl Acceptor {
-    pub(crate) fn new(listener: TcpListener) -> Self {
+    pub fn new(listener: TcpListener, proxy_header: Option<Arc<ProxyHeaderPolicy>>) -> Self {
         let local = listener
             .local_addr()
             .ok()
@@ -56,7 +59,14 @@ impl Acceptor {
             listener,
             local,
             nodelay: AtomicU8::new(nodelay),
+            proxy_header,
         }
+    }
+
+    /// The PROXY protocol policy of this listener, for the connections' own tasks (which must
+    /// not hold the listener itself: it closes at shutdown while sessions go on).
+    pub(crate) fn proxy_header(&self) -> Option<Arc<ProxyHeaderPolicy>> {
+        self.proxy_header.clone()
     }
 
     /// Readies an accepted connection: `TCP_NODELAY` (commands and answers are small and must
@@ -118,12 +128,42 @@ impl Acceptor {
     }
 }
 
+/// The connection with its client's addresses: from the PROXY protocol header when its
+/// listener expects one (`None` when the connection was refused for it), else as accepted.
+/// Runs in the connection's own task: a slow header holds up no other client.
+pub(crate) async fn client_origin(
+    proxy_header: Option<&ProxyHeaderPolicy>,
+    mut accepted: Accepted,
+    label: &str,
+) -> Option<Accepted> {
+    let Some(policy) = proxy_header else {
+        return Some(accepted);
+    };
+    match policy.read(&mut accepted.tcp, accepted.peer).await {
+        Ok(Some((client, local))) => {
+            accepted.peer = client;
+            accepted.local = Some(local);
+            Some(accepted)
+        }
+        Ok(None) => Some(accepted),
+        Err(refusal) => {
+            tracing::info!(
+                listener = label,
+                source = %accepted.peer.ip(),
+                %refusal,
+                "connection closed before its session"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     async fn accept_one(bind: &str) -> (Accepted, Acceptor) {
-        let acceptor = Acceptor::new(crate::listen::bind(bind).await.unwrap());
+        let acceptor = Acceptor::new(crate::listen::bind(bind).await.unwrap(), None);
         let port = acceptor.listener.local_addr().unwrap().port();
         let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_stop_sender, mut stop) = watch::channel(false);

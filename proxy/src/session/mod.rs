@@ -14,6 +14,7 @@ pub(crate) mod activity;
 mod imap;
 mod metrics;
 mod pop3;
+pub mod proxy_header;
 mod proxy_protocol;
 pub(crate) mod relay;
 pub mod stream;
@@ -25,13 +26,15 @@ use std::time::Duration;
 
 use mailproxy_crds::route_table::RouteSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-pub(crate) use self::accept::{Accepted, Acceptor};
+pub use self::accept::Acceptor;
+pub(crate) use self::accept::{Accepted, client_origin};
 pub use self::metrics::SessionMetrics;
+pub use self::proxy_header::ProxyHeaderPolicy;
 use self::relay::{RelayEnd, Traffic, UpstreamEnd};
 use self::stream::Stream;
 use self::upstream::{UpstreamConnection, UpstreamError};
@@ -117,22 +120,25 @@ pub struct SessionContext {
 /// has a permit for it, so past the limit clients wait in the kernel's backlog rather than
 /// costing memory here.
 pub async fn serve_listener(
-    listener: TcpListener,
+    acceptor: Acceptor,
     kind: ListenerKind,
     context: Arc<SessionContext>,
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let acceptor = Acceptor::new(listener);
     while let Some(accepted) = acceptor.accept(&limit, &mut stop, kind.label()).await {
         let context = context.clone();
+        let proxy_header = acceptor.proxy_header();
         tokio::spawn(async move {
-            let Accepted {
+            let Some(Accepted {
                 permit,
                 tcp,
                 peer,
                 local,
-            } = accepted;
+            }) = client_origin(proxy_header.as_deref(), accepted, kind.label()).await
+            else {
+                return;
+            };
             session(&context, kind, tcp, peer, local).await;
             drop(permit);
         });

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use mailproxy_crds::ProxyPoolSpec;
 use mailproxy_crds::proxy_config::{
     self, CertificateFiles, HttpConfig, ListenerConfig, ListenerProtocol, LookupClientConfig,
-    ProxyConfig, RouteTableSource, TlsConfig, UpstreamTlsConfig,
+    ProxyConfig, ProxyProtocolConfig, RouteTableSource, TlsConfig, UpstreamTlsConfig,
 };
 
 use super::Pool;
@@ -33,6 +33,10 @@ const SHUTDOWN_MARGIN_SECONDS: i64 = 5;
 /// and cloud load balancers take to stop sending it new connections, which would otherwise be
 /// refused during every rollout, scale-down and node drain.
 const SHUTDOWN_DELAY_SECONDS: u64 = 5;
+
+/// How long a connection from the load balancer may take to send its PROXY protocol header
+/// (the proxy's default, nginx's `proxy_protocol_timeout`).
+const PROXY_PROTOCOL_HEADER_TIMEOUT_SECONDS: u64 = 30;
 
 /// A proxy's shutdown within the pod's termination grace period: the delay first, then the
 /// sessions' grace, and a margin before the kubelet's SIGKILL.
@@ -91,12 +95,22 @@ pub fn listeners(spec: &ProxyPoolSpec) -> Vec<PoolListener> {
 pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
     let spec = pool.spec;
     let shutdown = Shutdown::within(spec.pod.termination_grace_period_seconds);
+    // Every client-facing listener is behind the Service, so behind its load balancer.
+    let proxy_protocol = spec
+        .service
+        .proxy_protocol
+        .as_ref()
+        .map(|p| ProxyProtocolConfig {
+            trusted_networks: p.trusted_networks.clone(),
+            header_timeout_seconds: PROXY_PROTOCOL_HEADER_TIMEOUT_SECONDS,
+        });
     ProxyConfig {
         listeners: listeners(spec)
             .into_iter()
             .map(|listener| ListenerConfig {
                 protocol: listener.protocol,
                 address: format!("[::]:{}", listener.port),
+                proxy_protocol: proxy_protocol.is_some(),
             })
             .collect(),
         tls: spec.tls.as_ref().map(|_| TlsConfig {
@@ -120,6 +134,7 @@ pub fn proxy_config(pool: &Pool<'_>) -> ProxyConfig {
         shutdown_grace_seconds: shutdown.grace,
         max_connections: 100_000,
         http: http_config(spec),
+        proxy_protocol,
     }
 }
 
@@ -258,6 +273,35 @@ mod tests {
             Some(std::path::Path::new(LOOKUP_SECRET_FILE))
         );
         ProxyConfig::parse(&config.to_yaml(), std::path::Path::new(CONFIG_FILE)).unwrap();
+    }
+
+    #[test]
+    fn service_proxy_protocol_makes_every_listener_expect_the_header_from_trusted_networks() {
+        let plain = proxy_config(&pool(&spec(json!({"tls": {"secretName": "cert"}}))));
+        assert!(plain.listeners.iter().all(|l| !l.proxy_protocol));
+        assert_eq!(plain.proxy_protocol, None);
+        assert!(!plain.to_yaml().contains("proxyProtocol"));
+
+        let spec = spec(json!({
+            "tls": {"secretName": "cert"},
+            "service": {"type": "LoadBalancer",
+                        "proxyProtocol": {"trustedNetworks": ["10.0.0.0/8", "2001:db8::/32"]}},
+        }));
+        let config = proxy_config(&pool(&spec));
+        assert_eq!(config.listeners.len(), 6);
+        assert!(config.listeners.iter().all(|l| l.proxy_protocol));
+        assert_eq!(
+            config.proxy_protocol,
+            Some(ProxyProtocolConfig {
+                trusted_networks: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+                header_timeout_seconds: 30,
+            })
+        );
+        // What the operator writes is what `mailproxy serve` reads, and accepts.
+        let read = ProxyConfig::parse(&config.to_yaml(), std::path::Path::new(CONFIG_FILE))
+            .expect("the proxy takes the rendered PROXY protocol settings");
+        assert_eq!(read, config);
+        assert_eq!(read.proxy_protocol_networks().unwrap().len(), 2);
     }
 
     #[test]
