@@ -819,3 +819,41 @@ async fn a_zero_ttl_caches_nothing() {
     }
     assert_eq!(lookupd.lookupd.requests(RequestOutcome::Found), 8);
 }
+
+/// A handler that rewrites a login without letting the alias be cached (lookupd, for a
+/// domain other than its default) still teaches the fleet the account's route, as Zimbra's
+/// proxy caches it: a later login as the account asks no handler.
+#[tokio::test]
+async fn a_rewritten_login_caches_the_accounts_route_even_when_its_alias_may_not_be() {
+    let directory = format!(
+        "{DIRECTORY}account carol@other.org mbs-1\nalias sales@other.org carol@other.org\n"
+    );
+    let files = Files::new(TABLE, &directory);
+    let handler = RunningLookupd::start(files.config()).await;
+    let resolver = proxy(proxy_table(&[handler.url()], &[], 3600));
+    let sales = login("sales@other.org", Protocol::Imap);
+    let resolved = resolver.resolve(&sales).await.unwrap();
+    assert_eq!(resolved.source, RouteSource::Lookup);
+    assert_eq!(resolved.route.account.as_deref(), Some("carol@other.org"));
+
+    let cache = resolver.cache();
+    let scope = AliasScope::of(&sales).unwrap();
+    assert_eq!(
+        cache.get_alias("sales@other.org", scope).await.unwrap(),
+        None,
+        "the handler said Auth-Cache-Alias: FALSE"
+    );
+    assert_eq!(
+        cache
+            .get_route(Protocol::Imap, "carol@other.org", sales.client_ip)
+            .await
+            .unwrap(),
+        Some(Upstream::new("127.0.0.1", 1143))
+    );
+    let carol = login("carol@other.org", Protocol::Imap);
+    assert_eq!(
+        resolver.resolve(&carol).await.unwrap().source,
+        RouteSource::Cache
+    );
+    assert_eq!(found(&handler), 1);
+}

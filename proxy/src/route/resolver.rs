@@ -612,8 +612,9 @@ impl Resolver {
     }
 
     /// Caches a learned route for the fleet. A rewritten login (`Auth-User`) is cached as the
-    /// account's route plus, when the handler allows it, the login's alias, so that the next
-    /// login under the same name finds both the server and the name to log in with.
+    /// account's route plus, when the handler allows it (`Auth-Cache-Alias: TRUE`), the login's
+    /// alias, so that the next login under the same name finds both the server and the name to
+    /// log in with.
     async fn remember(
         &self,
         login: &LoginContext,
@@ -641,23 +642,26 @@ impl Resolver {
                 .await
                 .map(drop),
             Some(account) => {
-                let scope = AliasScope::of(login).filter(|_| cache_alias);
-                match scope {
-                    Some(scope) => {
-                        let alias = cache.put_alias(&login.user, scope, account, ttl).await;
-                        let route = cache
-                            .put_route(
-                                login.protocol,
-                                account,
-                                login.client_ip,
-                                &route.upstream,
-                                ttl,
-                            )
-                            .await;
-                        alias.and(route).map(drop)
-                    }
+                // The account's route is the account's whatever the handler says of the name
+                // used (Zimbra caches it too): a later login as the account, from any proxy of
+                // the fleet, needs no lookup.
+                let account_route = cache
+                    .put_route(
+                        login.protocol,
+                        account,
+                        login.client_ip,
+                        &route.upstream,
+                        ttl,
+                    )
+                    .await;
+                let alias = match AliasScope::of(login).filter(|_| cache_alias) {
+                    Some(scope) => cache
+                        .put_alias(&login.user, scope, account, ttl)
+                        .await
+                        .map(drop),
                     None => Ok(()),
-                }
+                };
+                account_route.and(alias).map(drop)
             }
         };
         if let Err(error) = written {
