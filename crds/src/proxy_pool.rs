@@ -65,8 +65,10 @@ pub struct ProxyPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
 
-    /// STARTTLS on the plain IMAP and POP3 listeners: off, on (offered), only (required before
-    /// login; Zimbra's default).
+    /// STARTTLS on the plain IMAP and POP3 listeners: off, on (offered; the default), only
+    /// (required before login). The default is on, unlike Zimbra's only, because only needs a
+    /// certificate (`tls`) and a pool without one could not serve any login: with `tls`, set
+    /// only.
     #[serde(default)]
     pub starttls: StartTlsMode,
 

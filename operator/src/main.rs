@@ -61,7 +61,8 @@ struct RunArgs {
     /// Namespace of the Lease (default: --pod-namespace).
     #[arg(long)]
     lease_namespace: Option<String>,
-    /// This replica's identity in the Lease and in Events (default: POD_NAME, else the host name).
+    /// This replica's identity in the Lease and in Events (default: POD_NAME, else
+    /// `<host name>-<pid>`).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Seconds a leader may go without renewing before another replica takes over.

@@ -380,6 +380,32 @@ async fn raw(proxy: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Behind a load balancer that sends the PROXY protocol, the backend learns the client's
+/// address from the header, in the same segment as the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_names_the_client_a_proxy_protocol_header_gives() {
+    let (a, b) = backends().await;
+    let routes = table(
+        &[("mbs-a", a.addr), ("mbs-b", b.addr)],
+        &[a.addr],
+        None,
+        &[],
+    );
+    let proxy = Proxy::start_behind_load_balancer(&routes, "127.0.0.0/8").await;
+    let request = b"GET / HTTP/1.1\r\nHost: mail.example.com\r\nConnection: close\r\n\r\n";
+    let header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 80\r\n";
+    let answer = raw(proxy.http, &[header.as_slice(), request].concat()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-seen-x-forwarded-for: 203.0.113.9\r\n"),
+        "{answer}"
+    );
+    let without = raw(proxy.http, request).await;
+    assert_eq!(without, "", "no header, no answer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_answers_and_the_proxy_goes_on() {
     let s = setup().await;

@@ -234,7 +234,7 @@ pub async fn reconcile(pool: Arc<ProxyPool>, ctx: Arc<Context>) -> Result<Action
             EventType::Normal,
             "RollingRestart",
             "Apply",
-            "the image, listeners or TLS Secret changed: the proxies restart one by one".into(),
+            "the image, the TLS Secret or config.yaml (listeners, web, lookup secret, shutdown timing, PROXY protocol) changed: the proxies restart one by one".into(),
         )
         .await;
     }

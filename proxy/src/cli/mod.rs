@@ -46,7 +46,8 @@ pub enum Command {
     Lookupd(lookupd::Args),
     /// Delete every cached route of an account from every memcached server (zmproxypurge).
     Purge(purge::Args),
-    /// Run the mail proxy: IMAP, IMAPS, POP3 and POP3S listeners from a configuration file.
+    /// Run the mail proxy: IMAP, IMAPS, POP3, POP3S, HTTP and HTTPS listeners from a
+    /// configuration file.
     Serve(serve::Args),
     /// Print what zmprov's proxy commands print (garpu, garpb, gamau, gamcs) for a route table.
     Zmprov(zmprov::Args),

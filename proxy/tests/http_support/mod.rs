@@ -437,14 +437,31 @@ impl Proxy {
         extra: &str,
         configure: impl FnOnce(&mut ServeOptions),
     ) -> Self {
+        Self::start_listening(routes, "", extra, configure).await
+    }
+
+    /// A proxy behind a load balancer in `trusted`: both listeners expect its PROXY protocol
+    /// header.
+    pub async fn start_behind_load_balancer(routes: &str, trusted: &str) -> Self {
+        let extra = format!("proxyProtocol: {{trustedNetworks: ['{trusted}']}}\n");
+        Self::start_listening(routes, ", proxyProtocol: true", &extra, |_| {}).await
+    }
+
+    /// `listener` is added to each listener's entry (`, key: value`).
+    async fn start_listening(
+        routes: &str,
+        listener: &str,
+        extra: &str,
+        configure: impl FnOnce(&mut ServeOptions),
+    ) -> Self {
         let pki = Pki::new();
         let dir = tempfile::tempdir().unwrap();
         let table = dir.path().join("routes.json");
         std::fs::write(&table, routes).unwrap();
         let yaml = format!(
             "listeners:\n\
-             - {{protocol: http, address: '127.0.0.1:{}'}}\n\
-             - {{protocol: https, address: '127.0.0.1:{}'}}\n\
+             - {{protocol: http, address: '127.0.0.1:{}'{listener}}}\n\
+             - {{protocol: https, address: '127.0.0.1:{}'{listener}}}\n\
              tls:\n  certificates: [{{cert: '{}', key: '{}'}}]\n\
              routeTable: {{file: '{}'}}\n\
              healthListen: '127.0.0.1:{}'\n\

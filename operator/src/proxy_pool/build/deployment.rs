@@ -1,8 +1,9 @@
 //! The proxies' Deployment.
 //!
 //! Pods restart only for settings that need it: the pod template carries a hash of the image,
-//! the TLS Secret name and `config.yaml` (listeners, ports, TLS). Route-table changes never touch
-//! the template; the proxies reload the table from its ConfigMap.
+//! the TLS Secret name and `config.yaml` (listeners, ports, TLS, web settings, lookup secret,
+//! shutdown timing, PROXY protocol). Route-table changes never touch the template; the proxies
+//! reload the table from its ConfigMap.
 
 use std::collections::BTreeMap;
 
