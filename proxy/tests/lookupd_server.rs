@@ -140,6 +140,39 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
 /// A server lookupd cannot give an address for holds the account all the same: the answer is a
 /// 200 that names it, which a proxy takes as "temporarily unavailable", not as a broken handler
 /// (marked down) or an unknown account (sent to the domain's server).
+/// A short name is qualified by the domain of the proxy address or web host it reached
+/// (`X-Proxy-IP`, `X-Proxy-Host`), as Zimbra does by the domain's virtual IPs and host names.
+#[tokio::test]
+async fn short_names_take_the_domain_of_the_address_or_host_they_reached() {
+    let directory = format!(
+        "{DIRECTORY}account john mbs-1\naccount john@other.org mbs-2\n\
+         domain-ip 10.1.2.4 other.org\ndomain-vhost mail.other.org other.org\n"
+    );
+    let files = Files::new(TABLE, &directory);
+    let lookupd = RunningLookupd::start(files.config()).await;
+    let client = client_for(lookupd.url(), None);
+    let ask_as = |proxy_ip: [u8; 4], vhost: Option<&str>| {
+        let mut john = login("john", Protocol::Imap);
+        john.proxy_ip = Some(proxy_ip.into());
+        john.virtual_host = vhost.map(str::to_string);
+        let client = &client;
+        async move { client.lookup(&john, AuthMethod::Username).await.unwrap() }
+    };
+    assert_eq!(
+        ask_as([10, 1, 2, 4], None).await,
+        found(2143, Some("john@other.org"), false)
+    );
+    assert_eq!(
+        ask_as([10, 1, 2, 3], Some("Mail.Other.org:443")).await,
+        found(2143, Some("john@other.org"), false)
+    );
+    assert_eq!(
+        ask_as([10, 1, 2, 3], None).await,
+        found(1143, Some("john@example.com"), true),
+        "elsewhere, the default domain"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_server_makes_its_accounts_unavailable_not_unknown() {
     let table = TABLE.replace(

@@ -10,15 +10,21 @@
 //! account bob mbs-2                     # unqualified: bob@example.com
 //! alias al@example.com alice@example.com
 //! alias postmaster alice                # postmaster@example.com -> alice@example.com
+//! domain-ip 192.0.2.10 example.org      # mail logins without '@' to that proxy address
+//! domain-vhost mail.example.org example.org   # web logins without '@' to that host name
 //! ```
 //!
 //! Names compare case-insensitively (they are kept in lower case). `default-domain` may appear
-//! once, anywhere: it applies to every line. An alias names an account, not another alias; its
+//! once, anywhere: it applies to every `account` and `alias` line, and to the logins of a lookup
+//! that no `domain-ip` (the proxy address the client reached, `X-Proxy-IP`) or `domain-vhost`
+//! (the web host name it asked for, `X-Proxy-Host`) names, as Zimbra qualifies them by the
+//! domain's virtual IP addresses and host names. An alias names an account, not another alias; its
 //! account may be listed here or pinned in the route table. A file with any bad line is
 //! rejected whole, with the line number, so a typo never silently drops accounts.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::net::IpAddr;
 
 /// A directory file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,11 +40,27 @@ pub struct Directory {
     default_domain: Option<String>,
     accounts: HashMap<String, String>,
     aliases: HashMap<String, String>,
+    /// The domain of unqualified logins by the proxy address they arrived at.
+    ip_domains: HashMap<IpAddr, String>,
+    /// The domain of unqualified web logins by the host name they asked for (lower case).
+    vhost_domains: HashMap<String, String>,
+}
+
+/// Where a lookup's login arrived: what qualifies a login without `@` besides the default
+/// domain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Arrival<'a> {
+    /// The proxy address the client connected to (`X-Proxy-IP`).
+    pub proxy_ip: Option<IpAddr>,
+    /// The web host name the client asked for (`X-Proxy-Host`).
+    pub vhost: Option<&'a str>,
 }
 
 impl Directory {
     pub fn parse(text: &str) -> Result<Self, DirectoryError> {
         let mut default_domain: Option<(usize, String)> = None;
+        let mut ip_domains = HashMap::new();
+        let mut vhost_domains = HashMap::new();
         let mut accounts = Vec::new();
         let mut aliases = Vec::new();
         for (index, line) in text.lines().enumerate() {
@@ -66,23 +88,50 @@ impl Directory {
                 }
                 ["account", account, server] => accounts.push((number, *account, *server)),
                 ["alias", alias, account] => aliases.push((number, *alias, *account)),
-                [keyword @ ("default-domain" | "account" | "alias"), ..] => {
+                ["domain-ip", ip, domain] => {
+                    let ip: IpAddr = ip
+                        .parse()
+                        .map_err(|_| fail(format!("domain-ip {ip:?} is not an IP address")))?;
+                    let domain = domain_name(domain).map_err(fail)?;
+                    if ip_domains.insert(ip.to_canonical(), domain).is_some() {
+                        return Err(fail(format!("domain-ip {ip} is listed twice")));
+                    }
+                }
+                ["domain-vhost", host, domain] => {
+                    let domain = domain_name(domain).map_err(fail)?;
+                    if vhost_domains
+                        .insert(host.to_ascii_lowercase(), domain)
+                        .is_some()
+                    {
+                        return Err(fail(format!("domain-vhost {host} is listed twice")));
+                    }
+                }
+                [
+                    keyword @ ("default-domain" | "account" | "alias" | "domain-ip"
+                    | "domain-vhost"),
+                    ..,
+                ] => {
                     let expected = match *keyword {
                         "default-domain" => "default-domain <domain>",
                         "account" => "account <account> <server>",
+                        "domain-ip" => "domain-ip <proxy ip> <domain>",
+                        "domain-vhost" => "domain-vhost <host name> <domain>",
                         _ => "alias <login> <account>",
                     };
                     return Err(fail(format!("expected `{expected}`")));
                 }
                 [other, ..] => {
                     return Err(fail(format!(
-                        "unknown entry {other:?}: expected default-domain, account or alias"
+                        "unknown entry {other:?}: expected default-domain, account, alias, \
+                         domain-ip or domain-vhost"
                     )));
                 }
             }
         }
         let mut directory = Directory {
             default_domain: default_domain.map(|(_, domain)| domain),
+            ip_domains,
+            vhost_domains,
             ..Directory::default()
         };
         for (line, account, server) in accounts {
@@ -127,6 +176,26 @@ impl Directory {
         }
     }
 
+    /// The login of a lookup in lower case, qualified when it has no `@`: by the domain of the
+    /// host name or proxy address it arrived at, else the default domain.
+    pub fn qualify_arriving(&self, login: &str, arrival: Arrival<'_>) -> String {
+        if login.contains('@') {
+            return login.to_ascii_lowercase();
+        }
+        let domain = arrival
+            .vhost
+            .and_then(|host| self.vhost_domains.get(&host.to_ascii_lowercase()))
+            .or_else(|| {
+                arrival
+                    .proxy_ip
+                    .and_then(|ip| self.ip_domains.get(&ip.to_canonical()))
+            });
+        match domain {
+            Some(domain) => format!("{}@{domain}", login.to_ascii_lowercase()),
+            None => self.qualify(login),
+        }
+    }
+
     /// The account a qualified login stands for (itself unless it is an alias).
     pub fn account_of<'a>(&'a self, qualified: &'a str) -> &'a str {
         self.aliases
@@ -147,6 +216,14 @@ impl Directory {
     pub fn counts(&self) -> (usize, usize) {
         (self.accounts.len(), self.aliases.len())
     }
+}
+
+/// The domain of a `domain-ip` or `domain-vhost` line, in lower case.
+fn domain_name(domain: &str) -> Result<String, String> {
+    if domain.contains('@') {
+        return Err(format!("domain {domain:?} contains '@'"));
+    }
+    Ok(domain.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -187,6 +264,48 @@ mod tests {
     }
 
     #[test]
+    fn logins_without_a_domain_take_the_domain_of_where_they_arrived() {
+        let directory = Directory::parse(
+            "default-domain example.com\n\
+             domain-ip 192.0.2.10 Example.ORG\n\
+             domain-ip 2001:db8::10 example.net\n\
+             domain-vhost Mail.Example.org example.org\n",
+        )
+        .unwrap();
+        let at = |proxy_ip: Option<&str>, vhost| Arrival {
+            proxy_ip: proxy_ip.map(|ip| ip.parse().unwrap()),
+            vhost,
+        };
+        assert_eq!(
+            directory.qualify_arriving("John", at(Some("192.0.2.10"), None)),
+            "john@example.org"
+        );
+        assert_eq!(
+            directory.qualify_arriving("john", at(Some("::ffff:192.0.2.10"), None)),
+            "john@example.org",
+            "an IPv4 proxy address in IPv6 form"
+        );
+        assert_eq!(
+            directory.qualify_arriving("john", at(Some("2001:db8::10"), None)),
+            "john@example.net"
+        );
+        assert_eq!(
+            directory.qualify_arriving("john", at(Some("192.0.2.99"), Some("MAIL.example.ORG"))),
+            "john@example.org"
+        );
+        assert_eq!(
+            directory.qualify_arriving("john", at(Some("192.0.2.99"), Some("other.host"))),
+            "john@example.com",
+            "unknown arrivals get the default domain"
+        );
+        assert_eq!(
+            directory.qualify_arriving("John@Example.NET", at(Some("192.0.2.10"), None)),
+            "john@example.net",
+            "a qualified login keeps its domain"
+        );
+    }
+
+    #[test]
     fn without_default_domain_names_stay_as_given() {
         let directory = Directory::parse("account dave mbs-1\n").unwrap();
         assert_eq!(directory.qualify("Dave"), "dave");
@@ -210,6 +329,23 @@ mod tests {
             ("account a@b s\nalias a@b x@y", 2, "also an account"),
             ("alias a@b x@y\nalias a@b z@y", 2, "listed twice"),
             ("alias a@b a@b", 1, "names itself"),
+            ("domain-ip mail.example.org b.c", 1, "not an IP address"),
+            ("domain-ip 192.0.2.1 a@b", 1, "contains '@'"),
+            (
+                "domain-ip 192.0.2.1 b.c\ndomain-ip 192.0.2.1 d.e",
+                2,
+                "listed twice",
+            ),
+            (
+                "domain-vhost a.b c.d\ndomain-vhost A.B e.f",
+                2,
+                "listed twice",
+            ),
+            (
+                "domain-vhost a.b",
+                1,
+                "expected `domain-vhost <host name> <domain>`",
+            ),
         ];
         for (text, line, message) in cases {
             let error = Directory::parse(text).unwrap_err();

@@ -53,7 +53,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use self::directory::{Directory, DirectoryError};
+use self::directory::{Arrival, Directory, DirectoryError};
 use self::route::{Decision, decide};
 use crate::dns::Dns;
 use crate::mounted_file::{FileStamp, polls};
@@ -396,6 +396,10 @@ where
 struct Ask {
     user: String,
     protocol: Protocol,
+    /// `X-Proxy-IP`: the proxy address the client reached.
+    proxy_ip: Option<IpAddr>,
+    /// `X-Proxy-Host` without a port: the web host name the client asked for.
+    vhost: Option<String>,
 }
 
 impl Shared {
@@ -450,7 +454,11 @@ impl Shared {
         };
         let table = self.table.load();
         let directory = self.directory.load();
-        let routed = match decide(&table, &directory, &ask.user, ask.protocol) {
+        let arrival = Arrival {
+            proxy_ip: ask.proxy_ip,
+            vhost: ask.vhost.as_deref(),
+        };
+        let routed = match decide(&table, &directory, &ask.user, arrival, ask.protocol) {
             Decision::Route(routed) => routed,
             Decision::Refuse(reason) => {
                 info!(%peer, client, user = %ask.user, protocol = %ask.protocol, reason, "lookup refused");
@@ -566,7 +574,25 @@ fn parse_ask(headers: &HeaderMap) -> Result<Ask, Unasked> {
         .ok_or(Unasked::Unroutable(
             "Auth-Protocol is not imap, imapssl, pop3, pop3ssl, http or httpssl",
         ))?;
-    Ok(Ask { user, protocol })
+    let text = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let proxy_ip = text("x-proxy-ip").and_then(|ip| ip.trim().parse().ok());
+    let vhost = text("x-proxy-host").map(|host| {
+        let host = host.trim();
+        match host.rsplit_once(':') {
+            Some((name, port))
+                if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                name.to_string()
+            }
+            _ => host.to_string(),
+        }
+    });
+    Ok(Ask {
+        user,
+        protocol,
+        proxy_ip,
+        vhost,
+    })
 }
 
 /// A lookup-protocol answer: status 200, the given headers, no body.

@@ -8,7 +8,7 @@
 
 use mailproxy_crds::route_table::RouteTable;
 
-use super::directory::Directory;
+use super::directory::{Arrival, Directory};
 use crate::route::Protocol;
 
 /// A login's destination.
@@ -48,9 +48,10 @@ pub(crate) fn decide<'a>(
     table: &'a RouteTable,
     directory: &Directory,
     login: &str,
+    arrival: Arrival<'_>,
     protocol: Protocol,
 ) -> Decision<'a> {
-    let qualified = directory.qualify(login);
+    let qualified = directory.qualify_arriving(login, arrival);
     let account = directory.account_of(&qualified).to_string();
     let domain = account.rsplit_once('@').map(|(_, domain)| domain);
     let (name, server) = if let Some((name, server)) = table.pinned_account(&account) {
@@ -124,7 +125,7 @@ mod tests {
     }
 
     fn route<'a>(table: &'a RouteTable, login: &str, protocol: Protocol) -> Decision<'a> {
-        decide(table, &directory(), login, protocol)
+        decide(table, &directory(), login, Arrival::default(), protocol)
     }
 
     fn routed(
