@@ -286,15 +286,16 @@ impl ProxyConfig {
     /// The networks whose PROXY protocol headers are believed; empty when no listener expects
     /// one. An error says what is wrong with `proxyProtocol`.
     pub fn proxy_protocol_networks(&self) -> Result<Vec<IpBlock>, String> {
-        let Some(listener) = self.listeners.iter().find(|l| l.proxy_protocol) else {
+        let listener = self.listeners.iter().find(|l| l.proxy_protocol);
+        if listener.is_none() && self.proxy_protocol.is_none() {
             return Ok(Vec::new());
-        };
+        }
         let networks = self
             .proxy_protocol
             .as_ref()
             .map(|p| p.trusted_networks.as_slice())
             .unwrap_or_default();
-        if networks.is_empty() {
+        if let (Some(listener), true) = (listener, networks.is_empty()) {
             return Err(format!(
                 "listener {} expects a PROXY protocol header, but proxyProtocol.trustedNetworks \
                  is empty: list the load balancers' addresses or CIDR blocks (0.0.0.0/0 and ::/0 \
@@ -465,6 +466,65 @@ mod tests {
 
     fn parse(text: &str) -> Result<ProxyConfig, ProxyConfigError> {
         ProxyConfig::parse(text, Path::new("config.yaml"))
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_networks_that_parse() {
+        let with = |listener: &str, block: &str| {
+            parse(&format!(
+                "listeners:\n- {{protocol: imap, address: '[::]:143'{listener}}}\n\
+                 routeTable: {{file: /routes.json}}\n{block}"
+            ))
+        };
+        let refused = |result: Result<ProxyConfig, ProxyConfigError>, expected: &str| {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected:?} not in {error}");
+        };
+        refused(
+            with(", proxyProtocol: true", ""),
+            "trustedNetworks is empty",
+        );
+        refused(
+            with(
+                ", proxyProtocol: true",
+                "proxyProtocol: {trustedNetworks: []}\n",
+            ),
+            "trustedNetworks is empty",
+        );
+        // Checked even when no listener uses it yet.
+        refused(
+            with("", "proxyProtocol: {trustedNetworks: [10.0.0.0/33]}\n"),
+            "\"10.0.0.0/33\" is not an IP address or CIDR block",
+        );
+        refused(
+            with(
+                ", proxyProtocol: true",
+                "proxyProtocol: {trustedNetworks: [10.0.0.0/8], headerTimeoutSeconds: 0}\n",
+            ),
+            "headerTimeoutSeconds is 0",
+        );
+        let config = with(
+            ", proxyProtocol: true",
+            "proxyProtocol: {trustedNetworks: [10.0.0.0/8, '2001:db8::1']}\n",
+        )
+        .unwrap();
+        assert!(config.listeners[0].proxy_protocol);
+        assert_eq!(
+            config
+                .proxy_protocol
+                .as_ref()
+                .unwrap()
+                .header_timeout_seconds,
+            30
+        );
+        assert_eq!(config.proxy_protocol_networks().unwrap().len(), 2);
+        assert!(
+            with("", "")
+                .unwrap()
+                .proxy_protocol_networks()
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

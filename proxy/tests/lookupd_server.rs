@@ -137,9 +137,6 @@ async fn routes_from_directory_aliases_default_domain_and_table_pins() {
     lookupd.stop().await;
 }
 
-/// A server lookupd cannot give an address for holds the account all the same: the answer is a
-/// 200 that names it, which a proxy takes as "temporarily unavailable", not as a broken handler
-/// (marked down) or an unknown account (sent to the domain's server).
 /// A short name is qualified by the domain of the proxy address or web host it reached
 /// (`X-Proxy-IP`, `X-Proxy-Host`), as Zimbra does by the domain's virtual IPs and host names.
 #[tokio::test]
@@ -171,8 +168,17 @@ async fn short_names_take_the_domain_of_the_address_or_host_they_reached() {
         found(1143, Some("john@example.com"), true),
         "elsewhere, the default domain"
     );
+    // A proxy caches a web login's alias by host name alone; this default came from the
+    // address, and the same host reached at 10.1.2.4 means other.org: not cacheable.
+    assert_eq!(
+        ask_as([10, 1, 2, 3], Some("webmail.other.org")).await,
+        found(1143, Some("john@example.com"), false)
+    );
 }
 
+/// A server lookupd cannot give an address for holds the account all the same: the answer is a
+/// 200 that names it, which a proxy takes as "temporarily unavailable", not as a broken handler
+/// (marked down) or an unknown account (sent to the domain's server).
 #[tokio::test]
 async fn an_unreachable_server_makes_its_accounts_unavailable_not_unknown() {
     let table = TABLE.replace(

@@ -743,7 +743,7 @@ pub async fn serve_listener(
                 tcp,
                 peer,
                 local,
-            }) = client_origin(proxy_header.as_deref(), accepted, label).await
+            }) = client_origin(proxy_header.as_deref(), accepted, label, &closing).await
             else {
                 return;
             };

@@ -177,23 +177,31 @@ impl Directory {
     }
 
     /// The login of a lookup in lower case, qualified when it has no `@`: by the domain of the
-    /// host name or proxy address it arrived at, else the default domain.
-    pub fn qualify_arriving(&self, login: &str, arrival: Arrival<'_>) -> String {
+    /// host name or proxy address it arrived at, else the default domain. The flag says whether
+    /// the result depends on nothing but what a proxy scopes a cached alias by: the host name
+    /// of a web login, else the proxy address.
+    pub fn qualify_arriving(&self, login: &str, arrival: Arrival<'_>) -> (String, bool) {
         if login.contains('@') {
-            return login.to_ascii_lowercase();
+            return (login.to_ascii_lowercase(), true);
         }
-        let domain = arrival
+        let by_vhost = arrival
             .vhost
-            .and_then(|host| self.vhost_domains.get(&host.to_ascii_lowercase()))
-            .or_else(|| {
-                arrival
-                    .proxy_ip
-                    .and_then(|ip| self.ip_domains.get(&ip.to_canonical()))
-            });
-        match domain {
+            .and_then(|host| self.vhost_domains.get(&host.to_ascii_lowercase()));
+        let by_ip = arrival
+            .proxy_ip
+            .and_then(|ip| self.ip_domains.get(&ip.to_canonical()));
+        // A web login's alias is cached by host name alone: a domain that came from the proxy
+        // address, or a default that another proxy address would not give, must not be cached
+        // under it (the next login to that host from elsewhere would take it).
+        let scoped = match (arrival.vhost, by_vhost) {
+            (Some(_), Some(_)) | (None, _) => true,
+            (Some(_), None) => self.ip_domains.is_empty(),
+        };
+        let qualified = match by_vhost.or(by_ip) {
             Some(domain) => format!("{}@{domain}", login.to_ascii_lowercase()),
             None => self.qualify(login),
-        }
+        };
+        (qualified, scoped)
     }
 
     /// The account a qualified login stands for (itself unless it is an alias).
@@ -272,36 +280,65 @@ mod tests {
              domain-vhost Mail.Example.org example.org\n",
         )
         .unwrap();
-        let at = |proxy_ip: Option<&str>, vhost| Arrival {
-            proxy_ip: proxy_ip.map(|ip| ip.parse().unwrap()),
-            vhost,
+        let qualify = |login, proxy_ip: &str, vhost| {
+            let arrival = Arrival {
+                proxy_ip: Some(proxy_ip.parse().unwrap()),
+                vhost,
+            };
+            directory.qualify_arriving(login, arrival)
+        };
+        let cases = [
+            ("John", "192.0.2.10", None, "john@example.org", true),
+            ("john", "::ffff:192.0.2.10", None, "john@example.org", true),
+            ("john", "2001:db8::10", None, "john@example.net", true),
+            ("john", "192.0.2.99", None, "john@example.com", true),
+            (
+                "john",
+                "192.0.2.10",
+                Some("MAIL.example.ORG"),
+                "john@example.org",
+                true,
+            ),
+            // By the address, under a host name that has no domain: a login to the same host
+            // from another address would get another domain, so no alias may be cached.
+            (
+                "john",
+                "192.0.2.10",
+                Some("other.host"),
+                "john@example.org",
+                false,
+            ),
+            (
+                "john",
+                "192.0.2.99",
+                Some("other.host"),
+                "john@example.com",
+                false,
+            ),
+            (
+                "John@Example.NET",
+                "192.0.2.10",
+                Some("other.host"),
+                "john@example.net",
+                true,
+            ),
+        ];
+        for (login, proxy_ip, vhost, account, scoped) in cases {
+            assert_eq!(
+                qualify(login, proxy_ip, vhost),
+                (account.to_string(), scoped),
+                "{login} at {proxy_ip} {vhost:?}"
+            );
+        }
+        let no_ip_domains = Directory::parse("default-domain example.com\n").unwrap();
+        let arrival = Arrival {
+            proxy_ip: None,
+            vhost: Some("other.host"),
         };
         assert_eq!(
-            directory.qualify_arriving("John", at(Some("192.0.2.10"), None)),
-            "john@example.org"
-        );
-        assert_eq!(
-            directory.qualify_arriving("john", at(Some("::ffff:192.0.2.10"), None)),
-            "john@example.org",
-            "an IPv4 proxy address in IPv6 form"
-        );
-        assert_eq!(
-            directory.qualify_arriving("john", at(Some("2001:db8::10"), None)),
-            "john@example.net"
-        );
-        assert_eq!(
-            directory.qualify_arriving("john", at(Some("192.0.2.99"), Some("MAIL.example.ORG"))),
-            "john@example.org"
-        );
-        assert_eq!(
-            directory.qualify_arriving("john", at(Some("192.0.2.99"), Some("other.host"))),
-            "john@example.com",
-            "unknown arrivals get the default domain"
-        );
-        assert_eq!(
-            directory.qualify_arriving("John@Example.NET", at(Some("192.0.2.10"), None)),
-            "john@example.net",
-            "a qualified login keeps its domain"
+            no_ip_domains.qualify_arriving("john", arrival),
+            ("john@example.com".to_string(), true),
+            "with no domain-ip line the default does not depend on the address"
         );
     }
 

@@ -21,7 +21,8 @@ pub(crate) struct Routed<'a> {
     pub port: u16,
     /// The qualified account name to log in upstream as.
     pub account: String,
-    /// Zimbra's rule: the account is in the default domain, so its short alias may be cached.
+    /// Zimbra's rule: the account is in the default domain, so its short alias may be cached;
+    /// not when the name was qualified by something the proxy's alias key does not hold.
     pub cache_alias: bool,
 }
 
@@ -51,7 +52,7 @@ pub(crate) fn decide<'a>(
     arrival: Arrival<'_>,
     protocol: Protocol,
 ) -> Decision<'a> {
-    let qualified = directory.qualify_arriving(login, arrival);
+    let (qualified, scoped) = directory.qualify_arriving(login, arrival);
     let account = directory.account_of(&qualified).to_string();
     let domain = account.rsplit_once('@').map(|(_, domain)| domain);
     let (name, server) = if let Some((name, server)) = table.pinned_account(&account) {
@@ -86,7 +87,7 @@ pub(crate) fn decide<'a>(
         server: name,
         host: &server.host,
         port,
-        cache_alias: domain.is_some() && domain == directory.default_domain(),
+        cache_alias: scoped && domain.is_some() && domain == directory.default_domain(),
         account,
     })
 }

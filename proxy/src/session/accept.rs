@@ -129,17 +129,24 @@ impl Acceptor {
 }
 
 /// The connection with its client's addresses: from the PROXY protocol header when its
-/// listener expects one (`None` when the connection was refused for it), else as accepted.
-/// Runs in the connection's own task: a slow header holds up no other client.
+/// listener expects one (`None` when the connection was refused for it, or `closing` turned
+/// true first), else as accepted. Runs in the connection's own task: a slow header holds up no
+/// other client.
 pub(crate) async fn client_origin(
     proxy_header: Option<&ProxyHeaderPolicy>,
     mut accepted: Accepted,
     label: &str,
+    closing: &watch::Receiver<bool>,
 ) -> Option<Accepted> {
     let Some(policy) = proxy_header else {
         return Some(accepted);
     };
-    match policy.read(&mut accepted.tcp, accepted.peer).await {
+    let mut closing = closing.clone();
+    let read = tokio::select! {
+        read = policy.read(&mut accepted.tcp, accepted.peer) => read,
+        () = signalled(&mut closing) => return None,
+    };
+    match read {
         Ok(Some((client, local))) => {
             accepted.peer = client;
             accepted.local = Some(local);

@@ -135,7 +135,13 @@ pub async fn serve_listener(
                 tcp,
                 peer,
                 local,
-            }) = client_origin(proxy_header.as_deref(), accepted, kind.label()).await
+            }) = client_origin(
+                proxy_header.as_deref(),
+                accepted,
+                kind.label(),
+                &context.closing,
+            )
+            .await
             else {
                 return;
             };
