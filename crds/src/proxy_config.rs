@@ -283,8 +283,9 @@ mod defaults {
 }
 
 impl ProxyConfig {
-    /// The networks whose PROXY protocol headers are believed; empty when no listener expects
-    /// one. An error says what is wrong with `proxyProtocol`.
+    /// The networks whose PROXY protocol headers are believed (empty without a `proxyProtocol`
+    /// block). An error says what is wrong with `proxyProtocol`, checked whenever the block is
+    /// there or a listener expects a header.
     pub fn proxy_protocol_networks(&self) -> Result<Vec<IpBlock>, String> {
         let listener = self.listeners.iter().find(|l| l.proxy_protocol);
         if listener.is_none() && self.proxy_protocol.is_none() {

@@ -174,6 +174,11 @@ async fn short_names_take_the_domain_of_the_address_or_host_they_reached() {
         ask_as([10, 1, 2, 3], Some("webmail.other.org")).await,
         found(1143, Some("john@example.com"), false)
     );
+    // The same for a host name in UTF-8, which a proxy passes on from HTTP/1.1.
+    assert_eq!(
+        ask_as([10, 1, 2, 3], Some("wébmail.other.org")).await,
+        found(1143, Some("john@example.com"), false)
+    );
 }
 
 /// A server lookupd cannot give an address for holds the account all the same: the answer is a

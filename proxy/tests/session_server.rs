@@ -739,6 +739,13 @@ async fn a_load_balancers_proxy_protocol_header_gives_the_clients_address() {
     let mut client = Client::connect(behind).await.unwrap();
     client.send("a LOGIN u@f.test pw\r\n").await;
     assert_eq!(client.line().await, None);
+    let metrics = http_get(health, "/metrics").unwrap();
+    assert!(
+        metrics.contains(
+            "mailproxy_proxy_protocol_refused_total{listener=\"imap\",reason=\"invalid\"} 1\n"
+        ),
+        "{metrics}"
+    );
     let mut client = Client::connect(direct).await.unwrap();
     assert!(client.line().await.unwrap().starts_with("* OK"));
     client

@@ -576,7 +576,10 @@ fn parse_ask(headers: &HeaderMap) -> Result<Ask, Unasked> {
         ))?;
     let text = |name| headers.get(name).and_then(|value| value.to_str().ok());
     let proxy_ip = text("x-proxy-ip").and_then(|ip| ip.trim().parse().ok());
-    let vhost = text("x-proxy-host").map(|host| {
+    // Decoded as Auth-User is (a proxy passes a UTF-8 Host on): a host name present but
+    // unreadable must still count as one, or an alias would be cached under it unscoped.
+    let vhost = headers.get("x-proxy-host").map(|host| {
+        let host = String::from_utf8_lossy(host.as_bytes());
         let host = host.trim();
         match host.rsplit_once(':') {
             Some((name, port))

@@ -214,6 +214,9 @@ impl Server {
             closing: closing_receiver,
         });
         let proxy_header = proxy_header_policy(config)?;
+        if let Some(policy) = &proxy_header {
+            policy.register(&mut registry);
+        }
         let mut listeners = Vec::new();
         for (listener, service) in config.listeners.iter().zip(kinds) {
             listeners.push(Listening {
@@ -346,7 +349,8 @@ impl Server {
     }
 }
 
-/// The PROXY protocol policy of the listeners that expect a header, if any does.
+/// The PROXY protocol policy of the configuration's `proxyProtocol` block (only the listeners that
+/// expect a header use it).
 fn proxy_header_policy(config: &ProxyConfig) -> anyhow::Result<Option<Arc<ProxyHeaderPolicy>>> {
     let trusted = config
         .proxy_protocol_networks()

@@ -135,7 +135,7 @@ impl Acceptor {
 pub(crate) async fn client_origin(
     proxy_header: Option<&ProxyHeaderPolicy>,
     mut accepted: Accepted,
-    label: &str,
+    label: &'static str,
     closing: &watch::Receiver<bool>,
 ) -> Option<Accepted> {
     let Some(policy) = proxy_header else {
@@ -154,6 +154,7 @@ pub(crate) async fn client_origin(
         }
         Ok(None) => Some(accepted),
         Err(refusal) => {
+            policy.count_refusal(label, &refusal);
             tracing::info!(
                 listener = label,
                 source = %accepted.peer.ip(),

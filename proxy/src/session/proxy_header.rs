@@ -19,6 +19,10 @@ use std::time::Duration;
 
 use mailproxy_crds::settings::IpBlock;
 use ppp::{PartialResult, v1, v2};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -36,6 +40,13 @@ const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 pub struct ProxyHeaderPolicy {
     trusted: Vec<IpBlock>,
     timeout: Duration,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: &'static str,
+    reason: &'static str,
 }
 
 /// Why a connection was closed before its session started.
@@ -49,6 +60,18 @@ pub(crate) enum Refusal {
     Timeout,
     /// The connection failed or closed first.
     Io(io::Error),
+}
+
+impl Refusal {
+    /// The `reason` label of the refusal's metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Untrusted => "untrusted",
+            Refusal::Invalid(_) => "invalid",
+            Refusal::Timeout => "timeout",
+            Refusal::Io(_) => "closed",
+        }
+    }
 }
 
 impl fmt::Display for Refusal {
@@ -171,7 +194,31 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
 
 impl ProxyHeaderPolicy {
     pub fn new(trusted: Vec<IpBlock>, timeout: Duration) -> Self {
-        Self { trusted, timeout }
+        Self {
+            trusted,
+            timeout,
+            refused: Family::default(),
+        }
+    }
+
+    /// `mailproxy_proxy_protocol_refused_total{listener,reason}`: a load balancer that sends no
+    /// header, or one outside `trustedNetworks`, shows here before anyone reads a log.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailproxy_proxy_protocol_refused",
+            "Connections closed before their session for their PROXY protocol header, by \
+             listener and reason (untrusted, invalid, timeout, closed)",
+            self.refused.clone(),
+        );
+    }
+
+    pub(crate) fn count_refusal(&self, listener: &'static str, refusal: &Refusal) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                listener,
+                reason: refusal.reason(),
+            })
+            .inc();
     }
 
     /// Reads the header `tcp` starts with, from the peer `peer`: the client's address and the
