@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mailproxy_crds::settings::IpBlock;
+use ppp::v1::{IPv4, IPv6};
 use ppp::{PartialResult, v1, v2};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -108,17 +109,6 @@ const V1_LARGEST: usize = 107;
 
 /// Parses the start of a connection.
 pub fn parse(bytes: &[u8]) -> Parsed {
-    match parse_as_sent(bytes) {
-        Parsed::Header { length, addresses } => Parsed::Header {
-            length,
-            // An IPv4 client in IPv6 form is an IPv4 client, as on the proxy's own sockets.
-            addresses: addresses.map(|(client, local)| (canonical(client), canonical(local))),
-        },
-        other => other,
-    }
-}
-
-fn parse_as_sent(bytes: &[u8]) -> Parsed {
     if b"PROXY ".starts_with(bytes) || bytes.starts_with(b"PROXY ") {
         return parse_v1(bytes);
     }
@@ -138,14 +128,8 @@ fn parse_as_sent(bytes: &[u8]) -> Parsed {
     };
     let addresses = match (header.command, header.addresses) {
         (v2::Command::Local, _) | (v2::Command::Proxy, v2::Addresses::Unspecified) => None,
-        (v2::Command::Proxy, v2::Addresses::IPv4(ip)) => Some((
-            (ip.source_address, ip.source_port).into(),
-            (ip.destination_address, ip.destination_port).into(),
-        )),
-        (v2::Command::Proxy, v2::Addresses::IPv6(ip)) => Some((
-            (ip.source_address, ip.source_port).into(),
-            (ip.destination_address, ip.destination_port).into(),
-        )),
+        (v2::Command::Proxy, v2::Addresses::IPv4(ip)) => Some(tcp4(ip)),
+        (v2::Command::Proxy, v2::Addresses::IPv6(ip)) => Some(tcp6(ip)),
         (v2::Command::Proxy, v2::Addresses::Unix(_)) => {
             return Parsed::Invalid("a v2 header with UNIX socket addresses".into());
         }
@@ -176,20 +160,30 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
         Ok(header) if header.header.len() == line.len() => Parsed::Header {
             length: line.len(),
             addresses: match header.addresses {
-                v1::Addresses::Tcp4(ip) => Some((
-                    (ip.source_address, ip.source_port).into(),
-                    (ip.destination_address, ip.destination_port).into(),
-                )),
-                v1::Addresses::Tcp6(ip) => Some((
-                    (ip.source_address, ip.source_port).into(),
-                    (ip.destination_address, ip.destination_port).into(),
-                )),
+                v1::Addresses::Tcp4(ip) => Some(tcp4(ip)),
+                v1::Addresses::Tcp6(ip) => Some(tcp6(ip)),
                 v1::Addresses::Unknown => None,
             },
         },
         Ok(_) => Parsed::Invalid("a v1 header with a CR inside its line".into()),
         Err(error) => Parsed::Invalid(format!("v1: {error}")),
     }
+}
+
+/// The client's address and the one it connected to, from either version's IPv4 addresses.
+fn tcp4(ip: IPv4) -> (SocketAddr, SocketAddr) {
+    (
+        (ip.source_address, ip.source_port).into(),
+        (ip.destination_address, ip.destination_port).into(),
+    )
+}
+
+/// As [`tcp4`]; an IPv4 client in IPv6 form is an IPv4 client, as on the proxy's own sockets.
+fn tcp6(ip: IPv6) -> (SocketAddr, SocketAddr) {
+    (
+        canonical((ip.source_address, ip.source_port).into()),
+        canonical((ip.destination_address, ip.destination_port).into()),
+    )
 }
 
 impl ProxyHeaderPolicy {
